@@ -1,0 +1,125 @@
+"""One entry point for the packed AdamW update; the only place that knows which backend runs.
+
+    adamw_packed_(param, grad, exp_avg, exp_avg_sq, segments, hparams,
+                  beta1=..., beta2=..., eps=..., param_lowp=None, grad_scale=None, backend="cpu")
+
+Backends: "triton" (GPU, or CPU under TRITON_INTERPRET=1), "cuda" (CUDA C++ in lisa_fused._C), "cpu"
+(C++ in lisa_fused._C), "torch" (kernels/reference.py, always available). See contract.py for the math.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .contract import ALIGN, N_COLS, Segments, host_scalars  # noqa: F401  (re-exported)
+from .reference import adamw_packed_reference_
+
+BACKENDS = ("triton", "cuda", "cpu", "torch")
+# "auto" tries these in order for the buffers' device type.
+_AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
+
+
+def backend_unavailable_reason(backend: str, device: torch.device) -> str | None:
+    """None when `backend` can run on `device`, else a sentence saying why not."""
+    device = torch.device(device)
+    if backend == "torch":
+        return None
+    if backend in ("cpu", "cuda"):
+        if backend != device.type:
+            return f"backend '{backend}' runs on {backend} tensors, but the parameters are on {device}"
+        from . import native
+
+        return native.unavailable_reason(backend)
+    if backend == "triton":
+        from . import triton_adamw
+
+        return triton_adamw.unavailable_reason(device)
+    return f"unknown backend '{backend}'; choose one of {('auto',) + BACKENDS}"
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """Turn "auto" into the best available backend for `device`; raise if `backend` cannot run."""
+    device = torch.device(device)
+    if backend == "auto":
+        for name in _AUTO_ORDER.get(device.type, ("torch",)):
+            if backend_unavailable_reason(name, device) is None:
+                return name
+        return "torch"
+    if backend not in BACKENDS:
+        raise ValueError(f"Invalid backend: {backend!r}; choose one of {('auto',) + BACKENDS}")
+    reason = backend_unavailable_reason(backend, device)
+    if reason is not None:
+        raise RuntimeError(f"backend {backend!r} is not available: {reason}")
+    return backend
+
+
+def check_buffers(param, grad, exp_avg, exp_avg_sq, segments, hparams, param_lowp=None, grad_scale=None):
+    """Validate every tensor before a kernel sees a raw pointer; name the one that is wrong."""
+    dev = param.device
+    n = param.numel()
+    named = {"param": param, "grad": grad, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
+    if param_lowp is not None:
+        named["param_lowp"] = param_lowp
+    for name, t in named.items():
+        if t.device != dev:
+            raise ValueError(f"{name} is on {t.device}, expected {dev} (the device of param)")
+        if t.dim() != 1 or not t.is_contiguous():
+            raise ValueError(f"{name} must be a contiguous 1-D tensor, got shape {tuple(t.shape)}")
+        if t.numel() != n:
+            raise ValueError(f"{name} has {t.numel()} elements, expected {n} (param's numel)")
+    for name in ("param", "exp_avg", "exp_avg_sq"):
+        if named[name].dtype != torch.float32:
+            raise ValueError(f"{name} must be float32, got {named[name].dtype}")
+    if grad.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"grad must be float32, bfloat16 or float16, got {grad.dtype}")
+    if param_lowp is not None and param_lowp.dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"param_lowp must be bfloat16 or float16, got {param_lowp.dtype}")
+    if grad_scale is not None and (grad_scale.numel() != 1 or grad_scale.device != dev):
+        raise ValueError(f"grad_scale must be a 1-element tensor on {dev}, got {tuple(grad_scale.shape)} on {grad_scale.device}")
+    if hparams.device.type != "cpu" or hparams.dtype != torch.float64 or tuple(hparams.shape) != (len(segments), N_COLS):
+        raise ValueError(
+            f"hparams must be a float64 CPU tensor of shape ({len(segments)}, {N_COLS}), "
+            f"got {hparams.dtype} {tuple(hparams.shape)} on {hparams.device}"
+        )
+    for off, cnt in segments.bounds:
+        if off + cnt > n:
+            raise ValueError(f"segment (offset={off}, numel={cnt}) runs past the buffer end ({n})")
+
+
+def _impl(backend: str):
+    if backend == "torch":
+        return adamw_packed_reference_
+    if backend == "cpu":
+        from .native import adamw_packed_cpu_
+
+        return adamw_packed_cpu_
+    if backend == "cuda":
+        from .native import adamw_packed_cuda_
+
+        return adamw_packed_cuda_
+    if backend == "triton":
+        from .triton_adamw import adamw_packed_triton_
+
+        return adamw_packed_triton_
+    raise ValueError(f"Invalid backend: {backend!r}; choose one of {BACKENDS}")
+
+
+def adamw_packed_(
+    param, grad, exp_avg, exp_avg_sq, segments: Segments, hparams, *,
+    beta1: float, beta2: float, eps: float, param_lowp=None, grad_scale=None, backend: str = "torch",
+    check: bool = True,
+) -> None:
+    """AdamW over every enabled segment of the packed buffers, in place, with `backend`."""
+    if check:
+        check_buffers(param, grad, exp_avg, exp_avg_sq, segments, hparams, param_lowp, grad_scale)
+    if len(segments) == 0:
+        return
+    _impl(backend)(
+        param, grad, exp_avg, exp_avg_sq, segments, hparams,
+        beta1=beta1, beta2=beta2, eps=eps, param_lowp=param_lowp, grad_scale=grad_scale,
+    )
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"

@@ -1,0 +1,46 @@
+// Host-side entry points of the packed AdamW kernels. Raw pointers (as integers) and sizes only, so
+// the bindings need neither torch nor CUDA headers.
+#pragma once
+
+#include <stdint.h>
+
+#include <string>
+
+#include "adamw_math.h"
+
+namespace lisa_fused {
+
+// One launch over a packed buffer. `chunks` is an int64 [n_chunks, 3] table of (segment, start, end)
+// element indices; `table` is the per-segment [S, 4] hparams table (float64 on the host for the CPU
+// kernel, float32 in device memory for the CUDA kernel). `grad_scale` may be 0 (no scaling),
+// `param_lowp` may be 0 (no low-precision copy, lowp_dtype == kNone).
+struct PackedArgs {
+  uintptr_t param = 0;       // float32*
+  uintptr_t grad = 0;        // grad_dtype*
+  uintptr_t exp_avg = 0;     // float32*
+  uintptr_t exp_avg_sq = 0;  // float32*
+  uintptr_t param_lowp = 0;  // lowp_dtype* or 0
+  uintptr_t grad_scale = 0;  // const float* (1 element) or 0
+  uintptr_t chunks = 0;      // const int64_t* [n_chunks, 3]
+  uintptr_t table = 0;       // const double* (CPU) / const float* (CUDA), [S, 4]
+  int64_t n_chunks = 0;
+  int grad_dtype = kFloat32;
+  int lowp_dtype = kNone;
+  Hyper hyper{};
+};
+
+// CPU kernel (adamw_cpu.cpp): OpenMP over chunks with `num_threads` threads. Throws on bad dtypes.
+void adamw_cpu(const PackedArgs& a, int num_threads);
+
+// True when this binary contains the CUDA kernel (adamw_cuda.cu was compiled by nvcc).
+bool has_cuda();
+
+#ifdef LISA_FUSED_WITH_CUDA
+// CUDA kernel (adamw_cuda.cu): one launch on `stream` (a cudaStream_t as an integer) on `device`.
+// Returns "" when the launch was queued, else a sentence saying what went wrong. Never synchronizes.
+std::string adamw_cuda(const PackedArgs& a, int device, uintptr_t stream);
+// Number of CUDA devices the runtime sees, or -1 with *why set when it cannot tell (no driver, ...).
+int cuda_device_count(std::string* why);
+#endif
+
+}  // namespace lisa_fused

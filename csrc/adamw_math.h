@@ -1,0 +1,141 @@
+// The per-element AdamW update, written once for the host (g++) and the device (nvcc).
+//
+// Same operation order as torch.optim.AdamW's single-tensor path and kernels/reference.py:
+//   p = p * decay;  m = lerp(m, g, 1 - beta1);  v = v * beta2 + (1 - beta2) * g * g;
+//   p = p + (-step_size * m) / (sqrt(v) / bc2_sqrt + eps)
+// Storage dtypes are converted to fp32 on load and rounded to nearest even on store.
+// No torch headers: the kernels see raw pointers only.
+#pragma once
+
+#include <stdint.h>
+#include <string.h>
+#include <math.h>
+
+#ifdef __CUDACC__
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#define LF_HD __host__ __device__ __forceinline__
+#else
+#define LF_HD inline __attribute__((always_inline))
+#endif
+
+namespace lisa_fused {
+
+// dtype codes shared with the Python wrapper (kernels/native.py).
+enum DType : int { kNone = -1, kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+
+// Columns of the per-segment table, as in kernels/contract.py.
+enum Col : int { kStepSize = 0, kDecay = 1, kBc2Sqrt = 2, kEnabled = 3, kNumCols = 4 };
+
+// Launch-wide scalars, computed on the host in double and rounded once to fp32.
+struct Hyper {
+  float one_minus_beta1;
+  float beta2;
+  float one_minus_beta2;
+  float eps;
+};
+
+// Per-segment scalars, one row of the table.
+struct SegScalars {
+  float step_size;
+  float decay;
+  float bc2_sqrt;
+};
+
+LF_HD uint32_t f32_bits(float x) {
+#ifdef __CUDA_ARCH__
+  return __float_as_uint(x);
+#else
+  uint32_t u;
+  memcpy(&u, &x, sizeof u);
+  return u;
+#endif
+}
+
+LF_HD float f32_from_bits(uint32_t u) {
+#ifdef __CUDA_ARCH__
+  return __uint_as_float(u);
+#else
+  float x;
+  memcpy(&x, &u, sizeof x);
+  return x;
+#endif
+}
+
+// bf16 <-> fp32 on raw bits. fp32 -> bf16 rounds to nearest even and keeps NaN a (quiet) NaN,
+// bit for bit what torch's `.to(torch.bfloat16)` produces.
+LF_HD float bf16_to_f32(uint16_t h) { return f32_from_bits(static_cast<uint32_t>(h) << 16); }
+
+LF_HD uint16_t f32_to_bf16(float x) {
+  const uint32_t u = f32_bits(x);
+  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  return static_cast<uint16_t>((u & 0x7fffffffu) > 0x7f800000u ? 0x7fc0u : rounded);
+}
+
+// fp16 <-> fp32. On the device the hardware conversions (round to nearest even); on the host the same
+// rounding on the bits, written with selects only so that the CPU loops still vectorize.
+LF_HD float f16_to_f32(uint16_t h) {
+#ifdef __CUDA_ARCH__
+  return __half2float(__ushort_as_half(h));
+#else
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t em = h & 0x7fffu;                                        // exponent and mantissa
+  const uint32_t normal = (em << 13) + 0x38000000u;                       // rebias 15 -> 127
+  const uint32_t inf_nan = 0x7f800000u | ((em & 0x3ffu) << 13);
+  const uint32_t subnormal = f32_bits(static_cast<float>(em) * 5.9604644775390625e-08f);  // em * 2^-24
+  const uint32_t bits = em >= 0x7c00u ? inf_nan : (em < 0x400u ? subnormal : normal);
+  return f32_from_bits(sign | bits);
+#endif
+}
+
+LF_HD uint16_t f32_to_f16(float x) {
+#ifdef __CUDA_ARCH__
+  return __half_as_ushort(__float2half_rn(x));
+#else
+  const uint32_t u = f32_bits(x);
+  const uint32_t sign = (u >> 16) & 0x8000u;
+  const uint32_t a = u & 0x7fffffffu;
+  // normal half: drop 13 mantissa bits with round to nearest even, rebias the exponent 127 -> 15
+  const uint32_t normal = (a + 0xfffu + ((a >> 13) & 1u) - 0x38000000u) >> 13;
+  // |x| < 2^-14: adding 0.5 puts the half-subnormal unit 2^-24 in the last fp32 mantissa bit, and the
+  // fp32 addition itself rounds to nearest even; 0x3f000000 is the bit pattern of 0.5
+  const uint32_t subnormal = f32_bits(f32_from_bits(a) + 0.5f) - 0x3f000000u;
+  const uint32_t bits = a > 0x7f800000u   ? 0x7e00u                          // nan
+                        : a >= 0x477ff000u ? 0x7c00u                          // rounds to inf (>= 65520)
+                        : a >= 0x38800000u ? normal
+                                           : subnormal;
+  return static_cast<uint16_t>(sign | bits);
+#endif
+}
+
+// Storage traits: Load(ptr element) -> fp32, Store(fp32) -> storage element.
+template <int D> struct Storage;
+template <> struct Storage<kFloat32> {
+  using T = float;
+  static LF_HD float load(float x) { return x; }
+  static LF_HD float store(float x) { return x; }
+};
+template <> struct Storage<kBFloat16> {
+  using T = uint16_t;
+  static LF_HD float load(uint16_t x) { return bf16_to_f32(x); }
+  static LF_HD uint16_t store(float x) { return f32_to_bf16(x); }
+};
+template <> struct Storage<kFloat16> {
+  using T = uint16_t;
+  static LF_HD float load(uint16_t x) { return f16_to_f32(x); }
+  static LF_HD uint16_t store(float x) { return f32_to_f16(x); }
+};
+
+// One AdamW element update in fp32. `small_weight` is (1 - beta1) < 0.5, the branch torch's lerp takes
+// (uniform over a launch, so the compiler hoists it out of loops).
+LF_HD void adamw_element(float& p, float& m, float& v, float g, const SegScalars& s, const Hyper& h,
+                         bool small_weight) {
+  p = p * s.decay;
+  const float w = h.one_minus_beta1;
+  m = small_weight ? m + w * (g - m) : g - (g - m) * (1.0f - w);
+  v = v * h.beta2 + h.one_minus_beta2 * g * g;
+  const float denom = sqrtf(v) / s.bc2_sqrt + h.eps;
+  p = p + (-s.step_size * m) / denom;
+}
+
+}  // namespace lisa_fused

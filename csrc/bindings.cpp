@@ -1,0 +1,128 @@
+// pybind11 module lisa_fused._C: raw pointers (as integers), sizes and scalars in; no torch headers,
+// so one binary serves every torch version. Tensor checks happen in Python (kernels/__init__.py,
+// kernels/native.py) before any pointer gets here.
+#include <pybind11/pybind11.h>
+
+#include <stdexcept>
+#include <string>
+
+#include "adamw.h"
+
+namespace py = pybind11;
+using lisa_fused::PackedArgs;
+
+namespace lisa_fused {
+bool has_cuda() {
+#ifdef LISA_FUSED_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+}  // namespace lisa_fused
+
+namespace {
+
+PackedArgs make_args(uintptr_t param, uintptr_t grad, uintptr_t exp_avg, uintptr_t exp_avg_sq,
+                     uintptr_t param_lowp, uintptr_t grad_scale, uintptr_t chunks, int64_t n_chunks,
+                     uintptr_t table, int grad_dtype, int lowp_dtype, double one_minus_beta1, double beta2,
+                     double one_minus_beta2, double eps) {
+  for (auto [name, ptr] : {std::pair<const char*, uintptr_t>{"param", param},
+                           {"grad", grad},
+                           {"exp_avg", exp_avg},
+                           {"exp_avg_sq", exp_avg_sq},
+                           {"chunks", chunks},
+                           {"table", table}}) {
+    if (ptr == 0 && n_chunks > 0) throw std::invalid_argument(std::string(name) + " is a null pointer");
+  }
+  if ((param_lowp == 0) != (lowp_dtype == lisa_fused::kNone)) {
+    throw std::invalid_argument("param_lowp and lowp_dtype disagree (pointer " + std::to_string(param_lowp) +
+                                ", dtype code " + std::to_string(lowp_dtype) + ")");
+  }
+  PackedArgs a;
+  a.param = param;
+  a.grad = grad;
+  a.exp_avg = exp_avg;
+  a.exp_avg_sq = exp_avg_sq;
+  a.param_lowp = param_lowp;
+  a.grad_scale = grad_scale;
+  a.chunks = chunks;
+  a.table = table;
+  a.n_chunks = n_chunks;
+  a.grad_dtype = grad_dtype;
+  a.lowp_dtype = lowp_dtype;
+  a.hyper.one_minus_beta1 = static_cast<float>(one_minus_beta1);
+  a.hyper.beta2 = static_cast<float>(beta2);
+  a.hyper.one_minus_beta2 = static_cast<float>(one_minus_beta2);
+  a.hyper.eps = static_cast<float>(eps);
+  return a;
+}
+
+void adamw_cpu(uintptr_t param, uintptr_t grad, uintptr_t exp_avg, uintptr_t exp_avg_sq, uintptr_t param_lowp,
+               uintptr_t grad_scale, uintptr_t chunks, int64_t n_chunks, uintptr_t table, int grad_dtype,
+               int lowp_dtype, double one_minus_beta1, double beta2, double one_minus_beta2, double eps,
+               int num_threads) {
+  const PackedArgs a = make_args(param, grad, exp_avg, exp_avg_sq, param_lowp, grad_scale, chunks, n_chunks,
+                                 table, grad_dtype, lowp_dtype, one_minus_beta1, beta2, one_minus_beta2, eps);
+  py::gil_scoped_release release;
+  lisa_fused::adamw_cpu(a, num_threads);
+}
+
+#ifdef LISA_FUSED_WITH_CUDA
+// Raises unless the CUDA runtime sees at least one device.
+void require_gpu() {
+  std::string why;
+  const int n = lisa_fused::cuda_device_count(&why);
+  if (n < 0) throw std::runtime_error("lisa_fused._C: no usable CUDA device: " + why);
+  if (n == 0) throw std::runtime_error("lisa_fused._C: no CUDA device present");
+}
+#endif
+
+void adamw_cuda(uintptr_t param, uintptr_t grad, uintptr_t exp_avg, uintptr_t exp_avg_sq, uintptr_t param_lowp,
+                uintptr_t grad_scale, uintptr_t chunks, int64_t n_chunks, uintptr_t table, int grad_dtype,
+                int lowp_dtype, double one_minus_beta1, double beta2, double one_minus_beta2, double eps,
+                int device, uintptr_t stream) {
+#ifdef LISA_FUSED_WITH_CUDA
+  const PackedArgs a = make_args(param, grad, exp_avg, exp_avg_sq, param_lowp, grad_scale, chunks, n_chunks,
+                                 table, grad_dtype, lowp_dtype, one_minus_beta1, beta2, one_minus_beta2, eps);
+  require_gpu();
+  const std::string err = lisa_fused::adamw_cuda(a, device, stream);
+  if (!err.empty()) throw std::runtime_error("lisa_fused._C.adamw_cuda: " + err);
+#else
+  throw std::runtime_error(
+      "lisa_fused._C was built without CUDA (no CUDA toolkit at build time, or LISA_FUSED_SKIP_CUDA=1); "
+      "rebuild with a CUDA toolkit (CUDA_HOME) to use backend 'cuda'");
+#endif
+}
+
+// None when a CUDA device can be used, else a sentence saying why not.
+py::object cuda_unavailable_reason() {
+#ifdef LISA_FUSED_WITH_CUDA
+  std::string why;
+  const int n = lisa_fused::cuda_device_count(&why);
+  if (n < 0) return py::str("the CUDA runtime sees no usable device: " + why);
+  if (n == 0) return py::str("no CUDA device present");
+  return py::none();
+#else
+  return py::str("lisa_fused._C was built without CUDA");
+#endif
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "lisa_fused native kernels: packed AdamW for the CPU and, when built with nvcc, CUDA";
+  m.def("has_cuda", &lisa_fused::has_cuda, "True when this build contains the CUDA kernel");
+  m.def("cuda_unavailable_reason", &cuda_unavailable_reason,
+        "None when the CUDA kernel can run here, else why not");
+#define LF_PACKED_ARGS                                                                                     \
+  py::arg("param"), py::arg("grad"), py::arg("exp_avg"), py::arg("exp_avg_sq"), py::arg("param_lowp"),       \
+      py::arg("grad_scale"), py::arg("chunks"), py::arg("n_chunks"), py::arg("table"), py::arg("grad_dtype"), \
+      py::arg("lowp_dtype"), py::arg("one_minus_beta1"), py::arg("beta2"), py::arg("one_minus_beta2"),       \
+      py::arg("eps")
+  m.def("adamw_cpu", &adamw_cpu, LF_PACKED_ARGS, py::arg("num_threads"),
+        "AdamW over a packed buffer on the CPU (pointers as integers; table: float64 [S, 4] host)");
+  m.def("adamw_cuda", &adamw_cuda, LF_PACKED_ARGS, py::arg("device"), py::arg("stream"),
+        "AdamW over a packed buffer on `stream` of `device` (table: float32 [S, 4] on the device)");
+#undef LF_PACKED_ARGS
+}

@@ -1,0 +1,86 @@
+"""Shared test helpers: tiny models from configs, readable ids, trajectory comparison."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+TOL = {  # relative error allowed per dtype of the compared tensors (see test_kernels.py for kernels)
+    torch.float32: 1e-6,
+    torch.bfloat16: 2 ** -7,  # one bf16 ulp, relative
+    torch.float16: 2 ** -10,
+}
+
+
+def describe(x) -> str:
+    if isinstance(x, torch.dtype):
+        return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(x, str(x))
+    return str(x)
+
+
+def tiny_llama(n_layers=4, seed=0, dtype=torch.float32):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=n_layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(cfg).to(dtype)
+
+
+def tiny_gpt2(n_layers=4, seed=0, dtype=torch.float32):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=97, n_embd=32, n_layer=n_layers, n_head=4, n_positions=64, resid_pdrop=0.0,
+                     embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+    return GPT2LMHeadModel(cfg).to(dtype)
+
+
+class MLPStack(nn.Module):
+    """A plain model with a block stack of odd sizes, cheap enough for hundreds of steps."""
+
+    def __init__(self, width=37, n_layers=5, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.inp = nn.Linear(3, width)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(width, width), nn.Tanh()) for _ in range(n_layers))
+        self.out = nn.Linear(width, 1)
+
+    def forward(self, x):
+        h = self.inp(x)
+        for b in self.blocks:
+            h = h + b(h)
+        return self.out(h)
+
+
+def lm_batch(seed, vocab=97, batch=2, seq=11):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (batch, seq), generator=g)
+
+
+def stack_of(model):
+    from lisa_fused.layers import find_layout
+
+    return find_layout(model).stack
+
+
+def freeze_like(stack, active):
+    for i, blk in enumerate(stack):
+        for p in blk.parameters():
+            p.requires_grad_(i in active)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    scale = b.abs().max().item()
+    return (a - b).abs().max().item() / (scale if scale > 0 else 1.0)
+
+
+def assert_close_rel(a, b, tol, what=""):
+    err = rel_err(a, b)
+    assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.1e}"
+
+
+def opt_moments(opt, name_to_index=None):
+    """{param index: (exp_avg, exp_avg_sq)} from FusedLISA.state_dict()."""
+    sd = opt.state_dict()
+    return {i: (e["exp_avg"], e["exp_avg_sq"]) for i, e in sd["state"].items()}

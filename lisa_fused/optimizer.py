@@ -19,6 +19,11 @@ from .layers import block_weight_norms, find_layout
 from .packing import PackedBuffers, PackedLayout, Region
 from .paging import POLICIES, MomentStore
 
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # torch built without distributed support: no DTensor params to meet
+    DTensor = ()
+
 logger = logging.getLogger("lisa_fused")
 
 STATE_VERSION = 1
@@ -92,6 +97,12 @@ class FusedLISA(torch.optim.Optimizer):
         self.seed = seed
         self._names = [n for n, _ in named]
         self._params = params
+        # FSDP2 (fully_shard) params are DTensors whose local shards live in FSDP's own padded storage,
+        # which it all-gathers from: re-pointing .data would be ignored, so they are bound by copy instead
+        # (packed buffers hold the rank-local shards; grads are copied in, updated shards copied back).
+        self._copy_mode = any(isinstance(p, DTensor) for p in params)
+        local = [_local(p) for p in params]
+        self._shapes = [tuple(t.shape) for t in local]
         self._index = {id(p): i for i, p in enumerate(params)}
         n_always = len(layout.always)
         block_idx, start = [], n_always
@@ -100,8 +111,8 @@ class FusedLISA(torch.optim.Optimizer):
             start += len(blk)
         self._block_params = block_idx
         self._packed = PackedLayout(
-            always=Region.of(range(n_always), params),
-            blocks=tuple(Region.of(ix, params) for ix in block_idx),
+            always=Region.of(range(n_always), local),
+            blocks=tuple(Region.of(ix, local) for ix in block_idx),
             n_slots=n_active_layers,
         )
         self._bufs = PackedBuffers(self._packed.total, self.device, self.param_dtype)
@@ -181,7 +192,7 @@ class FusedLISA(torch.optim.Optimizer):
             if p.grad is not None and not self._is_bound_grad(i, p.grad):
                 p.grad = None if set_to_none else p.grad.zero_()
         for i, off, _ in self._packed.placements(self._slot_of):
-            if self._params[i].grad is None:
+            if self._params[i].grad is None and not self._copy_mode:
                 self._params[i].grad = self._grad_view(i, off)
 
     @torch.no_grad()
@@ -210,6 +221,10 @@ class FusedLISA(torch.optim.Optimizer):
             beta1=g["betas"][0], beta2=g["betas"][1], eps=g["eps"], param_lowp=self._bufs.lowp,
             grad_scale=grad_scale, backend=self.backend, check=False,
         )
+        if self._copy_mode:
+            for i, (off, n), on in zip(seg_params, segments.bounds, enabled):
+                if on:
+                    _local(self._params[i]).copy_(self._bufs.param[off:off + n].view(self._shapes[i]))
         self._global_step += 1
         if self._global_step % self.switch_every == 0:
             self._switch()
@@ -226,6 +241,7 @@ class FusedLISA(torch.optim.Optimizer):
             if b not in self._slot_of and self._store.has(b):
                 saved_blocks.update({i: (b, off) for i, off, _ in self._packed.blocks[b].entries})
         for i, p in enumerate(self._params):
+            p = _local(p)  # the rank-local shard under FSDP2: optimizer state is per rank
             if self._steps[i] == 0 and i not in packed_at:
                 continue
             if i in packed_at:
@@ -277,8 +293,6 @@ class FusedLISA(torch.optim.Optimizer):
                 raise ValueError(f"state_dict has {key}={lisa[key]!r}, this optimizer {getattr(self, key)!r}")
         if len(state_dict["param_groups"]) != len(self.param_groups):
             raise ValueError(f"state_dict has {len(state_dict['param_groups'])} param groups, expected {len(self.param_groups)}")
-        for g, saved in zip(self.param_groups, state_dict["param_groups"]):
-            g.update({k: v for k, v in saved.items() if k != "params"})
 
         saved_state = {int(k): v for k, v in state_dict["state"].items()}
         lowp = self._bufs.lowp is not None
@@ -288,12 +302,19 @@ class FusedLISA(torch.optim.Optimizer):
                 if key not in entry:
                     raise ValueError(f"state_dict state for param {self._names[i]!r} has no {key!r}")
             for key in need[1:]:
-                if tuple(entry[key].shape) != tuple(self._params[i].shape):
+                if tuple(entry[key].shape) != self._shapes[i]:
                     raise ValueError(f"state_dict {key} of {self._names[i]!r} has shape {tuple(entry[key].shape)}, "
-                                     f"expected {tuple(self._params[i].shape)}")
+                                     f"expected {self._shapes[i]}")
 
-        # Re-arrange the slots as saved (params move with their current values), then fill in state.
         target = tuple(sorted(int(b) for b in lisa["active_layers"]))
+        n_blocks = len(self._block_params)
+        if len(set(target)) != self.n_active_layers or any(not 0 <= b < n_blocks for b in target):
+            raise ValueError(f"state_dict active_layers {list(target)} are not {self.n_active_layers} distinct "
+                             f"blocks in 0..{n_blocks - 1}")
+        # Everything is checked: from here on the load cannot fail half-way.
+        for g, saved in zip(self.param_groups, state_dict["param_groups"]):
+            g.update({k: v for k, v in saved.items() if k != "params"})
+        # Re-arrange the slots as saved (params move with their current values), then fill in state.
         self._store.clear()
         self._move(target, page=False)
         self._steps = [int(saved_state[i]["step"]) if i in saved_state else 0 for i in range(len(self._params))]
@@ -327,7 +348,7 @@ class FusedLISA(torch.optim.Optimizer):
                     for k, t in enumerate(rows(i)):
                         block_state[k, off:off + n] = t.reshape(-1).float()
                 elif lowp:
-                    block_state[2, off:off + n] = self._params[i].detach().reshape(-1).float().cpu()
+                    block_state[2, off:off + n] = _local(self._params[i]).detach().reshape(-1).float().cpu()
             self._store.put(b, block_state)
 
     # ------------------------------------------------------------------------------ internals
@@ -337,22 +358,26 @@ class FusedLISA(torch.optim.Optimizer):
         return hook
 
     def _grad_view(self, i, off):
-        p = self._params[i]
-        return self._bufs.grad[off:off + p.numel()].view(p.shape)
+        shape = self._shapes[i]
+        return self._bufs.grad[off:off + math.prod(shape)].view(shape)
 
     def _is_bound_grad(self, i, g):
-        return self._bound_grad_ptr.get(i) == g.data_ptr()
+        ptr = self._bound_grad_ptr.get(i)  # None in copy mode, where a DTensor grad has no data_ptr
+        return ptr is not None and ptr == g.data_ptr()
 
     def _bind(self, i, off, write_master):
         """Point param i's data and grad at offset `off` of the packed buffers, copying its value in.
         A low-precision model's fp32 master is written only when asked: on a switch the slot's master
         still holds the leaving block's, which the store pages out first."""
         p = self._params[i]
-        n = p.numel()
-        view = self._bufs.param[off:off + n].view(p.shape)
-        view.copy_(p.detach())
+        n = math.prod(self._shapes[i])
+        view = self._bufs.param[off:off + n].view(self._shapes[i])
+        view.copy_(_local(p).detach())
         if write_master and self._bufs.lowp is not None:
             self._bufs.master[off:off + n].copy_(view.reshape(-1))
+        if self._copy_mode:  # p keeps its own storage; step() copies grads in and values back
+            self._offset[i] = off
+            return
         p.data = view
         gv = self._grad_view(i, off)
         if p.grad is not None:
@@ -366,9 +391,11 @@ class FusedLISA(torch.optim.Optimizer):
     def _unbind(self, i):
         """Give param i storage of its own again (its packed slot is about to be reused)."""
         p = self._params[i]
-        p.data = p.detach().clone()
+        if not self._copy_mode:  # (in copy mode p's own storage already holds its latest value)
+            p.data = p.detach().clone()
         p.grad = None
-        del self._offset[i], self._bound_grad_ptr[i]
+        del self._offset[i]
+        self._bound_grad_ptr.pop(i, None)
         self._has_grad[i] = False
 
     def _collect_grad(self, i) -> bool:
@@ -382,8 +409,9 @@ class FusedLISA(torch.optim.Optimizer):
         # Someone replaced .grad (model.zero_grad() then backward, DDP bucket views, a manual assignment):
         # copy it into the buffer and re-point the view.
         gv = self._grad_view(i, self._offset[i])
-        gv.copy_(g)
-        p.grad = gv
+        gv.copy_(_local(g))
+        if not self._copy_mode:
+            p.grad = gv
         return True
 
     def _segments(self):
@@ -483,6 +511,11 @@ class FusedLISA(torch.optim.Optimizer):
         state = [self._generator.get_state()]
         torch.distributed.broadcast_object_list(state, src=0)
         self._generator.set_state(state[0])
+
+
+def _local(t):
+    """The rank-local tensor of a DTensor (an FSDP2 shard; its own storage under no_grad), else t."""
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def _validate_hparams(lr, betas, eps, weight_decay):

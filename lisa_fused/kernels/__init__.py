@@ -75,8 +75,11 @@ def check_buffers(param, grad, exp_avg, exp_avg_sq, segments, hparams, param_low
         raise ValueError(f"grad must be float32, bfloat16 or float16, got {grad.dtype}")
     if param_lowp is not None and param_lowp.dtype not in (torch.bfloat16, torch.float16):
         raise ValueError(f"param_lowp must be bfloat16 or float16, got {param_lowp.dtype}")
-    if grad_scale is not None and (grad_scale.numel() != 1 or grad_scale.device != dev):
-        raise ValueError(f"grad_scale must be a 1-element tensor on {dev}, got {tuple(grad_scale.shape)} on {grad_scale.device}")
+    if grad_scale is not None and (grad_scale.numel() != 1 or grad_scale.device != dev or grad_scale.dtype != torch.float32):
+        raise ValueError(
+            f"grad_scale must be a 1-element float32 tensor on {dev}, "
+            f"got {grad_scale.dtype} {tuple(grad_scale.shape)} on {grad_scale.device}"
+        )
     if hparams.device.type != "cpu" or hparams.dtype != torch.float64 or tuple(hparams.shape) != (len(segments), N_COLS):
         raise ValueError(
             f"hparams must be a float64 CPU tensor of shape ({len(segments)}, {N_COLS}), "

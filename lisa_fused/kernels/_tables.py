@@ -1,0 +1,56 @@
+"""Device-side tables shared by the fused kernels (CUDA, CPU, Triton).
+
+- chunk table: int64 [C, 3] rows of (segment, start, end) element indices, each chunk at most `chunk`
+  elements of one segment; built once per Segments layout and cached in `segments.cache`.
+- segment table: the per-step hparams [S, 4] as float32 on the kernel's device.
+"""
+from __future__ import annotations
+
+import torch
+
+from .contract import ALIGN, Segments
+
+_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+def dtype_code(dtype: torch.dtype | None) -> int:
+    """The csrc/adamw_math.h DType code of a storage dtype (-1 for None)."""
+    return -1 if dtype is None else _DTYPE_CODES[dtype]
+
+
+def chunk_table(segments: Segments, chunk: int, device: torch.device) -> torch.Tensor:
+    """int64 [C, 3] (segment, start, end) on `device`, cached per (chunk, device) in `segments.cache`."""
+    if chunk <= 0 or chunk % ALIGN:
+        raise ValueError(f"chunk must be a positive multiple of {ALIGN}, got {chunk}")
+    device = torch.device(device)
+    key = ("chunks", chunk, str(device))
+    table = segments.cache.get(key)
+    if table is None:
+        bounds = segments.tensor()
+        offsets, numels = bounds[:, 0], bounds[:, 1]
+        counts = (numels + chunk - 1) // chunk
+        seg = torch.repeat_interleave(torch.arange(len(segments)), counts)
+        first_row = torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+        start = offsets[seg] + (torch.arange(len(seg)) - first_row) * chunk
+        end = torch.minimum(start + chunk, offsets[seg] + numels[seg])
+        table = torch.stack([seg, start, end], dim=1).contiguous().to(device)
+        segments.cache[key] = table
+    return table
+
+
+def offsets_aligned(segments: Segments) -> bool:
+    """True when every segment starts on an ALIGN-element boundary (what contract.py promises)."""
+    key = ("aligned", ALIGN)
+    if key not in segments.cache:
+        segments.cache[key] = all(off % ALIGN == 0 for off, _ in segments.bounds)
+    return segments.cache[key]
+
+
+def segment_table(hparams: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """hparams (float64, host) as float32 on `device`; to a GPU through pinned memory, without a sync."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return hparams.to(torch.float32)
+    staged = torch.empty(hparams.shape, dtype=torch.float32, pin_memory=True)
+    staged.copy_(hparams)
+    return staged.to(device, non_blocking=True)

@@ -1,0 +1,171 @@
+"""Backends "cpu" and "cuda": the C++ / CUDA kernels of lisa_fused._C (csrc/).
+
+The extension takes raw pointers, so it is wrapped here as one torch custom op,
+`torch.ops.lisa_fused.adamw_packed`, with a kernel per device type and a fake implementation: under
+torch.compile the step goes through the op (which dynamo and AOTAutograd understand); in eager mode the
+same kernel functions are called directly, skipping the dispatcher's ~70 us per call and its one-time
+import of torch._dynamo. Tensors are validated by kernels.check_buffers before they get here; this
+module only adds what the pointers need (chunk tables, dtype codes, the stream).
+"""
+from __future__ import annotations
+
+import torch
+
+from .contract import Segments, host_scalars
+from ._tables import chunk_table, dtype_code, segment_table
+
+try:
+    from .. import _C
+except ImportError as exc:  # not built: every use names the fix
+    _C = None
+    _IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
+
+# Elements per chunk (one OpenMP task on the CPU, one thread block on the GPU). Multiples of ALIGN.
+CPU_CHUNK = 1 << 15
+CUDA_CHUNK = 1 << 16
+
+BUILD_HINT = (
+    "build it from the source tree with `pip install .` (or `pip install -e .`); a CUDA toolkit "
+    "(CUDA_HOME, default /usr/local/cuda) adds the CUDA kernel"
+)
+
+
+def unavailable_reason(backend: str) -> str | None:
+    """None when the native `backend` ("cpu" or "cuda") can run here, else a sentence saying why not."""
+    if backend not in ("cpu", "cuda"):
+        return f"unknown native backend {backend!r}; expected 'cpu' or 'cuda'"
+    if _C is None:
+        return f"the native extension lisa_fused._C is not built ({_IMPORT_ERROR}); {BUILD_HINT}"
+    if backend == "cpu":
+        return None
+    if not _C.has_cuda():
+        return (
+            "lisa_fused._C was built without CUDA (no CUDA toolkit at build time, or LISA_FUSED_SKIP_CUDA=1); "
+            "rebuild it with a CUDA toolkit to use backend 'cuda'"
+        )
+    if not torch.cuda.is_available():
+        return "no CUDA device is available to torch"
+    return _C.cuda_unavailable_reason()
+
+
+def _require(backend: str):
+    reason = unavailable_reason(backend)
+    if reason is not None:
+        raise RuntimeError(f"backend {backend!r} is not available: {reason}")
+    return _C
+
+
+def _ptr(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def _pointer_args(param, grad, exp_avg, exp_avg_sq, param_lowp, grad_scale, chunks, table, beta1, beta2, eps):
+    one_minus_beta1, beta2_, one_minus_beta2, eps_ = host_scalars(beta1, beta2, eps)
+    return dict(
+        param=_ptr(param), grad=_ptr(grad), exp_avg=_ptr(exp_avg), exp_avg_sq=_ptr(exp_avg_sq),
+        param_lowp=_ptr(param_lowp), grad_scale=_ptr(grad_scale), chunks=_ptr(chunks),
+        n_chunks=chunks.shape[0], table=_ptr(table), grad_dtype=dtype_code(grad.dtype),
+        lowp_dtype=dtype_code(None if param_lowp is None else param_lowp.dtype),
+        one_minus_beta1=one_minus_beta1, beta2=beta2_, one_minus_beta2=one_minus_beta2, eps=eps_,
+    )
+
+
+def _cpu_kernel(param, grad, exp_avg, exp_avg_sq, param_lowp, grad_scale, chunks, hparams, beta1, beta2, eps):
+    C = _require("cpu")
+    table = hparams.contiguous()  # float64, read as is by the CPU kernel
+    C.adamw_cpu(
+        **_pointer_args(param, grad, exp_avg, exp_avg_sq, param_lowp, grad_scale, chunks, table, beta1, beta2, eps),
+        num_threads=torch.get_num_threads(),
+    )
+
+
+def _cuda_kernel(param, grad, exp_avg, exp_avg_sq, param_lowp, grad_scale, chunks, hparams, beta1, beta2, eps):
+    C = _require("cuda")
+    table = segment_table(hparams, param.device)
+    device = param.device.index if param.device.index is not None else torch.cuda.current_device()
+    C.adamw_cuda(
+        **_pointer_args(param, grad, exp_avg, exp_avg_sq, param_lowp, grad_scale, chunks, table, beta1, beta2, eps),
+        device=device,
+        stream=torch.cuda.current_stream(device).cuda_stream,
+    )
+
+
+_KERNELS = {"cpu": _cpu_kernel, "cuda": _cuda_kernel}
+
+
+@torch.library.custom_op(
+    "lisa_fused::adamw_packed", mutates_args=("param", "exp_avg", "exp_avg_sq", "param_lowp"), device_types=()
+)
+def adamw_packed_op(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    param_lowp: torch.Tensor | None,
+    grad_scale: torch.Tensor | None,
+    chunks: torch.Tensor,
+    hparams: torch.Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+) -> None:
+    """AdamW over the packed buffers. `chunks`: int64 [C, 3] on the buffers' device (_tables.chunk_table);
+    `hparams`: the float64 [S, 4] host table of contract.py."""
+    raise NotImplementedError(f"lisa_fused::adamw_packed has no kernel for {param.device.type} tensors")
+
+
+adamw_packed_op.register_kernel("cpu")(_cpu_kernel)
+adamw_packed_op.register_kernel("cuda")(_cuda_kernel)
+
+
+@adamw_packed_op.register_fake
+def _adamw_packed_fake(param, grad, exp_avg, exp_avg_sq, param_lowp, grad_scale, chunks, hparams, beta1, beta2, eps):
+    return None
+
+
+def _run(backend, chunk, param, grad, exp_avg, exp_avg_sq, segments, hparams, beta1, beta2, eps, param_lowp, grad_scale):
+    _require(backend)
+    chunks = chunk_table(segments, chunk, param.device)
+    if chunks.shape[0] == 0:
+        return
+    args = (param, grad, exp_avg, exp_avg_sq, param_lowp, grad_scale, chunks, hparams, float(beta1), float(beta2), float(eps))
+    if torch.compiler.is_compiling():
+        adamw_packed_op(*args)
+    else:
+        _KERNELS[backend](*args)
+
+
+def adamw_packed_cpu_(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    segments: Segments,
+    hparams: torch.Tensor,
+    *,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    param_lowp: torch.Tensor | None = None,
+    grad_scale: torch.Tensor | None = None,
+) -> None:
+    """The C++ CPU kernel (OpenMP over chunks); same contract as adamw_packed_reference_."""
+    _run("cpu", CPU_CHUNK, param, grad, exp_avg, exp_avg_sq, segments, hparams, beta1, beta2, eps, param_lowp, grad_scale)
+
+
+def adamw_packed_cuda_(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    segments: Segments,
+    hparams: torch.Tensor,
+    *,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    param_lowp: torch.Tensor | None = None,
+    grad_scale: torch.Tensor | None = None,
+) -> None:
+    """The CUDA kernel, one launch on the current stream; same contract as adamw_packed_reference_."""
+    _run("cuda", CUDA_CHUNK, param, grad, exp_avg, exp_avg_sq, segments, hparams, beta1, beta2, eps, param_lowp, grad_scale)

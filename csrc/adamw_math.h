@@ -82,7 +82,8 @@ LF_HD float f16_to_f32(uint16_t h) {
   const uint32_t em = h & 0x7fffu;                                        // exponent and mantissa
   const uint32_t normal = (em << 13) + 0x38000000u;                       // rebias 15 -> 127
   const uint32_t inf_nan = 0x7f800000u | ((em & 0x3ffu) << 13);
-  const uint32_t subnormal = f32_bits(static_cast<float>(em) * 5.9604644775390625e-08f);  // em * 2^-24
+  const float sub = static_cast<float>(static_cast<int32_t>(em)) * 5.9604644775390625e-08f;  // em * 2^-24
+  const uint32_t subnormal = f32_bits(sub);
   const uint32_t bits = em >= 0x7c00u ? inf_nan : (em < 0x400u ? subnormal : normal);
   return f32_from_bits(sign | bits);
 #endif

@@ -202,6 +202,25 @@ def test_matches_torch_adamw(backend, mode):
             assert_close(low[off:off + cnt], q.detach().to(low.dtype), f"{backend} param_lowp[{s}]")
 
 
+@pytest.mark.parametrize("beta1", [0.0, 0.3, 0.5, 0.999])
+@pytest.mark.parametrize("backend", FUSED)
+def test_both_lerp_branches(backend, beta1):
+    """torch's lerp switches formulas at weight 1 - beta1 = 0.5; each kernel must switch with it."""
+    device = backend_device(backend)
+    segments = pack([4097])
+    gen = torch.Generator().manual_seed(9)
+    p, m, v, _ = random_state(4097, torch.float32, None, gen)
+    g = random_grads(4097, torch.float32, gen)
+    hp = hparams_table([(1e-2, 0.1, 2)], [2], set())
+    ref = [t.clone() for t in (p, m, v)]
+    out = [t.clone().to(device) for t in (p, m, v)]
+    kw = dict(beta1=beta1, beta2=0.99, eps=1e-8)
+    adamw_packed_(ref[0], g, ref[1], ref[2], segments, hp, backend="torch", **kw)
+    adamw_packed_(out[0], g.to(device), out[1], out[2], segments, hp, backend=backend, **kw)
+    for name, a, b in zip(("param", "exp_avg", "exp_avg_sq"), out, ref):
+        assert_close(a, b, f"{backend} {name} beta1={beta1}")
+
+
 def special_floats(gen: torch.Generator) -> torch.Tensor:
     """Random fp32 bit patterns over every exponent, plus zeros, infinities, NaN, subnormals and exact
     bf16/fp16 rounding ties (odd and even)."""

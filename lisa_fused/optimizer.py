@@ -70,6 +70,8 @@ class FusedLISA(torch.optim.Optimizer):
         if isinstance(n_active_layers, bool) or not isinstance(n_active_layers, int) or not 1 <= n_active_layers <= n_blocks:
             raise ValueError(f"Invalid n_active_layers: {n_active_layers!r} (must be an integer in 1..{n_blocks}, "
                              f"the number of blocks in {layout.stack_path or 'the stack'})")
+        if n_active_layers < n_blocks:
+            _check_ddp(model)
 
         named = list(layout.always) + [np for blk in layout.blocks for np in blk]
         params = [p for _, p in named]
@@ -320,7 +322,9 @@ class FusedLISA(torch.optim.Optimizer):
         self._steps = [int(saved_state[i]["step"]) if i in saved_state else 0 for i in range(len(self._params))]
         self._global_step = int(lisa["global_step"])
         self.switch_every = int(lisa["switch_every"])
-        self._generator.set_state(lisa["generator"])
+        # .cpu(): accelerate's AcceleratedOptimizer moves every tensor of a state_dict to the device before
+        # loading it (a CUDA ByteTensor here); Generator.set_state takes a CPU ByteTensor only.
+        self._generator.set_state(lisa["generator"].cpu())
         self._sync_generator_from_rank0()
 
         def rows(i):
@@ -511,6 +515,19 @@ class FusedLISA(torch.optim.Optimizer):
         state = [self._generator.get_state()]
         torch.distributed.broadcast_object_list(state, src=0)
         self._generator.set_state(state[0])
+
+
+def _check_ddp(model):
+    """Inactive blocks get no gradient: a DDP wrapper must be built to expect that (before FusedLISA, with
+    find_unused_parameters=True and no static_graph), or its second backward fails with a cryptic error."""
+    ddp = torch.nn.parallel.DistributedDataParallel
+    if isinstance(model, ddp) and (not model.find_unused_parameters or getattr(model, "static_graph", False)):
+        raise ValueError(
+            "FusedLISA trains a different set of blocks every switch_every steps, so DistributedDataParallel must "
+            "expect parameters without a gradient: wrap the model with DistributedDataParallel(model, "
+            "find_unused_parameters=True) (and without static_graph) before constructing FusedLISA; got "
+            f"find_unused_parameters={model.find_unused_parameters}, "
+            f"static_graph={getattr(model, 'static_graph', False)}")
 
 
 def _local(t):

@@ -1,0 +1,114 @@
+"""Hugging Face Trainer glue: `LISACallback`.
+
+    from lisa_fused import FusedLISA
+    from lisa_fused.hf import LISACallback
+
+    args = TrainingArguments(...)            # first: under torchrun this sets up the process group
+    opt = FusedLISA(model, lr=1e-5, n_active_layers=2, switch_every=20)
+    trainer = Trainer(model=model, args=args, train_dataset=ds,
+                      optimizers=(opt, None),          # the Trainer builds the LR scheduler over opt
+                      callbacks=[LISACallback()])      # in the constructor, not add_callback()
+    trainer.train()
+
+The Trainer works with FusedLISA without this callback on one process; the callback adds:
+
+* `lisa_active_layers` (a list of block indices, the blocks that train from the next step on) in every
+  log entry (`trainer.state.log_history`, the console, trainer_state.json), and a log at every switch
+  (`log_on_switch=True`), so each switch shows up with the step it happened at.
+* DDP: FusedLISA freezes the inactive blocks when it is built, before the Trainer wraps the model in
+  DistributedDataParallel, and DDP only registers parameters that require a gradient when it is built:
+  blocks that become active later would never be all-reduced and the ranks would drift apart, silently.
+  The callback makes every block trainable at the end of Trainer.__init__ (so the wrapper registers them
+  all) and freezes the inactive ones again when training begins.
+* `keep_grad_views=True`: the Trainer calls `model.zero_grad()` after each step, which drops the
+  `.grad` views into FusedLISA's packed gradient buffer; backward then allocates fresh gradients (as much
+  memory again as the active set's gradients) that step() copies in. The callback re-points the views
+  at the start of each step (`opt.zero_grad()`), so backward accumulates straight into the buffer.
+
+See docs/integration.md for the settings each setup needs.
+"""
+from __future__ import annotations
+
+import logging
+
+from transformers import TrainerCallback
+
+from .optimizer import FusedLISA
+
+logger = logging.getLogger("lisa_fused")
+
+__all__ = ["LISACallback", "unwrap_optimizer"]
+
+
+def unwrap_optimizer(optimizer) -> FusedLISA | None:
+    """The FusedLISA inside accelerate's AcceleratedOptimizer (or any `.optimizer` wrapper), or None."""
+    seen = 0
+    while optimizer is not None and not isinstance(optimizer, FusedLISA) and seen < 8:
+        optimizer = getattr(optimizer, "optimizer", None)
+        seen += 1
+    return optimizer if isinstance(optimizer, FusedLISA) else None
+
+
+class LISACallback(TrainerCallback):
+    """Logs FusedLISA's active layers in the Trainer's logs and makes DDP register every block.
+
+    optimizer:       the FusedLISA to watch; None (default) takes the Trainer's optimizer.
+    log_on_switch:   force a Trainer log at every step where the active set changed.
+    keep_grad_views: re-point the packed `.grad` views before each step (see the module docstring).
+    """
+
+    def __init__(self, optimizer: FusedLISA | None = None, log_on_switch: bool = True,
+                 keep_grad_views: bool = True):
+        self._given = optimizer
+        self.log_on_switch = log_on_switch
+        self.keep_grad_views = keep_grad_views
+        self._seen_step = 0  # optimizer steps FusedLISA had taken at the last on_step_end
+
+    def _opt(self, kwargs) -> FusedLISA | None:
+        return self._given if self._given is not None else unwrap_optimizer(kwargs.get("optimizer"))
+
+    def on_init_end(self, args, state, control, **kwargs):
+        opt = self._opt(kwargs)
+        if opt is not None:  # every block trainable while the Trainer wraps the model (DDP registration)
+            _set_blocks_trainable(opt, range(opt.model_layout.num_blocks))
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        opt = self._opt(kwargs)
+        if opt is None:
+            logger.warning("LISACallback: the Trainer's optimizer is not a FusedLISA; nothing to do")
+            return
+        _set_blocks_trainable(opt, opt.active_layers)
+        self._seen_step = opt._global_step
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        opt = self._opt(kwargs)
+        if opt is not None and self.keep_grad_views:
+            opt.zero_grad()  # grads are None here (model.zero_grad()); this zeroes the buffer, re-points views
+
+    def on_step_end(self, args, state, control, **kwargs):
+        opt = self._opt(kwargs)
+        if opt is None:
+            return
+        # FusedLISA re-draws inside step() every switch_every optimizer steps it actually took (a step
+        # skipped by GradScaler on overflow does not count), even when the draw repeats the set.
+        step = opt._global_step
+        if step != self._seen_step and step % opt.switch_every == 0 and self.log_on_switch:
+            control.should_log = True
+        self._seen_step = step
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        opt = self._opt(kwargs)
+        if opt is None or logs is None:
+            return
+        active = list(opt.active_layers)
+        logs["lisa_active_layers"] = active
+        # The Trainer appended a copy of `logs` to log_history just before calling us.
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1]["lisa_active_layers"] = active
+
+
+def _set_blocks_trainable(opt: FusedLISA, trainable) -> None:
+    keep = set(trainable)
+    for b, block in enumerate(opt.model_layout.blocks):
+        for _, p in block:
+            p.requires_grad_(b in keep)

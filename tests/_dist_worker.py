@@ -1,0 +1,171 @@
+"""Worker for tests/test_integration_distributed.py, run by torchrun with 2 CPU processes (gloo).
+
+    torchrun --standalone --nproc_per_node=2 tests/_dist_worker.py OUT_DIR
+
+Runs every scenario in one process group (a launch costs far more than a scenario) and writes
+OUT_DIR/rank{r}.pt: {scenario: result dict}. Each rank builds its model from a different seed and gives
+FusedLISA a different seed, so anything not synchronised shows up as a difference between ranks.
+"""
+from __future__ import annotations
+
+import sys
+import traceback
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from lisa_fused import FusedLISA
+from helpers import MLPStack
+
+# Shared with the single-process reference in the test.
+WIDTH, N_LAYERS, N_ACTIVE, K, STEPS, LR, BATCH = 37, 5, 2, 2, 6, 1e-2, 8
+
+
+def batches(steps=STEPS, batch=BATCH, seed=123):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(batch, 3, generator=g), torch.randn(batch, 1, generator=g)) for _ in range(steps)]
+
+
+def train(model, opt, data, rank, world):
+    """Each rank takes its contiguous share of every batch; returns the active set before each step."""
+    seq = []
+    for x, y in data:
+        n = x.shape[0] // world
+        xs, ys = x[rank * n:(rank + 1) * n], y[rank * n:(rank + 1) * n]
+        seq.append(opt.active_layers)
+        torch.nn.functional.mse_loss(model(xs), ys).backward()
+        opt.step()
+        opt.zero_grad()
+    return seq
+
+
+def flat(model):
+    """All params as one fp32 vector (full tensors for FSDP2's DTensors)."""
+    parts = []
+    for p in model.parameters():
+        p = p.full_tensor() if hasattr(p, "full_tensor") else p
+        parts.append(p.detach().reshape(-1).float())
+    return torch.cat(parts)
+
+
+def make_opt(model, rank, **kw):
+    return FusedLISA(model, lr=LR, weight_decay=0.01, n_active_layers=N_ACTIVE, switch_every=K, seed=rank,
+                     backend="torch", **kw)
+
+
+def scenario_ddp(rank, world, bucket_view=False):
+    model = MLPStack(WIDTH, N_LAYERS, seed=rank)  # DDP broadcasts rank 0's params
+    ddp = DDP(model, find_unused_parameters=True, gradient_as_bucket_view=bucket_view)  # before FusedLISA
+    opt = make_opt(ddp, rank)
+    seq = train(ddp, opt, batches(), rank, world)
+    return {"seq": seq, "params": flat(model), "active": opt.active_layers}
+
+
+def scenario_ddp_optimizer_first(rank, world):
+    """The wrong order: FusedLISA freezes the inactive blocks before DDP is built, so DDP never registers
+    them; when they become active their gradients are not all-reduced and the ranks drift apart."""
+    model = MLPStack(WIDTH, N_LAYERS, seed=0)
+    opt = make_opt(model, rank)
+    ddp = DDP(model, find_unused_parameters=True)
+    train(ddp, opt, batches(), rank, world)
+    return {"params": flat(model)}
+
+
+def scenario_ddp_bad_settings(rank, world):
+    out = {}
+    for name, kw in {"find_unused_false": dict(find_unused_parameters=False),
+                     "static_graph": dict(find_unused_parameters=True, static_graph=True)}.items():
+        ddp = DDP(MLPStack(WIDTH, N_LAYERS, seed=0), **kw)
+        try:
+            make_opt(ddp, rank)
+            out[name] = "no error"
+        except ValueError as err:
+            out[name] = str(err)
+    return out
+
+
+def scenario_generator_sync(rank, world):
+    """Different seeds per rank agree at construction (rank 0's state) and after loading a state_dict whose
+    sampler state differs per rank (rank 0's again)."""
+    model = MLPStack(WIDTH, N_LAYERS, seed=0)
+    opt = make_opt(model, rank)
+    at_construction = opt._generator.get_state()
+    other = MLPStack(WIDTH, N_LAYERS, seed=0)
+    donor = FusedLISA(other, lr=LR, n_active_layers=N_ACTIVE, switch_every=K, seed=0, backend="torch")
+    sd = donor.state_dict()
+    sd["lisa"]["generator"] = torch.Generator().manual_seed(1000 + rank).get_state()  # differs per rank
+    opt.load_state_dict(sd)
+    after_load = opt._generator.get_state()
+    draws = [opt._draw() for _ in range(3)]
+    return {"at_construction": at_construction, "after_load": after_load, "draws": draws,
+            "rank0_after_load": torch.Generator().manual_seed(1000).get_state()}
+
+
+def _fsdp2_model(seed):
+    from torch.distributed.fsdp import fully_shard
+
+    model = MLPStack(WIDTH, N_LAYERS, seed=seed)  # FSDP2 does not broadcast: same init on every rank
+    for block in model.blocks:
+        fully_shard(block)
+    fully_shard(model)
+    return model
+
+
+def scenario_fsdp2(rank, world):
+    """fully_shard per block and at the root; FusedLISA binds the DTensor params by copy. Three steps, then
+    a resume in the middle of an interval into a fresh sharded model (shards copied over, as a checkpoint
+    load would) with a fresh optimizer (other seed) from the first one's per-rank state_dict."""
+    model = _fsdp2_model(seed=0)
+    opt = make_opt(model, rank)
+    data = batches()
+    seq = train(model, opt, data[:3], rank, world)
+    sd = opt.state_dict()
+    resumed = _fsdp2_model(seed=1)
+    with torch.no_grad():
+        for p, q in zip(resumed.parameters(), model.parameters()):
+            p.to_local().copy_(q.to_local())
+    opt2 = make_opt(resumed, rank + 5)
+    opt2.load_state_dict(sd)
+    seq += train(resumed, opt2, data[3:], rank, world)
+    # Frozen blocks get no gradient under FSDP2 either (it copies requires_grad to the unsharded params).
+    torch.nn.functional.mse_loss(resumed(data[0][0]), data[0][1]).backward()
+    inactive_grads = [p.grad is not None for b in range(N_LAYERS) if b not in opt2.active_layers
+                      for p in resumed.blocks[b].parameters()]
+    active_grads = [p.grad is not None for b in opt2.active_layers for p in resumed.blocks[b].parameters()]
+    opt2.zero_grad()
+    return {"seq": seq, "params": flat(resumed), "copy_mode": opt2._copy_mode,
+            "inactive_grads": inactive_grads, "active_grads": active_grads,
+            "state_shapes": {i: tuple(e["exp_avg"].shape) for i, e in sd["state"].items()},
+            "local_shapes": [tuple(p.to_local().shape) for p in opt2._params],
+            "global_shapes": [tuple(p.shape) for p in opt2._params]}
+
+
+SCENARIOS = {
+    "ddp": scenario_ddp,
+    "ddp_bucket_view": lambda r, w: scenario_ddp(r, w, bucket_view=True),
+    "ddp_optimizer_first": scenario_ddp_optimizer_first,
+    "ddp_bad_settings": scenario_ddp_bad_settings,
+    "generator_sync": scenario_generator_sync,
+    "fsdp2": scenario_fsdp2,
+}
+
+
+def main(out_dir):
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(rank)
+    results = {}
+    for name, fn in SCENARIOS.items():
+        try:
+            results[name] = fn(rank, world)
+        except Exception:  # recorded for the test to show; the other scenarios still run
+            results[name] = {"error": traceback.format_exc()}
+        dist.barrier()
+    torch.save(results, f"{out_dir}/rank{rank}.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

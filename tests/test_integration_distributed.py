@@ -1,0 +1,124 @@
+"""DDP and FSDP2 with 2 CPU processes (gloo): every rank draws the same blocks, and after steps spanning
+switches the params equal a single-process run over the combined batch. One torchrun launch runs every
+scenario of tests/_dist_worker.py (a launch costs far more than a scenario); each test checks one."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import _dist_worker as W
+from helpers import MLPStack
+from lisa_fused import FusedLISA
+
+pytestmark = [pytest.mark.distributed,
+              pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")]
+
+TIMEOUT_S = 300
+HERE = Path(__file__).resolve().parent
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    """Launch the 2-process group once; {scenario: (rank0 result, rank1 result)}."""
+    out = tmp_path_factory.mktemp("dist")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE.parent), str(HERE), os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(HERE / "_dist_worker.py"), str(out)]
+    # Own session, so a hang kills torchrun *and* its workers, not just the launcher.
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        log, _ = proc.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        log, _ = proc.communicate()
+        pytest.fail(f"2-process run timed out after {TIMEOUT_S}s:\n{log[-4000:]}")
+    assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{log[-4000:]}"
+    ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    return {name: (ranks[0][name], ranks[1][name]) for name in ranks[0]}
+
+
+def scenario(results, name):
+    r0, r1 = results[name]
+    for r, res in enumerate((r0, r1)):
+        assert "error" not in res, f"rank {r} failed in {name}:\n{res['error']}"
+    return r0, r1
+
+
+@pytest.fixture(scope="module")
+def single_process():
+    """The same training on one process over the whole batches, seed 0 (what rank 0 broadcasts)."""
+    model = MLPStack(W.WIDTH, W.N_LAYERS, seed=0)
+    opt = W.make_opt(model, rank=0)
+    seq = W.train(model, opt, W.batches(), rank=0, world=1)
+    return {"seq": seq, "params": W.flat(model), "active": opt.active_layers}
+
+
+def assert_matches_single(res, ref):
+    assert res["seq"] == ref["seq"]
+    assert len(set(res["seq"])) > 1, "the run must span a switch"
+    torch.testing.assert_close(res["params"], ref["params"], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["ddp", "ddp_bucket_view"])
+def test_ddp_matches_single_process(results, single_process, name):
+    """DDP(model, find_unused_parameters=True) built before FusedLISA; different model init and seed per
+    rank: same draws everywhere, bitwise equal params across ranks, equal to the single-process run."""
+    r0, r1 = scenario(results, name)
+    assert r0["seq"] == r1["seq"]
+    assert torch.equal(r0["params"], r1["params"])
+    assert_matches_single(r0, single_process)
+
+
+def test_ddp_built_after_fused_lisa_diverges(results):
+    """Documents the wrong order: DDP built after FusedLISA froze the inactive blocks never all-reduces the
+    blocks that become active later, so the ranks drift apart (silently: hence LISACallback for the Trainer)."""
+    r0, r1 = scenario(results, "ddp_optimizer_first")
+    assert (r0["params"] - r1["params"]).abs().max() > 1e-4
+
+
+def test_ddp_settings_that_cannot_work_are_rejected(results):
+    r0, _ = scenario(results, "ddp_bad_settings")
+    for name in ("find_unused_false", "static_graph"):
+        assert "find_unused_parameters=True" in r0[name], (name, r0[name])
+
+
+def _uniform_draws(seed, n, skip=0):
+    g = torch.Generator().manual_seed(seed)
+    draws = [tuple(sorted(torch.randperm(W.N_LAYERS, generator=g)[:W.N_ACTIVE].tolist())) for _ in range(skip + n)]
+    return draws[skip:], g.get_state()
+
+
+def test_sampler_state_agreed_from_rank0(results):
+    """Seeds 0 and 1 on the two ranks: both hold rank 0's sampler state after construction (one draw made),
+    and after loading state_dicts whose sampler states differ per rank, rank 0's again."""
+    r0, r1 = scenario(results, "generator_sync")
+    _, after_first_draw = _uniform_draws(0, 0, skip=1)
+    assert torch.equal(r0["at_construction"], after_first_draw)
+    assert torch.equal(r1["at_construction"], after_first_draw)
+    assert torch.equal(r0["after_load"], r0["rank0_after_load"])
+    assert torch.equal(r1["after_load"], r0["after_load"])
+    assert r0["draws"] == r1["draws"] == _uniform_draws(1000, 3)[0]
+
+
+def test_fsdp2_matches_single_process(results, single_process):
+    """fully_shard (FSDP2): packed buffers hold each rank's local shards (uneven: width 37 over 2 ranks,
+    and an empty shard for the [1, 37] head weight on rank 1), resume from per-rank state in the middle of
+    an interval, and the gathered params equal the single-process run."""
+    r0, r1 = scenario(results, "fsdp2")
+    assert r0["copy_mode"] and r1["copy_mode"]
+    assert r0["seq"] == r1["seq"]
+    torch.testing.assert_close(r0["params"], r1["params"], rtol=0, atol=0)
+    assert_matches_single(r0, single_process)
+    for res in (r0, r1):
+        assert not any(res["inactive_grads"]) and all(res["active_grads"])
+        assert all(s == tuple(res["local_shapes"][i]) for i, s in res["state_shapes"].items())
+    shards = list(zip(r0["local_shapes"], r1["local_shapes"], r0["global_shapes"]))
+    assert all(a[0] + b[0] == g[0] for a, b, g in shards if len(g) > 0)
+    assert any(b[0] == 0 for _, b, g in shards if len(g) == 2), "expected an empty shard on rank 1"

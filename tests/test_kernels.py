@@ -333,16 +333,43 @@ def test_missing_build_is_explained(monkeypatch):
 
 
 @needs_native
-def test_custom_op_opcheck():
+def test_survives_torch_compile():
+    """fullgraph: the native step is one custom op in the graph, and AOTAutograd's functionalization of
+    its in-place updates gives the eager result bit for bit."""
+    segments = pack([1000, 77])
+    n = buffer_len(segments)
+    gen = torch.Generator().manual_seed(6)
+    hp = hparams_table([(1e-3, 0.1, 1), (2e-3, 0.0, 3)], [1, 3], set())
+
+    def step(p, g, m, v):
+        adamw_packed_(p, g, m, v, segments, hp, beta1=0.9, beta2=0.999, eps=1e-8, backend="cpu")
+
+    eager = [torch.randn(n, generator=gen), torch.randn(n, generator=gen), torch.zeros(n), torch.zeros(n)]
+    compiled = [t.clone() for t in eager]
+    step(*eager)  # builds and caches the chunk table outside the graph
+    torch._dynamo.reset()
+    torch.compile(step, fullgraph=True, backend="aot_eager")(*compiled)
+    step(*eager)
+    torch.compile(step, fullgraph=True, backend="aot_eager")(*compiled)
+    for a, b in zip(compiled, eager):
+        assert torch.equal(a, b)
+
+
+@needs_native
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_custom_op_opcheck(device):
     from lisa_fused.kernels._tables import chunk_table
 
+    if device == "cuda" and native.unavailable_reason("cuda"):
+        pytest.skip(native.unavailable_reason("cuda"))
     gen = torch.Generator().manual_seed(5)
     segments = pack([1000, 77])
     n = buffer_len(segments)
-    chunks = chunk_table(segments, native.CPU_CHUNK, "cpu")
-    hp = hparams_table([(1e-3, 0.1, 1), (2e-3, 0.0, 3)], [1, 3], set())
+    chunks = chunk_table(segments, native.CPU_CHUNK if device == "cpu" else native.CUDA_CHUNK, device)
+    hp = hparams_table([(1e-3, 0.1, 1), (2e-3, 0.0, 3)], [1, 3], set())  # stays on the host
     for lowp, scale in ((None, None), (torch.bfloat16, torch.tensor([4.0]))):
         p = torch.randn(n, generator=gen)
         args = (p, torch.randn(n, generator=gen).to(lowp or torch.float32), torch.zeros(n), torch.zeros(n),
-                None if lowp is None else p.to(lowp), scale, chunks, hp, 0.9, 0.999, 1e-8)
+                None if lowp is None else p.to(lowp), scale)
+        args = tuple(None if t is None else t.to(device) for t in args) + (chunks, hp, 0.9, 0.999, 1e-8)
         torch.library.opcheck(native.adamw_packed_op, args)

@@ -9,6 +9,8 @@ module only adds what the pointers need (chunk tables, dtype codes, the stream).
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .contract import Segments, host_scalars
@@ -25,8 +27,8 @@ CPU_CHUNK = 1 << 15
 CUDA_CHUNK = 1 << 16
 
 BUILD_HINT = (
-    "build it from the source tree with `pip install .` (or `pip install -e .`); a CUDA toolkit "
-    "(CUDA_HOME, default /usr/local/cuda) adds the CUDA kernel"
+    "build it with `pip install .` (`pip install -e .` when lisa_fused is imported from a source checkout); "
+    "a CUDA toolkit at build time (CUDA_HOME, default /usr/local/cuda) adds the CUDA kernel"
 )
 
 
@@ -45,6 +47,12 @@ def unavailable_reason(backend: str) -> str | None:
         )
     if not torch.cuda.is_available():
         return "no CUDA device is available to torch"
+    return _cuda_runtime_reason()
+
+
+@functools.cache
+def _cuda_runtime_reason() -> str | None:
+    """What the extension's own (static) CUDA runtime says, asked once: e.g. a driver too old for it."""
     return _C.cuda_unavailable_reason()
 
 
@@ -82,7 +90,7 @@ def _cpu_kernel(param, grad, exp_avg, exp_avg_sq, param_lowp, grad_scale, chunks
 def _cuda_kernel(param, grad, exp_avg, exp_avg_sq, param_lowp, grad_scale, chunks, hparams, beta1, beta2, eps):
     C = _require("cuda")
     table = segment_table(hparams, param.device)
-    device = param.device.index if param.device.index is not None else torch.cuda.current_device()
+    device = param.device.index
     C.adamw_cuda(
         **_pointer_args(param, grad, exp_avg, exp_avg_sq, param_lowp, grad_scale, chunks, table, beta1, beta2, eps),
         device=device,
@@ -125,6 +133,12 @@ def _adamw_packed_fake(param, grad, exp_avg, exp_avg_sq, param_lowp, grad_scale,
 
 def _run(backend, chunk, param, grad, exp_avg, exp_avg_sq, segments, hparams, beta1, beta2, eps, param_lowp, grad_scale):
     _require(backend)
+    # The optimizer may skip check_buffers (check=False); these two mistakes would hand the kernel
+    # pointers of the wrong kind, so they are checked on every call.
+    if param.device.type != backend:
+        raise ValueError(f"backend {backend!r} runs on {backend} tensors, but param is on {param.device}")
+    if hparams.dtype != torch.float64 or hparams.device.type != "cpu":
+        raise ValueError(f"hparams must be a float64 CPU tensor, got {hparams.dtype} on {hparams.device}")
     chunks = chunk_table(segments, chunk, param.device)
     if chunks.shape[0] == 0:
         return

@@ -128,7 +128,7 @@ def record(benchmark, problem: Problem, method: str):
 
 
 def packed_backends(device: str):
-    names = ("cpu", "torch") if device == "cpu" else ("cuda", "triton", "torch")
+    names = ("cpu", "triton", "torch") if device == "cpu" else ("cuda", "triton", "torch")
     for name in names:
         reason = backend_unavailable_reason(name, torch.device(device))
         if device == "cpu" and name == "triton":

@@ -9,6 +9,7 @@ only where a GPU is present.
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -17,8 +18,9 @@ from lisa_fused import kernels
 from lisa_fused.kernels import ALIGN, Segments, adamw_packed_, backend_unavailable_reason
 from lisa_fused.kernels import native
 
-from conftest import TEST_DEVICE
-
+# Where the device-generic backends (torch, triton) run: as conftest.py's `device` fixture decides, but
+# needed at collection time for the marks.
+TEST_DEVICE = os.environ.get("LISA_FUSED_TEST_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
 BETAS = (0.9, 0.999)
 EPS = 1e-8
 

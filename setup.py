@@ -14,6 +14,7 @@ from pathlib import Path
 
 from pybind11.setup_helpers import Pybind11Extension, build_ext
 from setuptools import setup
+from setuptools.errors import ExecError
 
 CSRC = Path("csrc")
 DEFAULT_CUDA_ARCHS = "80;90"
@@ -71,7 +72,10 @@ class BuildExt(build_ext):
         archs = os.environ.get("LISA_FUSED_CUDA_ARCHS", DEFAULT_CUDA_ARCHS)
         cmd = [str(home / "bin" / "nvcc"), "-std=c++17", "-O3", "--threads=0", "-Xcompiler=-fPIC",
                "-DLISA_FUSED_WITH_CUDA", f"-I{CSRC}", *gencode_flags(archs), "-c", str(source), "-o", str(obj)]
-        self.spawn(cmd)
+        try:
+            self.spawn(cmd)
+        except ExecError as exc:
+            raise RuntimeError(f"nvcc failed ({exc}); set LISA_FUSED_SKIP_CUDA=1 to build the CPU kernel only") from exc
         return obj
 
 

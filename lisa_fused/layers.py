@@ -141,7 +141,10 @@ def block_weight_norms(layout: ModelLayout) -> list[float]:
     owner: list[int] = []
     for i, blk in enumerate(layout.blocks):
         for _, p in blk:
-            flat.append(torch.linalg.vector_norm(p.detach(), dtype=torch.float32))
+            norm = torch.linalg.vector_norm(p.detach(), dtype=torch.float32)
+            if hasattr(norm, "full_tensor"):  # an FSDP2 (DTensor) shard: the whole tensor's norm, one all-reduce
+                norm = norm.full_tensor()
+            flat.append(norm)
             owner.append(i)
     # One host transfer per device rather than one sync per parameter.
     values: list[float] = [0.0] * len(flat)

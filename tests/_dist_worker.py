@@ -50,6 +50,7 @@ def flat(model):
 
 
 def make_opt(model, rank, **kw):
+    """Rank r passes seed=r: FusedLISA takes rank 0's sampler state, so all ranks draw seed 0's blocks."""
     return FusedLISA(model, lr=LR, weight_decay=0.01, n_active_layers=N_ACTIVE, switch_every=K, seed=rank,
                      backend="torch", **kw)
 
@@ -141,6 +142,62 @@ def scenario_fsdp2(rank, world):
             "global_shapes": [tuple(p.shape) for p in opt2._params]}
 
 
+def scenario_fsdp2_weight_norm(rank, world):
+    """The weight_norm sampler reads block norms from the shards (one all-reduce per param)."""
+    model = _fsdp2_model(seed=0)
+    opt = make_opt(model, rank, sampler="weight_norm")
+    return {"seq": train(model, opt, batches(), rank, world), "params": flat(model)}
+
+
+def scenario_fsdp2_mixed_precision(rank, world):
+    """MixedPrecisionPolicy(param_dtype=bf16): FSDP2 fixes each group's gradient dtypes at its lazy init from
+    the params trainable *then*, so a block frozen at that point fails when it becomes active (bf16 grad
+    assigned to an fp32 param). The recipe: one no_grad forward before FusedLISA, then reshard()."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    model = MLPStack(WIDTH, N_LAYERS, seed=0)
+    for block in model.blocks:
+        fully_shard(block, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    with torch.no_grad():
+        model(torch.zeros(1, 3))  # lazy init while every block is trainable
+    model.reshard()  # the root keeps its params unsharded after forward: back to the DTensor shards
+    opt = make_opt(model, rank)
+    before = flat(model)
+    seq = train(model, opt, batches(), rank, world)
+    return {"seq": seq, "params": flat(model), "moved": (flat(model) - before).abs().max().item()}
+
+
+def scenario_trainer_ddp(rank, world):
+    """HF Trainer under torchrun: the Trainer wraps the model in DDP after FusedLISA froze the inactive
+    blocks; LISACallback makes DDP register them all, so blocks activated later are all-reduced too."""
+    import transformers
+    from transformers import Trainer, TrainingArguments
+
+    from lisa_fused.hf import LISACallback
+    from helpers import tiny_llama
+
+    transformers.logging.set_verbosity_error()
+    args = TrainingArguments(output_dir=f"{OUT_DIR}/trainer", use_cpu=True, report_to=[], max_steps=6,
+                             per_device_train_batch_size=2, learning_rate=LR, logging_steps=100,
+                             save_strategy="no", disable_tqdm=True, ddp_find_unused_parameters=True, seed=0)
+    model = tiny_llama(3, seed=rank)  # DDP broadcasts rank 0's weights
+    opt = FusedLISA(model, lr=LR, n_active_layers=1, switch_every=2, seed=rank, backend="torch")
+    g = torch.Generator().manual_seed(5)
+    data = [{"input_ids": x, "labels": x} for x in torch.randint(0, 97, (48, 10), generator=g)]
+    seq = []
+
+    class Record(LISACallback):
+        def on_step_begin(self, args, state, control, **kw):
+            seq.append(opt.active_layers)
+            return super().on_step_begin(args, state, control, **kw)
+
+    trainer = Trainer(model=model, args=args, train_dataset=data, optimizers=(opt, None), callbacks=[Record()])
+    trainer.train()
+    return {"seq": seq, "params": flat(model), "wrapped": type(trainer.model_wrapped).__name__}
+
+
 SCENARIOS = {
     "ddp": scenario_ddp,
     "ddp_bucket_view": lambda r, w: scenario_ddp(r, w, bucket_view=True),
@@ -148,10 +205,18 @@ SCENARIOS = {
     "ddp_bad_settings": scenario_ddp_bad_settings,
     "generator_sync": scenario_generator_sync,
     "fsdp2": scenario_fsdp2,
+    "fsdp2_weight_norm": scenario_fsdp2_weight_norm,
+    "fsdp2_mixed_precision": scenario_fsdp2_mixed_precision,
+    "trainer_ddp": scenario_trainer_ddp,
 }
 
 
+OUT_DIR = None
+
+
 def main(out_dir):
+    global OUT_DIR
+    OUT_DIR = out_dir
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(rank)

@@ -1,0 +1,156 @@
+"""The whole benchmark: prepare data and one base checkpoint, run each method in its own process on
+identical data, order and seeds, then write the table, JSON and PNG."""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from . import data, report
+from .models import DTYPES, build_model, load_tokenizer, model_config
+from .run import evaluate, train
+
+BASE_LR = 1e-3
+BASE_WARMUP = 10
+
+
+def _key(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def prepare_data(args, cache: Path) -> tuple[Path, dict]:
+    """Token streams for base training, fine-tuning and held-out eval, saved once for every process."""
+    tokenizer = load_tokenizer(args.model)
+    ft = data.finetune_corpus(args.data)
+    tokens = {"ft_train": data.encode_documents(ft.train, tokenizer),
+              "ft_eval": data.encode_documents(ft.eval, tokenizer)}
+    info = {"finetune_text": ft.name, "tokens": "bytes (vocab 256 + BOS/EOS/PAD)" if tokenizer is None
+            else f"tokenizer of {args.model}"}
+    if args.base_steps > 0:
+        tokens["base_train"] = data.encode_documents(data.base_corpus(), tokenizer)
+        info["base_text"] = "stdlib source: " + ",".join(data.BASE_MODULES)
+    info.update({f"{k}_tokens": len(v) for k, v in tokens.items()})
+    digest = hashlib.sha256(b"".join(t.numpy().tobytes() for t in tokens.values())).hexdigest()[:12]
+    info["tokens_sha256"] = digest
+    path = cache / f"data-{digest}.pt"
+    if not path.exists():
+        torch.save(tokens, path)
+    return path, info
+
+
+def base_checkpoint(args, config, data_path: Path, cache: Path) -> tuple[str | None, dict]:
+    """Train the base model once (full AdamW, warmup + cosine) and cache it; None when --base-steps 0."""
+    if args.base_steps == 0:
+        return None, {}
+    key = _key([config.to_dict(), args.base_steps, args.batch_size, args.seq_len, args.seed, args.dtype,
+                data_path.name, BASE_LR])
+    path = cache / f"base-{key}.pt"
+    info = {"base_steps": args.base_steps, "base_lr": BASE_LR, "base_schedule": f"{BASE_WARMUP} warmup, cosine",
+            "base_checkpoint": str(path)}
+    if path.exists():
+        return str(path), info
+    device = torch.device(args.device)
+    tokens = torch.load(data_path, weights_only=True)["base_train"]
+    model = build_model(config, model_path=args.model, dtype=DTYPES[args.dtype], device=device, seed=args.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=BASE_LR)
+    total = args.base_steps
+
+    def lr_at(step):
+        if step < BASE_WARMUP:
+            return (step + 1) / BASE_WARMUP
+        return 0.5 * (1 + math.cos(math.pi * (step - BASE_WARMUP) / max(1, total - BASE_WARMUP)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    starts = data.batch_starts(len(tokens), total, args.batch_size, args.seq_len, args.seed + 1)
+    trace = train(model, opt, tokens, starts, args.seq_len, device, desc="base", scheduler=sched)
+    info["base_final_train_loss"] = sum(trace["loss"][-5:]) / len(trace["loss"][-5:])
+    tmp = path.with_suffix(".tmp")
+    torch.save(model.state_dict(), tmp)
+    os.replace(tmp, path)
+    return str(path), info
+
+
+def run_one(spec: dict, cache: Path) -> tuple[dict | None, str | None]:
+    """Run one method in a fresh Python process; (row, None) or (None, why it failed)."""
+    spec_path = cache / f"spec-{spec['method']}.json"
+    result_path = cache / f"result-{spec['method']}.json"
+    result_path.unlink(missing_ok=True)
+    spec_path.write_text(json.dumps(spec))
+    env = dict(os.environ)
+    package_root = str(Path(__file__).resolve().parents[2])  # so the child imports this very lisa_fused
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+    proc = subprocess.run([sys.executable, "-m", "lisa_fused.bench.run", str(spec_path), str(result_path)],
+                          env=env)
+    if proc.returncode != 0 or not result_path.exists():
+        return None, f"exit code {proc.returncode} (its traceback is above, on stderr)"
+    return json.loads(result_path.read_text()), None
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{name} ({torch.get_num_threads()} torch threads)"
+
+
+def versions() -> dict:
+    import peft
+    import transformers
+
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "peft": peft.__version__}
+
+
+def run_bench(args, argv: list[str]) -> int:
+    out = Path(args.out)
+    cache = Path(args.cache_dir) if args.cache_dir else out / "cache"
+    out.mkdir(parents=True, exist_ok=True)
+    cache.mkdir(parents=True, exist_ok=True)
+    config = model_config(args.preset, args.model)
+    data_path, data_info = prepare_data(args, cache)
+    base_state, base_info = base_checkpoint(args, config, data_path, cache)
+
+    common = {k: getattr(args, k) for k in ("preset", "model", "steps", "batch_size", "seq_len", "device",
+                                            "dtype", "gamma", "switch_every", "lora_rank", "lr", "lora_lr",
+                                            "seed", "eval_windows")}
+    common.update(data_path=str(data_path), base_state=base_state)
+    rows, failures = [], []
+    for method in args.methods:
+        print(f"== {method} ==", file=sys.stderr, flush=True)
+        row, err = run_one(dict(common, method=method), cache)
+        if err is None:
+            rows.append(row)
+        else:
+            failures.append({"method": method, "error": err})
+            print(f"lisa-fused bench: method {method} failed: {err}", file=sys.stderr)
+
+    header = {
+        "device": device_name(torch.device(args.device)),
+        **versions(),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(["lisa-fused", *argv]),
+        "config": {**common, "methods": args.methods, "base_steps": args.base_steps,
+                   "model_config": {k: getattr(config, k, None) for k in (
+                       "model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
+                       "num_attention_heads", "num_key_value_heads", "vocab_size", "tie_word_embeddings")},
+                   **data_info, **base_info},
+        "fields": report.FIELDS,
+    }
+    paths = report.write_all(out, header, rows, failures)
+    print(report.format_table(rows))
+    for p in paths:
+        print(f"wrote {p}", file=sys.stderr)
+    return 1 if failures else 0

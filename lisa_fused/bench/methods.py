@@ -1,0 +1,79 @@
+"""One training setup per benchmarked method. Each takes the loaded model and returns a `Setup`.
+
+    full         torch.optim.AdamW over every parameter (torch's default implementation)
+    lora         peft LoRA on every attention and MLP projection, torch.optim.AdamW over the adapters
+    lisa         FusedLISA, inactive_moments="host" (moments of inactive layers paged off the device)
+    lisa-device  FusedLISA, inactive_moments="device" (the published behaviour: every moment stays)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+METHODS = ("full", "lora", "lisa", "lisa-device")
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class Setup:
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    lr: float
+    describe: str                       # one line for the report: what exactly this method runs
+
+    def trainable_params(self) -> int:
+        """Parameters trained at one time (for LISA: gamma blocks plus the always-trained ones)."""
+        return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+
+    def optimizer_bytes(self) -> tuple[int, int]:
+        """(bytes on the model's device, bytes on the host) the optimizer holds right now.
+
+        FusedLISA reports its own memory_stats() (packed masters, grads, moments; paged-out state).
+        For torch.optim.AdamW this is the same sum: its state tensors plus the .grad of trained params.
+        """
+        opt = self.optimizer
+        if hasattr(opt, "memory_stats"):
+            stats = opt.memory_stats()
+            return int(stats["device_bytes"]), int(stats["host_bytes"])
+        n = sum(t.numel() * t.element_size() for st in opt.state.values() for t in st.values()
+                if torch.is_tensor(t))
+        n += sum(p.grad.numel() * p.grad.element_size() for g in opt.param_groups for p in g["params"]
+                 if p.grad is not None)
+        return n, 0
+
+
+def fused_lisa_class():
+    """The optimizer under test; imported late so that full/lora run even where it is missing."""
+    from lisa_fused import FusedLISA
+
+    return FusedLISA
+
+
+def build(method: str, model: torch.nn.Module, cfg: dict) -> Setup:
+    """cfg keys: lr, lora_lr, lora_rank, gamma, switch_every, seed, weight_decay."""
+    wd = cfg.get("weight_decay", 0.0)
+    if method == "full":
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg["lr"], weight_decay=wd)
+        return Setup(model, opt, cfg["lr"], f"torch.optim.AdamW, all parameters, lr={cfg['lr']:g}")
+    if method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        rank = cfg["lora_rank"]
+        torch.manual_seed(cfg["seed"])
+        lcfg = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=list(LORA_TARGETS),
+                          task_type="CAUSAL_LM")
+        model = get_peft_model(model, lcfg)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg["lora_lr"], weight_decay=wd)
+        return Setup(model, opt, cfg["lora_lr"],
+                     f"peft LoRA r={rank} alpha={2 * rank} on {','.join(LORA_TARGETS)}; torch.optim.AdamW "
+                     f"lr={cfg['lora_lr']:g}")
+    if method in ("lisa", "lisa-device"):
+        policy = "host" if method == "lisa" else "device"
+        opt = fused_lisa_class()(model, lr=cfg["lr"], weight_decay=wd, n_active_layers=cfg["gamma"],
+                                 switch_every=cfg["switch_every"], seed=cfg["seed"], inactive_moments=policy)
+        backend = getattr(opt, "backend", None)
+        return Setup(model, opt, cfg["lr"],
+                     f"FusedLISA gamma={cfg['gamma']} K={cfg['switch_every']} inactive_moments={policy!r} "
+                     f"lr={cfg['lr']:g}" + (f" backend={backend}" if backend else ""))
+    raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")

@@ -1,0 +1,139 @@
+"""`lisa-fused bench`: end to end in a subprocess on a tiny setting, argument errors, and its parts."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import lisa_fused
+from lisa_fused.bench import data, report
+from lisa_fused.bench.memory import RssMeter
+from lisa_fused.cli import main
+
+PACKAGE_ROOT = Path(lisa_fused.__file__).resolve().parents[1]  # the child imports this same lisa_fused
+METHODS = ("full", "lora", "lisa", "lisa-device")
+
+
+@pytest.fixture(scope="module")
+def bench_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    cmd = [sys.executable, "-m", "lisa_fused", "bench", "--steps", "3", "--base-steps", "2", "--batch-size", "2",
+           "--seq-len", "16", "--eval-windows", "2", "--switch-every", "1", "--lora-rank", "4",
+           "--device", "cpu", "--out", str(out)]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(PACKAGE_ROOT), os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run(cmd, cwd=out, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return out, proc
+
+
+@pytest.mark.slow
+def test_bench_writes_table_json_png(bench_run):
+    out, proc = bench_run
+    for method in METHODS:
+        assert f"| {method.rjust(11)} |" in proc.stdout, proc.stdout
+    assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert re.search(r"\|\s+method\s+\|\s+trainable\s+\|", (out / "results.md").read_text())
+    assert "lora" in proc.stderr  # the per-method progress bars go to stderr
+
+
+@pytest.mark.slow
+def test_bench_json_has_every_field_for_every_method(bench_run):
+    out, _ = bench_run
+    result = json.loads((out / "results.json").read_text())
+    header, rows = result["header"], result["rows"]
+    assert result["failures"] == []
+    for key in ("device", "torch", "transformers", "peft", "python", "date", "command", "config"):
+        assert header[key], key
+    assert header["command"].startswith("lisa-fused bench --steps 3")
+    assert header["config"]["gamma"] == 2 and header["config"]["lora_rank"] == 4
+    assert [r["method"] for r in rows] == list(METHODS)
+    for row in rows:
+        for key in report.FIELDS:
+            assert row.get(key) is not None, f"{row['method']}: {key} is missing"
+        assert len(row["loss_curve"]) == len(row["opt_device_bytes_trace"]) == 3
+        assert row["peak_mem_bytes"] > 0 and row["opt_step_ms"] > 0 and row["tokens_per_s"] > 0
+
+
+@pytest.mark.slow
+def test_bench_methods_start_equal_and_lisa_policies_agree(bench_run):
+    out, _ = bench_run
+    rows = {r["method"]: r for r in json.loads((out / "results.json").read_text())["rows"]}
+    starts = {r["eval_loss_start"] for r in rows.values()}
+    assert len(starts) == 1, "methods did not start from identical weights"
+    first_losses = {round(r["loss_curve"][0], 5) for r in rows.values()}
+    assert len(first_losses) == 1, "methods did not see identical first batches"
+    # "host" and "device" are the same math; they differ only in where inactive moments live.
+    assert rows["lisa"]["loss_curve"] == pytest.approx(rows["lisa-device"]["loss_curve"], rel=1e-5)
+    assert rows["lisa-device"]["opt_device_bytes"] > rows["lisa"]["opt_device_bytes"]
+    assert rows["lisa"]["opt_host_bytes"] > 0 and rows["lisa-device"]["opt_host_bytes"] == 0
+    assert len(set(rows["lisa"]["opt_device_bytes_trace"])) == 1, "lisa's device bytes changed over switches"
+    assert rows["lisa"]["trainable_params"] < rows["full"]["trainable_params"]
+
+
+BAD_ARGS = [
+    (["bench", "--methods", "full,adam"], "unknown method 'adam'"),
+    (["bench", "--methods", "lisa,lisa"], "listed twice"),
+    (["bench", "--steps", "0"], "--steps: must be >= 1, got 0"),
+    (["bench", "--batch-size", "two"], "invalid int value: 'two'"),
+    (["bench", "--gamma", "9"], "--gamma 9: larger than the model's 8 layers"),
+    (["bench", "--lr=-1e-4"], "--lr: must be > 0, got -1e-4"),
+    (["bench", "--preset", "llama-3-70b"], "invalid choice: 'llama-3-70b'"),
+    (["bench", "--data", "/no/such/file.txt"], "--data '/no/such/file.txt': no such file"),
+    (["bench", "--model", "/no/such/dir"], "--model '/no/such/dir': no such directory"),
+    (["bench", "--device", "tpu"], "--device 'tpu'"),
+    (["bench", "--dtype", "int8"], "invalid choice: 'int8'"),
+    ([], "required: COMMAND"),
+]
+if not torch.cuda.is_available():
+    BAD_ARGS.append((["bench", "--device", "cuda"], "--device 'cuda': CUDA is not available"))
+
+
+@pytest.mark.parametrize("argv,message", BAD_ARGS, ids=lambda v: " ".join(v) if isinstance(v, list) else None)
+def test_bad_arguments_exit_2_naming_the_value(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_data_file_wrong_suffix_and_bad_jsonl(tmp_path, capsys):
+    csv = tmp_path / "t.csv"
+    csv.write_text("a,b\n")
+    with pytest.raises(SystemExit):
+        main(["bench", "--data", str(csv)])
+    assert "expected a .txt or .jsonl file" in capsys.readouterr().err
+    bad = tmp_path / "t.jsonl"
+    bad.write_text('{"text": "ok"}\n{"body": "no text"}\n')
+    with pytest.raises(ValueError, match=r"t.jsonl:2: expected an object with a string field \"text\""):
+        data.read_text_file(str(bad))
+
+
+def test_data_splits_and_byte_tokens(tmp_path):
+    jsonl = tmp_path / "d.jsonl"
+    jsonl.write_text("".join(json.dumps({"text": f"doc {i}"}) + "\n" for i in range(20)))
+    corpus = data.finetune_corpus(str(jsonl))
+    assert corpus.eval == ["doc 0", "doc 10"] and len(corpus.train) == 18
+    txt = tmp_path / "d.txt"
+    txt.write_text("x" * 100)
+    assert [len(d) for d in data.finetune_corpus(str(txt)).eval] == [10]
+    ids = data.encode_documents(["hé"])
+    assert ids.tolist() == [data.BOS, 104, 0xC3, 0xA9, data.EOS]
+    assert not set(data.base_corpus()) & set(data.finetune_corpus().train + data.finetune_corpus().eval)
+    a = data.batch_starts(1000, 4, 3, 16, seed=5)
+    assert torch.equal(a, data.batch_starts(1000, 4, 3, 16, seed=5)) and int(a.max()) <= 1000 - 16
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads /proc")
+def test_rss_meter_sees_a_freed_spike():
+    meter = RssMeter()
+    meter.start()
+    spike = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched, then freed before peak() is read
+    del spike
+    assert meter.peak() >= 60 * 2**20
+    assert meter.current() < 32 * 2**20

@@ -53,7 +53,7 @@ class LISACallback(TrainerCallback):
     """Logs FusedLISA's active layers in the Trainer's logs and makes DDP register every block.
 
     optimizer:       the FusedLISA to watch; None (default) takes the Trainer's optimizer.
-    log_on_switch:   force a Trainer log at every step where the active set changed.
+    log_on_switch:   force a Trainer log at every switch (every switch_every optimizer steps taken).
     keep_grad_views: re-point the packed `.grad` views before each step (see the module docstring).
     """
 

@@ -31,6 +31,8 @@ struct PackedArgs {
 
 // CPU kernel (adamw_cpu.cpp): OpenMP over chunks with `num_threads` threads. Throws on bad dtypes.
 void adamw_cpu(const PackedArgs& a, int num_threads);
+// The copy of the CPU loop this machine runs: "avx2+fma" (fused multiply-adds) or "baseline".
+const char* cpu_kernel_isa();
 
 // True when this binary contains the CUDA kernel (adamw_cuda.cu was compiled by nvcc).
 bool has_cuda();

@@ -1,8 +1,9 @@
 // CPU AdamW over a packed buffer: OpenMP over the chunk table, one auto-vectorized loop per chunk.
-// The wheel must run on any x86-64, so the loop is compiled for the baseline ISA (SSE2) and again for
-// AVX2, picked at run time: two divisions and a square root per element keep one core near its
-// divider's limit, and 8-wide vectors run it about twice as fast in cache. Built with
-// -ffp-contract=off: neither copy contracts the math into FMAs, so both round like the reference.
+// The wheel must run on any x86-64, so the loop is compiled for the baseline ISA (SSE2, no FMA) and
+// again for AVX2+FMA, picked at run time like torch picks its own CPU kernels: two divisions and a
+// square root per element keep one core near its divider's limit, and 8-wide vectors run it about twice
+// as fast in cache. Each copy rounds like torch's kernel for the same CPU (adamw_math.h, madd); built
+// with -ffp-contract=off so that the compiler adds no FMA of its own.
 #include <stdexcept>
 #include <string>
 
@@ -13,7 +14,7 @@ namespace {
 
 // kSmall (which branch torch's lerp takes) is a template flag: a runtime one would have to be unswitched
 // out of the loop by the compiler, which GCC stops doing for the larger fp16 loop bodies.
-template <int GD, int LD, bool kScale, bool kSmall>
+template <int GD, int LD, bool kScale, bool kSmall, bool kFused>
 LF_HD void chunk_update(float* __restrict__ p, const typename Storage<GD>::T* __restrict__ g,
                         float* __restrict__ m, float* __restrict__ v, void* __restrict__ low_ptr,
                         int64_t begin, int64_t end, const SegScalars s, const Hyper h, const float scale) {
@@ -21,7 +22,7 @@ LF_HD void chunk_update(float* __restrict__ p, const typename Storage<GD>::T* __
     float gi = Storage<GD>::load(g[i]);
     if (kScale) gi = gi / scale;
     float pi = p[i], mi = m[i], vi = v[i];
-    adamw_element(pi, mi, vi, gi, s, h, kSmall);
+    adamw_element<kFused>(pi, mi, vi, gi, s, h, kSmall);
     p[i] = pi;
     m[i] = mi;
     v[i] = vi;
@@ -34,10 +35,10 @@ LF_HD void chunk_update(float* __restrict__ p, const typename Storage<GD>::T* __
 // One chunk [begin, end) of one segment; the instantiation is picked once per launch.
 using ChunkFn = void (*)(const PackedArgs&, int64_t begin, int64_t end, SegScalars s);
 
-template <int GD, int LD, bool kScale, bool kSmall>
+template <int GD, int LD, bool kScale, bool kSmall, bool kFused>
 LF_HD void chunk_body(const PackedArgs& a, int64_t begin, int64_t end, SegScalars s) {
   const float scale = kScale ? *reinterpret_cast<const float*>(a.grad_scale) : 1.0f;
-  chunk_update<GD, LD, kScale, kSmall>(
+  chunk_update<GD, LD, kScale, kSmall, kFused>(
       reinterpret_cast<float*>(a.param), reinterpret_cast<const typename Storage<GD>::T*>(a.grad),
       reinterpret_cast<float*>(a.exp_avg), reinterpret_cast<float*>(a.exp_avg_sq),
       reinterpret_cast<void*>(a.param_lowp), begin, end, s, a.hyper, scale);
@@ -45,21 +46,29 @@ LF_HD void chunk_body(const PackedArgs& a, int64_t begin, int64_t end, SegScalar
 
 template <int GD, int LD, bool kScale, bool kSmall>
 void chunk_baseline(const PackedArgs& a, int64_t begin, int64_t end, SegScalars s) {
-  chunk_body<GD, LD, kScale, kSmall>(a, begin, end, s);
+  chunk_body<GD, LD, kScale, kSmall, false>(a, begin, end, s);
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #define LF_AVX2_COPY 1
 template <int GD, int LD, bool kScale, bool kSmall>
-__attribute__((target("avx2"))) void chunk_avx2(const PackedArgs& a, int64_t begin, int64_t end, SegScalars s) {
-  chunk_body<GD, LD, kScale, kSmall>(a, begin, end, s);
+__attribute__((target("avx2,fma"))) void chunk_avx2(const PackedArgs& a, int64_t begin, int64_t end, SegScalars s) {
+  chunk_body<GD, LD, kScale, kSmall, true>(a, begin, end, s);
 }
 #endif
+
+bool use_avx2() {
+#ifdef LF_AVX2_COPY
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+  return false;
+#endif
+}
 
 template <int GD, int LD, bool kScale, bool kSmall>
 ChunkFn chunk() {
 #ifdef LF_AVX2_COPY
-  if (__builtin_cpu_supports("avx2")) return chunk_avx2<GD, LD, kScale, kSmall>;
+  if (use_avx2()) return chunk_avx2<GD, LD, kScale, kSmall>;
 #endif
   return chunk_baseline<GD, LD, kScale, kSmall>;
 }
@@ -81,6 +90,8 @@ ChunkFn pick_lowp(int lowp, bool scale, bool small) {
 }
 
 }  // namespace
+
+const char* cpu_kernel_isa() { return use_avx2() ? "avx2+fma" : "baseline"; }
 
 void adamw_cpu(const PackedArgs& a, int num_threads) {
   const bool scale = a.grad_scale != 0;

@@ -81,7 +81,7 @@ __global__ void __launch_bounds__(kThreads)
 
   auto update = [&](float& pi, float& mi, float& vi, float gi) {
     if (kScale) gi = gi / scale;
-    adamw_element(pi, mi, vi, gi, s, h, small);
+    adamw_element<true>(pi, mi, vi, gi, s, h, small);  // FMAs, as torch's GPU kernels
   };
 
   uintptr_t addr_bits = reinterpret_cast<uintptr_t>(p) | reinterpret_cast<uintptr_t>(g) |

@@ -1,6 +1,7 @@
 // The per-element AdamW update, written once for the host (g++) and the device (nvcc).
 //
-// Same operation order as torch.optim.AdamW's single-tensor path and kernels/reference.py:
+// Same operations, in the same order and with the same roundings, as torch.optim.AdamW's single-tensor
+// path and kernels/reference.py (see madd below for the fused multiply-adds):
 //   p = p * decay;  m = lerp(m, g, 1 - beta1);  v = v * beta2 + (1 - beta2) * g * g;
 //   p = p + (-step_size * m) / (sqrt(v) / bc2_sqrt + eps)
 // Storage dtypes are converted to fp32 on load and rounded to nearest even on store.
@@ -127,14 +128,38 @@ template <> struct Storage<kFloat16> {
   static LF_HD uint16_t store(float x) { return f32_to_f16(x); }
 };
 
+// a * b, never contracted into an FMA with a later addition (nvcc contracts by default; the host code is
+// built with -ffp-contract=off).
+LF_HD float mul_rn(float a, float b) {
+#ifdef __CUDA_ARCH__
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+
+// a * b + c. kFused: rounded once (an FMA), as torch's CPU kernels compute lerp and addcmul where the CPU
+// has FMA (its AVX2/AVX-512 builds) and as GPUs do; otherwise rounded twice, as torch's kernels for
+// CPUs without FMA do.
+template <bool kFused>
+LF_HD float madd(float a, float b, float c) {
+  if constexpr (kFused) {
+    return fmaf(a, b, c);
+  } else {
+    return mul_rn(a, b) + c;
+  }
+}
+
 // One AdamW element update in fp32. `small_weight` is (1 - beta1) < 0.5, the branch torch's lerp takes
-// (uniform over a launch, so the compiler hoists it out of loops).
+// (uniform over a launch).
+template <bool kFused>
 LF_HD void adamw_element(float& p, float& m, float& v, float g, const SegScalars& s, const Hyper& h,
                          bool small_weight) {
-  p = p * s.decay;
+  p = mul_rn(p, s.decay);  // rounded on its own, as torch's p.mul_(decay)
   const float w = h.one_minus_beta1;
-  m = small_weight ? m + w * (g - m) : g - (g - m) * (1.0f - w);
-  v = v * h.beta2 + h.one_minus_beta2 * g * g;
+  const float d = g - m;
+  m = small_weight ? madd<kFused>(w, d, m) : madd<kFused>(w - 1.0f, d, g);  // lerp(m, g, w)
+  v = madd<kFused>(h.one_minus_beta2 * g, g, v * h.beta2);                  // addcmul
   const float denom = sqrtf(v) / s.bc2_sqrt + h.eps;
   p = p + (-s.step_size * m) / denom;
 }

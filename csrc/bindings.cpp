@@ -113,6 +113,8 @@ py::object cuda_unavailable_reason() {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "lisa_fused native kernels: packed AdamW for the CPU and, when built with nvcc, CUDA";
   m.def("has_cuda", &lisa_fused::has_cuda, "True when this build contains the CUDA kernel");
+  m.def("cpu_kernel_isa", &lisa_fused::cpu_kernel_isa,
+        "The CPU loop this machine runs: 'avx2+fma' (rounds like torch's AVX2 kernels) or 'baseline'");
   m.def("cuda_unavailable_reason", &cuda_unavailable_reason,
         "None when the CUDA kernel can run here, else why not");
 #define LF_PACKED_ARGS                                                                                     \

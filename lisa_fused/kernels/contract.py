@@ -17,6 +17,12 @@ values that torch's AdamW feeds its kernels. Element math, in fp32 whatever the 
     v  = v * beta2 + (1 - beta2) * g * g
     p  = p - step_size * (m / (sqrt(v) / bc2_sqrt + eps))
     param_lowp = round_to_nearest_even(p)   (optional bf16/fp16 copy)
+
+Roundings, as torch's own CPU kernels do them (reference.py calls those kernels): the m and v updates
+are one fused multiply-add each where the CPU has FMA (torch's AVX2/AVX-512 kernels; every GPU), two
+roundings otherwise; p is updated as p + ((-step_size * m) / denom). The native kernels do the same and
+take a correctly rounded sqrt, where torch's CPU sqrt is off by one ulp on some inputs: with that one
+exception they match the reference bit for bit (tests/test_kernels.py).
 """
 from __future__ import annotations
 

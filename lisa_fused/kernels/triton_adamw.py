@@ -64,7 +64,7 @@ if triton is not None:
     @triton.jit
     def _adamw_packed_kernel(
         p_ptr, g_ptr, m_ptr, v_ptr, low_ptr, scale_ptr, chunks_ptr, table_ptr,
-        lerp_small, lerp_w, lerp_w_rev, beta2, one_minus_beta2, eps,
+        lerp_small, lerp_w, lerp_w_minus_1, beta2, one_minus_beta2, eps,
         GRAD_BF16: tl.constexpr, HAS_LOWP: tl.constexpr, LOWP_BF16: tl.constexpr, HAS_SCALE: tl.constexpr, ALIGNMENT: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
@@ -94,13 +94,13 @@ if triton is not None:
             p = tl.load(p_ptr + offs, mask=mask, other=0.0)
             m = tl.load(m_ptr + offs, mask=mask, other=0.0)
             v = tl.load(v_ptr + offs, mask=mask, other=0.0)
-            # same operation order as csrc/adamw_math.h and torch's AdamW
+            # same operations and roundings as csrc/adamw_math.h (FMAs where torch has them)
             p = p * decay
             if lerp_small:  # torch's lerp: weight 1 - beta1 below 0.5 or not
-                m = m + lerp_w * (g - m)
+                m = tl.fma(lerp_w, g - m, m)
             else:
-                m = g - (g - m) * lerp_w_rev
-            v = v * beta2 + one_minus_beta2 * g * g
+                m = tl.fma(lerp_w_minus_1, g - m, g)
+            v = tl.fma(one_minus_beta2 * g, g, v * beta2)
             denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps  # IEEE sqrt and division, as in C++/CUDA
             p = p + tl.div_rn(-step_size * m, denom)
             tl.store(p_ptr + offs, p, mask=mask)
@@ -137,7 +137,7 @@ def adamw_packed_triton_(
         return
     table = segment_table(hparams, param.device)
     one_minus_beta1, beta2_, one_minus_beta2, eps_ = host_scalars(beta1, beta2, eps)
-    # The lerp weight and its complement as the fp32 values the C++/CUDA kernels compute (the interpreter
+    # The lerp weight and weight - 1 as the fp32 values the C++/CUDA kernels compute (the interpreter
     # would do scalar arithmetic in fp64), and the branch as a runtime value.
     w32 = torch.tensor(one_minus_beta1, dtype=torch.float32)
     lerp_small = int(w32.item() < 0.5)
@@ -146,7 +146,7 @@ def adamw_packed_triton_(
         param if param_lowp is None else param_lowp,
         param if grad_scale is None else grad_scale,
         chunks, table,
-        lerp_small, w32.item(), (1.0 - w32).item(), beta2_, one_minus_beta2, eps_,
+        lerp_small, w32.item(), (w32 - 1.0).item(), beta2_, one_minus_beta2, eps_,
         GRAD_BF16=grad.dtype == torch.bfloat16,
         HAS_LOWP=param_lowp is not None,
         LOWP_BF16=param_lowp is not None and param_lowp.dtype == torch.bfloat16,
@@ -154,4 +154,5 @@ def adamw_packed_triton_(
         ALIGNMENT=ALIGN if offsets_aligned(segments) else 1,
         BLOCK=block,
         num_warps=num_warps,
+        enable_fp_fusion=False,  # the FMAs torch has are explicit (tl.fma); no others, e.g. p * decay + ...
     )

@@ -151,6 +151,10 @@ def test_packed_step(benchmark, problem, device, backend):
     step()  # warm-up: chunk tables, Triton compile
     benchmark(step)
     record(benchmark, pr, f"packed-{backend}")
+    if backend == "cpu":
+        from lisa_fused import _C
+
+        benchmark.extra_info["cpu_kernel_isa"] = _C.cpu_kernel_isa()
 
 
 @pytest.mark.parametrize("impl", ["fused", "foreach"])

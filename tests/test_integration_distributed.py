@@ -14,7 +14,6 @@ import torch
 
 import _dist_worker as W
 from helpers import MLPStack
-from lisa_fused import FusedLISA
 
 pytestmark = [pytest.mark.distributed,
               pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")]

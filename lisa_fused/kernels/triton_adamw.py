@@ -10,6 +10,7 @@ interpreter (TRITON_INTERPRET=1), where each program costs Python time: chunks a
 from __future__ import annotations
 
 import os
+import struct
 
 import torch
 
@@ -65,8 +66,8 @@ if triton is not None:
     def _adamw_packed_kernel(
         p_ptr, g_ptr, m_ptr, v_ptr, low_ptr, scale_ptr, chunks_ptr, table_ptr,
         lerp_small, lerp_w, lerp_w_minus_1, beta2, one_minus_beta2, eps,
-        GRAD_BF16: tl.constexpr, HAS_LOWP: tl.constexpr, LOWP_BF16: tl.constexpr, HAS_SCALE: tl.constexpr, ALIGNMENT: tl.constexpr,
-        BLOCK: tl.constexpr,
+        GRAD_BF16: tl.constexpr, HAS_LOWP: tl.constexpr, LOWP_BF16: tl.constexpr, HAS_SCALE: tl.constexpr,
+        ALIGNMENT: tl.constexpr, BLOCK: tl.constexpr,
     ):
         c = tl.program_id(0).to(tl.int64)
         seg = tl.load(chunks_ptr + 3 * c)
@@ -113,6 +114,11 @@ if triton is not None:
                     tl.store(low_ptr + offs, p.to(tl.float16), mask=mask)
 
 
+def _f32(x: float) -> float:
+    """x rounded to the nearest float32 (x - 1.0 of an fp32 x in [0, 1] is exact in double first)."""
+    return struct.unpack("f", struct.pack("f", x))[0]
+
+
 def adamw_packed_triton_(
     param: torch.Tensor,
     grad: torch.Tensor,
@@ -139,14 +145,13 @@ def adamw_packed_triton_(
     one_minus_beta1, beta2_, one_minus_beta2, eps_ = host_scalars(beta1, beta2, eps)
     # The lerp weight and weight - 1 as the fp32 values the C++/CUDA kernels compute (the interpreter
     # would do scalar arithmetic in fp64), and the branch as a runtime value.
-    w32 = torch.tensor(one_minus_beta1, dtype=torch.float32)
-    lerp_small = int(w32.item() < 0.5)
+    w = _f32(one_minus_beta1)
     _adamw_packed_kernel[(chunks.shape[0],)](
         param, grad.view(torch.int16) if grad.dtype == torch.bfloat16 else grad, exp_avg, exp_avg_sq,
         param if param_lowp is None else param_lowp,
         param if grad_scale is None else grad_scale,
         chunks, table,
-        lerp_small, w32.item(), (w32 - 1.0).item(), beta2_, one_minus_beta2, eps_,
+        int(w < 0.5), w, _f32(w - 1.0), beta2_, one_minus_beta2, eps_,
         GRAD_BF16=grad.dtype == torch.bfloat16,
         HAS_LOWP=param_lowp is not None,
         LOWP_BF16=param_lowp is not None and param_lowp.dtype == torch.bfloat16,

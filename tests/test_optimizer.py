@@ -27,7 +27,14 @@ def lm_step(model, opt, x, zero="opt"):
 
 def run_against_adamw(make_model, *, policy, backend, n_active, steps, K, zero="opt", lr=3e-3, wd=0.1):
     """Run FusedLISA and torch AdamW side by side on the same batches and active sequence; check that
-    frozen blocks stay bitwise unchanged; return both models and optimizers."""
+    frozen blocks stay bitwise unchanged; return both models and optimizers.
+
+    The "torch" backend repeats AdamW's arithmetic exactly, so each model computes its own gradients and
+    the runs stay bitwise equal. A native kernel may differ from torch's CPU AdamW by an ulp (torch's
+    vectorised sqrt is not correctly rounded; FMA placement), and through the model's own gradients such
+    ulps grow chaotically; so for native backends both optimizers get the reference model's gradients,
+    which compares the optimizers and nothing else."""
+    teacher_forced = backend != "torch"
     model = make_model()
     ref = copy.deepcopy(model)
     opt = FusedLISA(model, lr=lr, weight_decay=wd, n_active_layers=n_active, switch_every=K,
@@ -48,8 +55,19 @@ def run_against_adamw(make_model, *, policy, backend, n_active, steps, K, zero="
         prev = active
         frozen = {b: [p.detach().clone() for p in stack[b].parameters()] for b in range(len(stack)) if b not in active}
         x = lm_batch(t)
-        lm_step(model, opt, x, zero)
-        lm_step(ref, ropt, x)
+        if teacher_forced:
+            ropt.zero_grad()
+            ref(input_ids=x, labels=x).loss.backward()
+            rgrads = {n: q.grad for n, q in ref.named_parameters() if q.grad is not None}
+            (model.zero_grad if zero == "model" else opt.zero_grad)()
+            for n, p in model.named_parameters():
+                if p.requires_grad:
+                    p.grad = rgrads[n].clone()
+            opt.step()
+            ropt.step()
+        else:
+            lm_step(model, opt, x, zero)
+            lm_step(ref, ropt, x)
         for b, before in frozen.items():
             for p, q in zip(stack[b].parameters(), before):
                 assert torch.equal(p.detach(), q), f"step {t}: frozen block {b} changed"

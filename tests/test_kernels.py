@@ -108,7 +108,7 @@ def hparams_table(rows, steps, disabled) -> torch.Tensor:
     return torch.tensor(table, dtype=torch.float64)
 
 
-def random_state(n: int, grad_dtype, lowp_dtype, gen: torch.Generator):
+def random_state(n: int, lowp_dtype, gen: torch.Generator):
     p = torch.randn(n, generator=gen)
     m = torch.randn(n, generator=gen) * 0.01
     v = torch.rand(n, generator=gen) * 1e-4
@@ -137,7 +137,7 @@ def test_matches_reference(backend, layout, mode):
     rows, disabled = segment_hparams(len(segments))
     steps = [r[2] for r in rows]
 
-    state = random_state(n, grad_dtype, lowp_dtype, gen)
+    state = random_state(n, lowp_dtype, gen)
     ref = [clone_to(t, "cpu") for t in state]
     out = [clone_to(t, device) for t in state]
     grad_scale_ref = None if scale is None else torch.tensor([scale])
@@ -173,7 +173,7 @@ def test_matches_torch_adamw(backend, mode):
     n = buffer_len(segments)
     gen = torch.Generator().manual_seed(11)
     rows, disabled = segment_hparams(len(segments))
-    p0, m0, v0, low0 = random_state(n, grad_dtype, lowp_dtype, gen)
+    p0, m0, v0, low0 = random_state(n, lowp_dtype, gen)
 
     params = [torch.nn.Parameter(p0[off:off + cnt].clone()) for off, cnt in segments.bounds]
     opt = torch.optim.AdamW(
@@ -229,7 +229,7 @@ def test_bitwise_equal_to_reference_with_ieee_sqrt(backend, monkeypatch):
     gen = torch.Generator().manual_seed(12)
     rows, disabled = segment_hparams(len(segments))
     steps = [r[2] for r in rows]
-    state = random_state(n, torch.bfloat16, torch.bfloat16, gen)
+    state = random_state(n, torch.bfloat16, gen)
     ref = [t.clone() for t in state]
     out = [t.clone().to(device) for t in state]
     for beta1 in (0.9, 0.3):  # both lerp branches
@@ -253,7 +253,7 @@ def test_both_lerp_branches(backend, beta1):
     device = backend_device(backend)
     segments = pack([4097])
     gen = torch.Generator().manual_seed(9)
-    p, m, v, _ = random_state(4097, torch.float32, None, gen)
+    p, m, v, _ = random_state(4097, None, gen)
     g = random_grads(4097, torch.float32, gen)
     hp = hparams_table([(1e-2, 0.1, 2)], [2], set())
     ref = [t.clone() for t in (p, m, v)]

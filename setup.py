@@ -67,9 +67,12 @@ class BuildExt(build_ext):
         super().build_extension(ext)
 
     def compile_cuda(self, home: Path, source: Path) -> Path:
-        obj = Path(self.build_temp) / (source.stem + ".o")
-        obj.parent.mkdir(parents=True, exist_ok=True)
         archs = os.environ.get("LISA_FUSED_CUDA_ARCHS", DEFAULT_CUDA_ARCHS)
+        obj = Path(self.build_temp) / f"{source.stem}_{re.sub(r'[^0-9a-z]+', '_', archs)}.o"
+        obj.parent.mkdir(parents=True, exist_ok=True)
+        inputs = [source, *CSRC.glob("*.h")]
+        if not self.force and obj.exists() and all(p.stat().st_mtime <= obj.stat().st_mtime for p in inputs):
+            return obj  # up to date for these sources and architectures
         cmd = [str(home / "bin" / "nvcc"), "-std=c++17", "-O3", "--threads=0", "-Xcompiler=-fPIC",
                "-DLISA_FUSED_WITH_CUDA", f"-I{CSRC}", *gencode_flags(archs), "-c", str(source), "-o", str(obj)]
         try:
@@ -84,6 +87,7 @@ ext_modules = [] if env_flag("LISA_FUSED_SKIP_NATIVE") else [
         "lisa_fused._C",
         sources=[str(CSRC / "bindings.cpp"), str(CSRC / "adamw_cpu.cpp")],
         include_dirs=[str(CSRC)],
+        depends=[str(p) for p in sorted(CSRC.glob("*.h"))] + [str(CSRC / "adamw_cuda.cu")],
         cxx_std=17,
         extra_compile_args=CPU_FLAGS,
         extra_link_args=["-fopenmp"],

@@ -65,16 +65,16 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--data", metavar="PATH", help="fine-tuning text: a .txt file, or .jsonl with a \"text\" field "
                    "(default: the Python reference docs in pydoc_data, part of the standard library)")
     b.add_argument("--methods", type=_methods, default=list(METHODS), help="comma list of " + ",".join(METHODS))
-    b.add_argument("--steps", type=_int_at_least(1), default=60, help="fine-tuning steps per method")
+    b.add_argument("--steps", type=_int_at_least(1), default=40, help="fine-tuning steps per method")
     b.add_argument("--base-steps", type=_int_at_least(0), default=None,
-                   help="base-training steps before fine-tuning (default: 150 for tiny, 0 otherwise)")
-    b.add_argument("--batch-size", type=_int_at_least(1), default=8)
+                   help="base-training steps before fine-tuning (default: 100 for tiny, 0 otherwise)")
+    b.add_argument("--batch-size", type=_int_at_least(1), default=4)
     b.add_argument("--seq-len", type=_int_at_least(2), default=128)
     b.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda if available)")
     b.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="parameter dtype (default: float32 for tiny, bfloat16 for the large presets)")
     b.add_argument("--gamma", type=_int_at_least(1), default=2, help="FusedLISA active blocks")
-    b.add_argument("--switch-every", type=_int_at_least(1), default=10, help="FusedLISA K: steps per interval")
+    b.add_argument("--switch-every", type=_int_at_least(1), default=8, help="FusedLISA K: steps per interval")
     b.add_argument("--lora-rank", type=_int_at_least(1), default=16, help="LoRA rank (alpha = 2 x rank)")
     b.add_argument("--lr", type=_positive_float, default=3e-4, help="learning rate of full, lisa, lisa-device")
     b.add_argument("--lora-lr", type=_positive_float, default=1e-3, help="learning rate of lora")

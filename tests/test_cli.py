@@ -137,3 +137,17 @@ def test_rss_meter_sees_a_freed_spike():
     del spike
     assert meter.peak() >= 60 * 2**20
     assert meter.current() < 32 * 2**20
+
+
+def test_gamma_is_checked_against_a_local_checkpoint(tmp_path, capsys):
+    from transformers import LlamaConfig
+
+    LlamaConfig(num_hidden_layers=3, hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                vocab_size=300).save_pretrained(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--model", str(tmp_path), "--gamma", "4"])
+    assert exc.value.code == 2
+    assert "--gamma 4: larger than the model's 3 layers" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["bench", "--model", str(tmp_path), "--base-steps", "5"])
+    assert "a --model checkpoint is already trained" in capsys.readouterr().err

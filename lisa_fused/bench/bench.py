@@ -7,6 +7,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import subprocess
 import sys
 from datetime import datetime, timezone
@@ -110,8 +111,17 @@ def versions() -> dict:
     import peft
     import transformers
 
+    import lisa_fused
+
+    root = Path(lisa_fused.__file__).resolve().parent
+    try:
+        git = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+        commit = git.stdout.strip() if git.returncode == 0 else "not a git checkout"
+    except OSError:
+        commit = "git not found"
     return {"python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "peft": peft.__version__}
+            "transformers": transformers.__version__, "peft": peft.__version__,
+            "lisa_fused": f"{lisa_fused.__version__} ({commit})"}
 
 
 def run_bench(args, argv: list[str]) -> int:
@@ -119,6 +129,10 @@ def run_bench(args, argv: list[str]) -> int:
     cache = Path(args.cache_dir) if args.cache_dir else out / "cache"
     out.mkdir(parents=True, exist_ok=True)
     cache.mkdir(parents=True, exist_ok=True)
+    load_start = os.getloadavg()[0]
+    if load_start > 0.5 * (os.cpu_count() or 1):
+        print(f"lisa-fused bench: the machine is busy (load average {load_start:.1f} on {os.cpu_count()} CPUs); "
+              f"step times will be noisy", file=sys.stderr)
     config = model_config(args.preset, args.model)
     data_path, data_info = prepare_data(args, cache)
     base_state, base_info = base_checkpoint(args, config, data_path, cache)
@@ -141,7 +155,9 @@ def run_bench(args, argv: list[str]) -> int:
         "device": device_name(torch.device(args.device)),
         **versions(),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(["lisa-fused", *argv]),
+        "command": " ".join(["lisa-fused", *map(shlex.quote, argv)]),
+        "load_avg": [load_start, os.getloadavg()[0]],
+        "cpu_count": os.cpu_count(),
         "config": {**common, "methods": args.methods, "base_steps": args.base_steps,
                    "model_config": {k: getattr(config, k, None) for k in (
                        "model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -150,7 +166,7 @@ def run_bench(args, argv: list[str]) -> int:
         "fields": report.FIELDS,
     }
     paths = report.write_all(out, header, rows, failures)
-    print(report.format_table(rows))
     for p in paths:
         print(f"wrote {p}", file=sys.stderr)
+    print(report.format_markdown(header, rows, failures), end="")
     return 1 if failures else 0

@@ -25,7 +25,7 @@ PRESETS = {
 }
 # What each preset runs with unless told otherwise.
 PRESET_DEFAULTS = {
-    "tiny": dict(dtype="float32", base_steps=150),
+    "tiny": dict(dtype="float32", base_steps=100),
     "llama-1b": dict(dtype="bfloat16", base_steps=0),
     "llama-2-7b": dict(dtype="bfloat16", base_steps=0),
 }

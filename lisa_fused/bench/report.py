@@ -33,6 +33,7 @@ FIELDS = {
 MB = 1024 * 1024
 COLUMNS = (
     ("method", "method", "{}"),
+    ("lr", "lr", "{:g}"),
     ("trainable", "trainable_params", "{:,}"),
     ("peak mem MB", "peak_mem_bytes", "{:.1f}", MB),
     ("opt dev MB", "opt_device_bytes", "{:.2f}", MB),
@@ -64,18 +65,20 @@ def format_markdown(header: dict, rows: list[dict], failures: list[dict]) -> str
     lines = [f"# lisa-fused bench, {header['date']}", "",
              f"- command: `{header['command']}`",
              f"- device: {header['device']}; python {header['python']}, torch {header['torch']}, "
-             f"transformers {header['transformers']}, peft {header['peft']}",
+             f"transformers {header['transformers']}, peft {header['peft']}, lisa_fused {header['lisa_fused']}",
              f"- model: {cfg['model'] or cfg['preset']} {cfg['model_config']}, dtype {cfg['dtype']}",
              f"- data: fine-tune on {cfg['finetune_text']} ({cfg['ft_train_tokens']:,} train / "
              f"{cfg['ft_eval_tokens']:,} held-out tokens, {cfg['tokens']})"]
     if cfg.get("base_steps"):
         lines.append(f"- base model: {cfg['base_steps']} steps of full AdamW on {cfg['base_text']}")
-    lines += [f"- {cfg['steps']} steps x batch {cfg['batch_size']} x seq {cfg['seq_len']}, seed {cfg['seed']}", ""]
+    lines += [f"- {cfg['steps']} steps x batch {cfg['batch_size']} x seq {cfg['seq_len']}, seed {cfg['seed']}",
+              f"- load average (1 min) at start / end: {header['load_avg'][0]:.2f} / {header['load_avg'][1]:.2f} "
+              f"on {header['cpu_count']} CPUs", ""]
     if rows:
         lines += [f"- memory: {rows[0]['memory_how']}",
                   f"- eval loss before fine-tuning: {rows[0]['eval_loss_start']:.4f}", ""]
-        lines += [format_table(rows), ""]
         lines += [f"- {r['method']}: {r['describe']}" for r in rows]
+        lines += ["", format_table(rows)]
     lines += [f"- FAILED {f['method']}: {f['error']}" for f in failures]
     return "\n".join(lines) + "\n"
 
@@ -87,26 +90,30 @@ def plot(path: Path, rows: list[dict], title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax_loss, ax_mem, ax_opt) = plt.subplots(1, 3, figsize=(16, 4.5))
+    style = {"lisa-device": "--"}  # same math as lisa, so its curve would hide lisa's
     for r in rows:
         curve = r["loss_curve"]
-        k = max(1, len(curve) // 20)
+        k = max(1, len(curve) // 10)
         smooth = [sum(curve[max(0, i - k + 1):i + 1]) / len(curve[max(0, i - k + 1):i + 1]) for i in range(len(curve))]
-        (ln,) = ax_loss.plot(range(1, len(curve) + 1), smooth, label=f"{r['method']} (lr {r['lr']:g})")
+        (ln,) = ax_loss.plot(range(1, len(curve) + 1), smooth, style.get(r["method"], "-"),
+                             label=f"{r['method']} (lr {r['lr']:g})")
         ax_loss.scatter([len(curve)], [r["eval_loss"]], color=ln.get_color(), marker="*", s=80, zorder=3)
-    ax_loss.set(xlabel="step", ylabel="train loss (moving mean); * held-out eval", title="loss")
+    ax_loss.set(xlabel="step", ylabel=f"train loss (mean of last {k} steps); * held-out eval", title="loss")
     ax_loss.legend(fontsize=8)
 
     names = [r["method"] for r in rows]
     x = range(len(rows))
-    ax_mem.bar([i - 0.2 for i in x], [r["peak_mem_bytes"] / 2**20 for r in rows], 0.4, label="peak above baseline")
-    ax_mem.bar([i + 0.2 for i in x], [r["opt_device_bytes"] / 2**20 for r in rows], 0.4, label="optimizer on device")
+    bars = (("peak_mem_bytes", "peak above baseline"), ("opt_device_bytes", "optimizer on device"),
+            ("opt_host_bytes", "optimizer paged to host"))
+    for j, (key, label) in enumerate(bars):
+        ax_mem.bar([i + (j - 1) * 0.27 for i in x], [r[key] / 2**20 for r in rows], 0.27, label=label)
     ax_mem.set_xticks(list(x), names)
-    ax_mem.set(ylabel="MiB", title="memory")
+    ax_mem.set(ylabel="MiB", title=f"memory ({rows[0]['memory_how'].split(' (')[0] if rows else ''})")
     ax_mem.legend(fontsize=8)
 
     for r in rows:
-        ax_opt.plot(range(1, len(r["opt_device_bytes_trace"]) + 1),
-                    [b / 2**20 for b in r["opt_device_bytes_trace"]], label=r["method"])
+        ax_opt.plot(range(1, len(r["opt_device_bytes_trace"]) + 1), [b / 2**20 for b in r["opt_device_bytes_trace"]],
+                    style.get(r["method"], "-"), label=r["method"])
     ax_opt.set(xlabel="step", ylabel="MiB", title="optimizer bytes on device, per step")
     ax_opt.set_ylim(bottom=0)
     ax_opt.legend(fontsize=8)

@@ -38,7 +38,7 @@ def test_bench_writes_table_json_png(bench_run):
     for method in METHODS:
         assert f"| {method.rjust(11)} |" in proc.stdout, proc.stdout
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert re.search(r"\|\s+method\s+\|\s+trainable\s+\|", (out / "results.md").read_text())
+    assert re.search(r"\|\s+method\s+\|.*\|\s+eval loss\s+\|\n\|-+\|", (out / "results.md").read_text())
     assert "lora" in proc.stderr  # the per-method progress bars go to stderr
 
 

@@ -133,13 +133,11 @@ def resolve_bench_args(args: argparse.Namespace) -> argparse.Namespace:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command == "bench":
-        args = resolve_bench_args(args)
-        from .bench.bench import run_bench
+    args = parser.parse_args(argv)  # "bench" is the only command so far
+    args = resolve_bench_args(args)
+    from .bench.bench import run_bench
 
-        return run_bench(args, argv)
-    parser.error(f"unknown command {args.command!r}")
+    return run_bench(args, argv)
 
 
 if __name__ == "__main__":

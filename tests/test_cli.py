@@ -114,6 +114,15 @@ def test_data_file_wrong_suffix_and_bad_jsonl(tmp_path, capsys):
         data.read_text_file(str(bad))
 
 
+def test_data_too_short_for_seq_len(tmp_path, capsys):
+    txt = tmp_path / "short.txt"
+    txt.write_text("x" * 100)
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--data", str(txt), "--seq-len", "64", "--out", str(tmp_path / "out")])
+    assert exc.value.code == 2
+    assert "its eval split has 12 tokens, fewer than --seq-len 64 needs (64)" in capsys.readouterr().err
+
+
 def test_data_splits_and_byte_tokens(tmp_path):
     jsonl = tmp_path / "d.jsonl"
     jsonl.write_text("".join(json.dumps({"text": f"doc {i}"}) + "\n" for i in range(20)))

@@ -30,9 +30,16 @@ def _key(obj) -> str:
 def prepare_data(args, cache: Path) -> tuple[Path, dict]:
     """Token streams for base training, fine-tuning and held-out eval, saved once for every process."""
     tokenizer = load_tokenizer(args.model)
-    ft = data.finetune_corpus(args.data)
+    try:
+        ft = data.finetune_corpus(args.data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        args.subparser.error(f"--data {args.data!r}: {exc}")
     tokens = {"ft_train": data.encode_documents(ft.train, tokenizer),
               "ft_eval": data.encode_documents(ft.eval, tokenizer)}
+    for split, need in (("ft_train", args.seq_len + 1), ("ft_eval", args.seq_len)):
+        if len(tokens[split]) < need:
+            args.subparser.error(f"--data {args.data!r}: its {split.removeprefix('ft_')} split has "
+                                 f"{len(tokens[split])} tokens, fewer than --seq-len {args.seq_len} needs ({need})")
     info = {"finetune_text": ft.name, "tokens": "bytes (vocab 256 + BOS/EOS/PAD)" if tokenizer is None
             else f"tokenizer of {args.model}"}
     if args.base_steps > 0:

@@ -105,7 +105,6 @@ class FusedLISA(torch.optim.Optimizer):
         self._copy_mode = any(isinstance(p, DTensor) for p in params)
         local = [_local(p) for p in params]
         self._shapes = [tuple(t.shape) for t in local]
-        self._index = {id(p): i for i, p in enumerate(params)}
         n_always = len(layout.always)
         block_idx, start = [], n_always
         for blk in layout.blocks:
@@ -247,9 +246,8 @@ class FusedLISA(torch.optim.Optimizer):
             if self._steps[i] == 0 and i not in packed_at:
                 continue
             if i in packed_at:
-                bufs, off = self._bufs.paged(), packed_at[i]
-                rows = [bufs[0], bufs[1]] + ([self._bufs.master] if self._bufs.lowp is not None else [])
-                rows = [r[off:off + p.numel()] for r in rows]
+                off = packed_at[i]
+                rows = [r[off:off + p.numel()] for r in self._bufs.paged()]
             elif i in saved_blocks:
                 b, off = saved_blocks[i]
                 rows = [r[off:off + p.numel()] for r in self._store.get(b)]
@@ -332,7 +330,7 @@ class FusedLISA(torch.optim.Optimizer):
             return [e["exp_avg"], e["exp_avg_sq"]] + ([e["master_param"]] if lowp else [])
 
         for i, off, n in self._packed.placements(self._slot_of):
-            targets = list(self._bufs.paged()) if lowp else [self._bufs.exp_avg, self._bufs.exp_avg_sq]
+            targets = self._bufs.paged()  # exp_avg, exp_avg_sq (+ master for low-precision models)
             src = rows(i) if i in saved_state else None
             for k, buf in enumerate(targets):
                 view = buf[off:off + n]

@@ -118,6 +118,9 @@ class FusedLISA(torch.optim.Optimizer):
         )
         self._bufs = PackedBuffers(self._packed.total, self.device, self.param_dtype)
         self._store = MomentStore(inactive_moments, self.device)
+        # pin the host store now, not inside step() on a block's first visit
+        self._store.reserve({b: [(buf.dtype, r.length) for buf in self._bufs.paged()]
+                             for b, r in enumerate(self._packed.blocks)})
         self._offset: dict[int, int] = {}  # packed param -> offset in the buffers
         self._bound_grad_ptr: dict[int, int] = {}  # packed param -> data_ptr of its grad view
         self._steps = [0] * len(params)  # per-param AdamW step count (bias correction), host ints
@@ -165,6 +168,7 @@ class FusedLISA(torch.optim.Optimizer):
             "store_bytes": store,
             "active_numel": sum(n for _, _, n in self._packed.placements(self._slot_of)),
             "slot_numel": self._packed.slot_len,
+            "pinned_bytes": self._store.pinned_bytes(),  # page-locked host memory, reserved at construction
         }
 
     def __repr__(self) -> str:

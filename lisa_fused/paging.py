@@ -1,50 +1,212 @@
 """Where a block's optimizer state lives while the block is not trained.
 
-A block's paged state is the slot contents of PackedBuffers.paged() (exp_avg, exp_avg_sq, and the fp32
-master for low-precision models), stored as one flat tensor of shape [n_buffers, block_len].
+A block's paged state is a list of rows, the slot contents of PackedBuffers.paged() (exp_avg,
+exp_avg_sq, and the fp32 master for low-precision models; later quantized moments with their fp32
+scales): each row is 1-D with its own dtype and length. The store never interprets them.
 
-    "host"    pinned host memory, copied on a side CUDA stream (plain memory and plain copies on CPU)
+    "host"    host memory reserved at construction (`reserve`); on CUDA pinned and copied on side streams
     "device"  kept on the device (what published LISA code does: memory grows with every block visited)
     "drop"    nothing kept; the block restarts from zero moments (the paper's own runs)
 
-CUDA ordering (one copy stream, two events per switch):
-  compute stream: step kernel -> param copies in/out of slots
-  copy stream:    wait(compute) -> page out leaving blocks -> page in (or zero) arriving blocks -> record
-  compute stream: the next forward/backward runs while the copies fly; the next step kernel waits for
-                  the recorded event before it reads a moment (`wait_ready`).
-Page-out and page-in of the same slot share the copy stream, so a slot is never overwritten before it
-was read, and a host buffer is never read before it was written. Host buffers are exact-size
-allocations registered with cudaHostRegister, not torch's power-of-two caching host allocator.
+CUDA ordering ("host" policy; two copy streams, so page-out and page-in use both copy engines):
+  compute:  step kernel -> param copies in/out of slots -> switch() -> next forward/backward
+  out:      wait(compute) -> per leaving block: [wait(read[block])] slot -> host rows; record
+            written[block] and slot_free[slot]
+  in:       wait(compute) -> per arriving block: wait(slot_free[slot]) (a slot is refilled only after
+            it was read out), wait(written[block]) (host rows are read only after they were written)
+            -> host rows -> slot (or zero / init the master) -> record read[block]; record ready
+  compute:  wait_ready() before the next step kernel: wait(ready) and wait(last page-out); no host sync.
+`read[block]` orders a later page-out of the same block after this page-in read its rows.
+
+Host memory: one anonymous mmap per block, exact size (not torch's power-of-two caching host
+allocator), marked MADV_DONTFORK and registered with cudaHostRegister. DONTFORK because a fork()
+(DataLoader workers) would otherwise mark registered pages copy-on-write: the parent's next CPU write
+then moves to a fresh page while the DMA engine keeps using the old one. The mapping stays registered
+until the block's layout changes or release(); clear() keeps it for reuse, so nothing leaks.
 """
 from __future__ import annotations
+
+import contextlib
+import logging
+import mmap
+import os
+from dataclasses import dataclass
 
 import torch
 
 POLICIES = ("host", "device", "drop")
+ROW_ALIGN = 256  # bytes: each row of a host block starts on this boundary (vector loads, DMA)
+log = logging.getLogger(__name__)
 
 
-class PinnedPool:
-    """Exact-size pinned host tensors: one per paged-out block, kept until the store is dropped."""
+class CudaHostRegister:
+    """Pins host ranges with cudaHostRegister / cudaHostUnregister (torch's cudart binding)."""
 
-    def __init__(self, pin: bool):
-        self.pin = pin
-        self._registered: list[torch.Tensor] = []
+    def register(self, ptr: int, nbytes: int) -> None:
+        err = int(torch.cuda.cudart().cudaHostRegister(ptr, nbytes, 0))
+        if err != 0:
+            raise RuntimeError(f"cudaHostRegister of {nbytes} bytes failed with CUDA error {err}")
 
-    def empty(self, shape) -> torch.Tensor:
-        t = torch.empty(shape, dtype=torch.float32)
-        if self.pin:
-            nbytes = t.numel() * t.element_size()
-            err = torch.cuda.cudart().cudaHostRegister(t.data_ptr(), nbytes, 0)
-            if int(err) != 0:
-                raise RuntimeError(f"cudaHostRegister of {nbytes} bytes failed with error {int(err)}")
-            self._registered.append(t)
-        return t
+    def unregister(self, ptr: int) -> None:
+        err = int(torch.cuda.cudart().cudaHostUnregister(ptr))
+        if err != 0:
+            log.warning("cudaHostUnregister(0x%x) failed with CUDA error %d", ptr, err)
 
-    def release(self):
-        if self.pin:
-            for t in self._registered:
-                torch.cuda.cudart().cudaHostUnregister(t.data_ptr())
-        self._registered.clear()
+
+def available_host_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo in bytes, or None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+@dataclass
+class HostBlock:
+    """Host rows of one block: views into `mm` (registered at `ptr` when `pinned`)."""
+
+    rows: list[torch.Tensor]
+    spec: tuple[tuple[torch.dtype, int], ...]  # (dtype, numel) per row
+    nbytes: int
+    ptr: int = 0
+    pinned: bool = False
+    mm: mmap.mmap | None = None
+
+
+def row_spec(rows) -> tuple[tuple[torch.dtype, int], ...]:
+    return tuple((r.dtype, r.numel()) for r in rows)
+
+
+def alloc_host(spec, pinner) -> HostBlock:
+    """Host rows for `spec`. With a pinner: one page-aligned anonymous mmap, MADV_DONTFORK (and
+    MADV_HUGEPAGE where the kernel has it, so registration walks 2 MiB pages), then registered.
+    Without: plain torch.empty rows (nothing to pin, nothing that fork could break)."""
+    sizes = [torch.empty((), dtype=d).element_size() * n for d, n in spec]
+    if pinner is None:
+        rows = [torch.empty(n, dtype=d) for d, n in spec]
+        return HostBlock(rows, tuple(spec), sum(sizes))
+    offsets, off = [], 0
+    for s in sizes:
+        offsets.append(off)
+        off += -(-s // ROW_ALIGN) * ROW_ALIGN
+    nbytes = max(mmap.PAGESIZE, -(-off // mmap.PAGESIZE) * mmap.PAGESIZE)
+    mm = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    mm.madvise(mmap.MADV_DONTFORK)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        with contextlib.suppress(OSError):  # THP disabled: 4 KiB pages, slower to register, still right
+            mm.madvise(mmap.MADV_HUGEPAGE)
+    base = torch.frombuffer(mm, dtype=torch.uint8)
+    rows = [base[o:o + s].view(d) for o, s, (d, _) in zip(offsets, sizes, spec)]
+    pinner.register(base.data_ptr(), nbytes)
+    return HostBlock(rows, tuple(spec), nbytes, base.data_ptr(), True, mm)
+
+
+class MomentStore:
+    """Saved state of inactive blocks under one policy; all copies go through `switch` and `put`.
+
+    device: the model's device. pinner: object with register(ptr, nbytes) / unregister(ptr); default
+    CudaHostRegister for "host" on CUDA, None (plain memory) otherwise; tests inject a counting fake.
+    max_pinned_bytes: the most `reserve` may pin; default 90% of MemAvailable (env
+    LISA_FUSED_MAX_PINNED_BYTES overrides).
+    """
+
+    def __init__(self, policy: str, device: torch.device, pinner="auto", max_pinned_bytes: int | None = None):
+        if policy not in POLICIES:
+            raise ValueError(f"Invalid inactive_moments: {policy!r}; choose one of {POLICIES}")
+        self.policy = policy
+        self.device = torch.device(device)
+        side = self.device.type == "cuda" and policy == "host"
+        self.out_stream = torch.cuda.Stream(self.device) if side else None
+        self.in_stream = torch.cuda.Stream(self.device) if side else None
+        if pinner == "auto":
+            pinner = CudaHostRegister() if side else None
+        self.pinner = pinner if policy == "host" else None
+        if max_pinned_bytes is None and os.environ.get("LISA_FUSED_MAX_PINNED_BYTES"):
+            max_pinned_bytes = int(os.environ["LISA_FUSED_MAX_PINNED_BYTES"])
+        self.max_pinned_bytes = max_pinned_bytes
+        self._blocks: dict[int, HostBlock | list[torch.Tensor]] = {}  # block -> rows (host or device)
+        self._saved: set[int] = set()  # blocks whose rows hold valid state
+        self._written: dict[int, torch.cuda.Event] = {}  # block -> end of its last page-out
+        self._read: dict[int, torch.cuda.Event] = {}  # block -> end of its last page-in
+        self._slot_free: dict[int, torch.cuda.Event] = {}  # slot -> end of the page-out that read it
+        self._ready: list[torch.cuda.Event] = []  # what the next step kernel waits for
+
+    @property
+    def stream(self):
+        """The page-out stream (kept for callers of the one-stream store)."""
+        return self.out_stream
+
+    # -- memory ------------------------------------------------------------------------------------
+    def reserve(self, specs: dict[int, list[tuple[torch.dtype, int]]]) -> None:
+        """Allocate (and pin) the host rows of every block up front, so step() never pins.
+
+        specs: block -> [(dtype, numel), ...] per row. No-op unless the policy is "host". Raises
+        MemoryError, before allocating anything, when the pinned total exceeds the limit.
+        """
+        if self.policy != "host":
+            return
+        todo = {b: tuple(s) for b, s in specs.items()
+                if b not in self._blocks or self._blocks[b].spec != tuple(s)}
+        if self.pinner is not None:
+            need = sum(sum(torch.empty((), dtype=d).element_size() * n for d, n in s) for s in todo.values())
+            limit = self.max_pinned_bytes
+            if limit is None:
+                avail = available_host_bytes()
+                limit = None if avail is None else int(0.9 * avail)
+            if limit is not None and need + self.pinned_bytes() > limit:
+                raise MemoryError(
+                    f"inactive_moments='host' needs {need / 2**30:.2f} GiB of pinned host memory for "
+                    f"{len(todo)} blocks, over the limit of {limit / 2**30:.2f} GiB (90% of MemAvailable or "
+                    f"LISA_FUSED_MAX_PINNED_BYTES); use inactive_moments='device' or 'drop', or a host with "
+                    f"more free memory")
+        for b, spec in todo.items():
+            self._buffer(b, spec)
+
+    def pinned_bytes(self) -> int:
+        """Bytes of host memory registered (page-locked) by this store."""
+        return sum(h.nbytes for h in self._blocks.values() if isinstance(h, HostBlock) and h.pinned)
+
+    def reserved_bytes(self) -> int:
+        """Bytes of host memory this store holds, saved or not ("host" policy)."""
+        return sum(h.nbytes for h in self._blocks.values() if isinstance(h, HostBlock))
+
+    def n_registered(self) -> int:
+        return sum(1 for h in self._blocks.values() if isinstance(h, HostBlock) and h.pinned)
+
+    def _free(self, block: int) -> None:
+        h = self._blocks.pop(block, None)
+        self._saved.discard(block)
+        if isinstance(h, HostBlock) and h.pinned:
+            self.pinner.unregister(h.ptr)
+
+    def _buffer(self, block: int, spec) -> list[torch.Tensor]:
+        """The rows of `block` for `spec`; a layout change frees (unregisters) the old ones first."""
+        spec = tuple(spec)
+        h = self._blocks.get(block)
+        if h is not None and (h.spec if isinstance(h, HostBlock) else row_spec(h)) == spec:
+            return h.rows if isinstance(h, HostBlock) else h
+        if h is not None:
+            self.synchronize()  # a copy may still use the old rows
+            self._free(block)
+        if self.policy == "host":
+            self._blocks[block] = h = alloc_host(spec, self.pinner)
+            return h.rows
+        self._blocks[block] = rows = [torch.empty(n, dtype=d, device=self.device) for d, n in spec]
+        return rows
+
+    def release(self) -> None:
+        """Wait for every copy in flight, then unregister and drop all rows."""
+        self.synchronize()
+        for b in list(self._blocks):
+            self._free(b)
+        self._written.clear()
+        self._read.clear()
+        self._slot_free.clear()
+        self._ready.clear()
 
     def __del__(self):
         try:
@@ -52,104 +214,116 @@ class PinnedPool:
         except Exception:  # interpreter shutdown: CUDA may already be gone, and the OS frees the pages
             pass
 
-
-class MomentStore:
-    """Saved state of inactive blocks under one policy; all copies go through `save` and `load`."""
-
-    def __init__(self, policy: str, device: torch.device):
-        if policy not in POLICIES:
-            raise ValueError(f"Invalid inactive_moments: {policy!r}; choose one of {POLICIES}")
-        self.policy = policy
-        self.device = torch.device(device)
-        cuda = self.device.type == "cuda"
-        self.stream = torch.cuda.Stream(self.device) if cuda and policy == "host" else None
-        self._event = None
-        self._pool = PinnedPool(pin=cuda and policy == "host")
-        self._saved: dict[int, torch.Tensor] = {}  # block -> [n_buffers, block_len]
-
     # -- bookkeeping -------------------------------------------------------------------------------
     def has(self, block: int) -> bool:
         return block in self._saved
 
-    def get(self, block: int) -> torch.Tensor | None:
-        """The saved state of `block` (waits for copies in flight), or None."""
+    def get(self, block: int) -> list[torch.Tensor] | None:
+        """The saved rows of `block` (waits for copies in flight), or None."""
         self.synchronize()
-        return self._saved.get(block)
+        if block not in self._saved:
+            return None
+        h = self._blocks[block]
+        return h.rows if isinstance(h, HostBlock) else h
 
-    def put(self, block: int, state: torch.Tensor) -> None:
-        """Store `state` ([n_buffers, block_len]) for `block` directly, e.g. from a loaded state_dict."""
+    def put(self, block: int, state) -> None:
+        """Store `state` (rows: a [n_rows, len] tensor or a list of 1-D tensors) for `block` directly,
+        e.g. from a loaded state_dict."""
         if self.policy == "drop":
             return
+        rows = list(state)
         self.synchronize()
-        self._buffer(block, state.shape).copy_(state)
+        for dst, src in zip(self._buffer(block, row_spec(rows)), rows):
+            dst.copy_(src)
+        self._saved.add(block)
 
     def clear(self) -> None:
+        """Forget all saved state. Host rows stay allocated (and registered) for reuse; device rows go."""
         self.synchronize()
         self._saved.clear()
+        if self.policy == "device":
+            self._blocks.clear()
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self._saved.values())
-
-    def _buffer(self, block: int, shape) -> torch.Tensor:
-        buf = self._saved.get(block)
-        if buf is None or tuple(buf.shape) != tuple(shape):
-            buf = self._pool.empty(shape) if self.policy == "host" else torch.empty(shape, device=self.device)
-            self._saved[block] = buf
-        return buf
+        """Bytes of saved state (what `host_bytes` / device-resident state reports)."""
+        total = 0
+        for b in self._saved:
+            h = self._blocks[b]
+            total += sum(r.numel() * r.element_size() for r in (h.rows if isinstance(h, HostBlock) else h))
+        return total
 
     # -- the switch --------------------------------------------------------------------------------
     def switch(self, leaving, arriving, length_of, slot_views, init_master):
         """Page out `leaving` blocks and page in (or zero) `arriving` ones.
 
-        leaving / arriving: lists of (block, slot). slot_views(slot, length) -> list of per-buffer views
-        of that slot. init_master(slot, block) fills the master of a block that has no saved state (only
-        for low-precision models; None otherwise). Returns the blocks that started from zero.
+        leaving / arriving: lists of (block, slot). slot_views(slot, length) -> list of per-row views of
+        that slot (row 0, 1: exp_avg, exp_avg_sq, zeroed for a fresh block). init_master(slot, block,
+        view) fills row 2 of a block that has no saved state (low-precision models only). Returns the
+        blocks that started from zero.
         """
-        compute = torch.cuda.current_stream(self.device) if self.stream is not None else None
-        if compute is not None:
-            self.stream.wait_stream(compute)
+        cuda = self.out_stream is not None
+        if cuda:
+            compute = torch.cuda.current_stream(self.device)
+            self.out_stream.wait_stream(compute)
+            self.in_stream.wait_stream(compute)
         fresh = []
-        with torch.cuda.stream(self.stream) if self.stream is not None else _nullcontext():
-            if self.policy != "drop":
+        if self.policy != "drop":
+            with _on(self.out_stream):
                 for block, slot in leaving:
                     views = slot_views(slot, length_of(block))
-                    buf = self._buffer(block, (len(views), length_of(block)))
-                    for row, v in zip(buf, views):
+                    rows = self._buffer(block, row_spec(views))
+                    if cuda and block in self._read:
+                        self.out_stream.wait_event(self._read.pop(block))
+                    for row, v in zip(rows, views):
                         row.copy_(v, non_blocking=True)
+                    self._saved.add(block)
+                    if cuda:
+                        self._written[block] = self._slot_free[slot] = _record(self.out_stream)
+        with _on(self.in_stream):
             for block, slot in arriving:
                 views = slot_views(slot, length_of(block))
-                saved = self._saved.get(block) if self.policy != "drop" else None
-                if saved is not None:
-                    for row, v in zip(saved, views):
+                if cuda and slot in self._slot_free:
+                    self.in_stream.wait_event(self._slot_free.pop(slot))
+                if block in self._saved:
+                    if cuda and block in self._written:
+                        self.in_stream.wait_event(self._written.pop(block))
+                    h = self._blocks[block]
+                    for row, v in zip(h.rows if isinstance(h, HostBlock) else h, views):
                         v.copy_(row, non_blocking=True)
                     if self.policy == "device":  # resident copies only for inactive blocks, as published LISA
-                        del self._saved[block]
+                        self._free(block)
+                    elif cuda:
+                        self._read[block] = _record(self.in_stream)
                 else:
                     fresh.append(block)
                     views[0].zero_()
                     views[1].zero_()
                     if len(views) > 2:
                         init_master(slot, block, views[2])
-            if self.stream is not None:
-                self._event = torch.cuda.Event()
-                self._event.record(self.stream)
+            if cuda:
+                self._ready = [_record(self.in_stream), _record(self.out_stream)]
         return fresh
 
     def wait_ready(self) -> None:
         """Make the current stream wait for the last switch's copies (no host sync)."""
-        if self._event is not None:
-            torch.cuda.current_stream(self.device).wait_event(self._event)
-            self._event = None
+        if self._ready:
+            compute = torch.cuda.current_stream(self.device)
+            for ev in self._ready:
+                compute.wait_event(ev)
+            self._ready = []
 
     def synchronize(self) -> None:
-        """Block the host until every copy in flight is done (state_dict, tests)."""
-        if self.stream is not None:
-            self.stream.synchronize()
+        """Block the host until every copy in flight is done (state_dict, tests, release)."""
+        for s in (self.out_stream, self.in_stream):
+            if s is not None:
+                s.synchronize()
 
 
-class _nullcontext:
-    def __enter__(self):
-        return None
+def _record(stream) -> torch.cuda.Event:
+    ev = torch.cuda.Event()
+    ev.record(stream)
+    return ev
 
-    def __exit__(self, *exc):
-        return False
+
+def _on(stream):
+    return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()

@@ -3,6 +3,12 @@
 - chunk table: int64 [C, 3] rows of (segment, start, end) element indices, each chunk at most `chunk`
   elements of one segment; built once per Segments layout and cached in `segments.cache`.
 - segment table: the per-step hparams [S, 4] as float32 on the kernel's device.
+
+Both reach a GPU through pinned staging memory with non_blocking copies: a copy from pageable memory
+makes the host wait until the stream reaches it, and the step's stream waits for the page-in of a
+switch (MomentStore.wait_ready), so a pageable copy would block the host for the whole page-in.
+torch's pinned (caching host) allocator records the copy's event, so the staging buffer is not reused
+before the copy has read it.
 """
 from __future__ import annotations
 
@@ -33,7 +39,7 @@ def chunk_table(segments: Segments, chunk: int, device: torch.device) -> torch.T
         first_row = torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
         start = offsets[seg] + (torch.arange(len(seg)) - first_row) * chunk
         end = torch.minimum(start + chunk, offsets[seg] + numels[seg])
-        table = torch.stack([seg, start, end], dim=1).contiguous().to(device)
+        table = to_device(torch.stack([seg, start, end], dim=1), device)
         segments.cache[key] = table
     return table
 
@@ -48,9 +54,15 @@ def offsets_aligned(segments: Segments) -> bool:
 
 def segment_table(hparams: torch.Tensor, device: torch.device) -> torch.Tensor:
     """hparams (float64, host) as float32 on `device`; to a GPU through pinned memory, without a sync."""
+    return to_device(hparams.to(torch.float32), device)
+
+
+def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A contiguous copy of the host tensor `host` on `device`; to a GPU through pinned memory, without a
+    host sync (the result is ready in stream order on the current stream)."""
     device = torch.device(device)
     if device.type == "cpu":
-        return hparams.to(torch.float32)
-    staged = torch.empty(hparams.shape, dtype=torch.float32, pin_memory=True)
-    staged.copy_(hparams)
+        return host.contiguous()
+    staged = torch.empty(host.shape, dtype=host.dtype, pin_memory=True)
+    staged.copy_(host)
     return staged.to(device, non_blocking=True)

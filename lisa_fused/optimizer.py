@@ -1,8 +1,9 @@
 """FusedLISA: LISA fine-tuning as one torch.optim.Optimizer.
 
-The class validates, owns the packed buffers and runs the step/switch cycle; the AdamW math lives in
-kernels/ (one call, any backend), the slot layout in packing.py, paged state in paging.py, the block
-stack in layers.py and the draw in sampling.py.
+The class validates and runs the step/switch cycle; the AdamW math lives in kernels/ (one call, any
+backend), the slot layout in packing.py, the parameter <-> buffer binding (and its checks) in binding.py,
+paged state in paging.py, state_dict in checkpoint.py, the block stack in layers.py and the draw in
+sampling.py.
 """
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from . import kernels, sampling
+from . import checkpoint, kernels, sampling
+from .binding import ParamBinding, claim_check, local
 from .kernels.contract import N_COLS
 from .layers import block_weight_norms, find_layout
 from .packing import PackedBuffers, PackedLayout, Region
@@ -26,15 +28,20 @@ except ImportError:  # torch built without distributed support: no DTensor param
 
 logger = logging.getLogger("lisa_fused")
 
-STATE_VERSION = 1
+STATE_VERSION = checkpoint.STATE_VERSION
 
 
 class FusedLISA(torch.optim.Optimizer):
     """AdamW over the embedding, the head and `n_active_layers` sampled blocks, re-drawn every
-    `switch_every` steps, with a fused update over a packed buffer of the active layers only.
+    `switch_every` steps, with a fused update over a packed buffer of the active layers only
+    (LISA: Pan et al., 2024, "LISA: Layerwise Importance Sampling for Memory-Efficient LLM Fine-Tuning").
 
     With inactive_moments="host" or "device" a run equals torch.optim.AdamW over all parameters where
     frozen blocks simply have no gradient; with "drop" a re-activated block restarts from step 1.
+    A param steps iff its `.grad` is not None at step(), as in torch. If the model is moved or converted
+    after construction (model.to(...), .half(), .cuda()), the next step()/zero_grad() follows it (see
+    binding.py); `release()` hands the model back. The optimizer cannot be copied or pickled: save
+    `state_dict()` instead.
     """
 
     # GradScaler hands us grad_scale / found_inf instead of unscaling and checking itself.
@@ -64,6 +71,7 @@ class FusedLISA(torch.optim.Optimizer):
             raise ValueError(f"Invalid inactive_moments: {inactive_moments!r}; choose one of {POLICIES}")
         if not callable(sampler) and sampler not in sampling.SAMPLERS:
             raise ValueError(f"Invalid sampler: {sampler!r}; choose one of {sampling.SAMPLERS} or pass a callable")
+        claim_check(model.named_parameters())  # another live FusedLISA, or flags a dropped one left frozen
 
         layout = find_layout(model, layers)
         n_blocks = layout.num_blocks
@@ -99,12 +107,8 @@ class FusedLISA(torch.optim.Optimizer):
         self.seed = seed
         self._names = [n for n, _ in named]
         self._params = params
-        # FSDP2 (fully_shard) params are DTensors whose local shards live in FSDP's own padded storage,
-        # which it all-gathers from: re-pointing .data would be ignored, so they are bound by copy instead
-        # (packed buffers hold the rank-local shards; grads are copied in, updated shards copied back).
-        self._copy_mode = any(isinstance(p, DTensor) for p in params)
-        local = [_local(p) for p in params]
-        self._shapes = [tuple(t.shape) for t in local]
+        local_params = [local(p) for p in params]
+        self._shapes = [tuple(t.shape) for t in local_params]
         n_always = len(layout.always)
         block_idx, start = [], n_always
         for blk in layout.blocks:
@@ -112,19 +116,18 @@ class FusedLISA(torch.optim.Optimizer):
             start += len(blk)
         self._block_params = block_idx
         self._packed = PackedLayout(
-            always=Region.of(range(n_always), local),
-            blocks=tuple(Region.of(ix, local) for ix in block_idx),
+            always=Region.of(range(n_always), local_params),
+            blocks=tuple(Region.of(ix, local_params) for ix in block_idx),
             n_slots=n_active_layers,
         )
-        self._bufs = PackedBuffers(self._packed.total, self.device, self.param_dtype)
-        self._store = MomentStore(inactive_moments, self.device)
-        # pin the host store now, not inside step() on a block's first visit
-        self._store.reserve({b: [(buf.dtype, r.length) for buf in self._bufs.paged()]
-                             for b, r in enumerate(self._packed.blocks)})
-        self._offset: dict[int, int] = {}  # packed param -> offset in the buffers
-        self._bound_grad_ptr: dict[int, int] = {}  # packed param -> data_ptr of its grad view
+        # FSDP2 (fully_shard) params are DTensors whose local shards live in FSDP's own padded storage,
+        # which it all-gathers from: re-pointing .data would be ignored, so they are bound by copy instead
+        # (packed buffers hold the rank-local shards; grads are copied in, updated shards copied back).
+        self._binding = ParamBinding(self._names, params, self._shapes,
+                                     PackedBuffers(self._packed.total, self.device, self.param_dtype),
+                                     copy_mode=any(isinstance(p, DTensor) for p in params))
+        self._store = self._make_store(self.device)
         self._steps = [0] * len(params)  # per-param AdamW step count (bias correction), host ints
-        self._has_grad = [False] * len(params)  # set by the post-accumulate hook since the last zero_grad
         self._global_step = 0  # optimizer steps taken (skipped overflow steps excluded)
         self._generator = torch.Generator().manual_seed(seed)
         if callable(sampler):
@@ -136,18 +139,23 @@ class FusedLISA(torch.optim.Optimizer):
             self._sampler_fn = sampling.weight_norm_sampler(lambda: block_weight_norms(self.model_layout))
         self._sync_generator_from_rank0()
 
-        for i, p in enumerate(params):
-            p.register_post_accumulate_grad_hook(self._make_grad_hook(i))
-
-        # Pack the always-trained params once; they never move again.
+        # Pack the always-trained params once; they stay bound until release().
         for i, off, n in self._packed.always.entries:
-            self._bind(i, off, write_master=True)
+            self._binding.bind(i, off, write_master=True)
         self._slot_of: dict[int, int] = {}  # active block -> slot
         first = self._draw()
         for b in range(n_blocks):
             if b not in first:
                 self._set_trainable(b, False)
         self._activate(leaving=[], arriving=first)
+
+    def _make_store(self, device) -> MomentStore:
+        """The one place the paged store is built (at construction and when the model moves)."""
+        return MomentStore(self.inactive_moments, device)
+
+    @property
+    def _bufs(self) -> PackedBuffers:
+        return self._live().bufs
 
     # ------------------------------------------------------------------------------------ public API
     @property
@@ -168,8 +176,19 @@ class FusedLISA(torch.optim.Optimizer):
             "store_bytes": store,
             "active_numel": sum(n for _, _, n in self._packed.placements(self._slot_of)),
             "slot_numel": self._packed.slot_len,
-            "pinned_bytes": self._store.pinned_bytes(),  # page-locked host memory, reserved at construction
         }
+
+    def release(self) -> None:
+        """Hand the model back: every trained param gets its own storage again (values and grads as they
+        are now), the requires_grad flag the user had, and no hooks. The optimizer is unusable afterwards
+        (step/zero_grad/state_dict raise); a new FusedLISA or any torch optimizer then starts clean.
+        Take `state_dict()` before, to resume with a new FusedLISA. Calling it twice is harmless."""
+        if self._binding is None:
+            return
+        self._store.synchronize()
+        self._binding.release()
+        self._binding = None
+        self._store = self._make_store(torch.device("cpu"))  # drop paged state (and pinned memory)
 
     def __repr__(self) -> str:
         g = self.param_groups[0]
@@ -178,34 +197,44 @@ class FusedLISA(torch.optim.Optimizer):
                 f"n_active_layers={self.n_active_layers}/{len(self._block_params)}, "
                 f"switch_every={self.switch_every}, sampler={self._sampler_name!r}, "
                 f"inactive_moments={self.inactive_moments!r}, stack={self.model_layout.stack_path!r}, "
-                f"active_layers={self.active_layers})")
+                f"active_layers={self.active_layers}" + (", released" if self._binding is None else "") + ")")
 
     def add_param_group(self, param_group):
         if getattr(self, "_params", None) is not None:
             raise NotImplementedError("FusedLISA owns its parameters (the whole model); add_param_group is not supported")
         super().add_param_group(param_group)
 
+    def __reduce_ex__(self, protocol):
+        raise TypeError(
+            "a FusedLISA cannot be copied or pickled (copy.deepcopy, pickle, torch.save(opt)): it drives the "
+            "model's parameters through its packed buffers, which a copy would not. Save opt.state_dict() "
+            "instead and load it with load_state_dict() into a FusedLISA built on the model")
+
+    __deepcopy__ = __copy__ = lambda self, *memo: self.__reduce_ex__(2)
+
     @torch.no_grad()
     def zero_grad(self, set_to_none: bool = True):
-        """Zero the packed gradient buffer in one fill. Active params keep their `.grad` views (so the
-        next backward accumulates straight into the buffer) whatever `set_to_none` says; whether a
-        param got a gradient is tracked separately, so a param that gets none is skipped exactly like
-        torch's AdamW skips a `.grad` of None."""
-        self._bufs.grad.zero_()
-        self._has_grad = [False] * len(self._params)
-        for i, p in enumerate(self._params):
-            if p.grad is not None and not self._is_bound_grad(i, p.grad):
-                p.grad = None if set_to_none else p.grad.zero_()
-        for i, off, _ in self._packed.placements(self._slot_of):
-            if self._params[i].grad is None and not self._copy_mode:
-                self._params[i].grad = self._grad_view(i, off)
+        """As torch.optim.Optimizer.zero_grad: every trained param's `.grad` becomes None (the next
+        backward re-points it into the packed buffer before accumulating, see binding.lazy_grad), or with
+        set_to_none=False, existing grads are zeroed in place (one fill of the packed buffer)."""
+        self._check_binding()
+        self._binding.zero_grad(set_to_none)
 
     @torch.no_grad()
     def step(self, closure=None):
+        """One AdamW step over the active params that have a `.grad`, then a re-draw every switch_every
+        steps. Raises RuntimeError during CUDA graph capture, after release(), or if the model was
+        moved to where it cannot be followed (a dtype the kernels lack, mixed devices, FSDP2 shards)."""
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            # Bias corrections and the switch are host-side per step; a captured graph would replay step 1's.
+            raise RuntimeError("FusedLISA.step() cannot be captured in a CUDA graph (torch.cuda.graph / "
+                               "mode='reduce-overhead' compile of the step): its per-step bias corrections and "
+                               "layer switches are computed on the host; capture the forward/backward only")
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._check_binding()
         found_inf = getattr(self, "found_inf", None)
         if found_inf is not None and found_inf.item():
             # GradScaler overflow: the step never happened (one host sync, only in this AMP mode).
@@ -215,210 +244,78 @@ class FusedLISA(torch.optim.Optimizer):
             grad_scale = grad_scale.to(device=self.device, dtype=torch.float32).reshape(1)
 
         segments, seg_params = self._segments()
-        enabled = [self._collect_grad(i) for i in seg_params]
+        collect = self._binding.collect
+        enabled = [collect(i) for i in seg_params]
         for i, on in zip(seg_params, enabled):
             self._steps[i] += on
         hparams = self._hparams(seg_params, enabled)
         self._store.wait_ready()
         g = self.param_groups[0]
+        bufs = self._bufs
         kernels.adamw_packed_(
-            self._bufs.master, self._bufs.grad, self._bufs.exp_avg, self._bufs.exp_avg_sq, segments, hparams,
-            beta1=g["betas"][0], beta2=g["betas"][1], eps=g["eps"], param_lowp=self._bufs.lowp,
+            bufs.master, bufs.grad, bufs.exp_avg, bufs.exp_avg_sq, segments, hparams,
+            beta1=g["betas"][0], beta2=g["betas"][1], eps=g["eps"], param_lowp=bufs.lowp,
             grad_scale=grad_scale, backend=self.backend, check=False,
         )
-        if self._copy_mode:
+        if self._binding.copy_mode:
             for i, (off, n), on in zip(seg_params, segments.bounds, enabled):
                 if on:
-                    _local(self._params[i]).copy_(self._bufs.param[off:off + n].view(self._shapes[i]))
+                    local(self._params[i]).copy_(bufs.param[off:off + n].view(self._shapes[i]))
         self._global_step += 1
         if self._global_step % self.switch_every == 0:
             self._switch()
         return loss
 
-    # ------------------------------------------------------------------------------ state_dict
-    @torch.no_grad()
     def state_dict(self):
-        self._store.synchronize()
-        state = {}
-        packed_at = {i: off for i, off, _ in self._packed.placements(self._slot_of)}
-        saved_blocks = {}
-        for b, idx in enumerate(self._block_params):
-            if b not in self._slot_of and self._store.has(b):
-                saved_blocks.update({i: (b, off) for i, off, _ in self._packed.blocks[b].entries})
-        for i, p in enumerate(self._params):
-            p = _local(p)  # the rank-local shard under FSDP2: optimizer state is per rank
-            if self._steps[i] == 0 and i not in packed_at:
-                continue
-            if i in packed_at:
-                off = packed_at[i]
-                rows = [r[off:off + p.numel()] for r in self._bufs.paged()]
-            elif i in saved_blocks:
-                b, off = saved_blocks[i]
-                rows = [r[off:off + p.numel()] for r in self._store.get(b)]
-            else:  # "drop": an inactive block keeps no state
-                continue
-            entry = {"step": torch.tensor(float(self._steps[i])),
-                     "exp_avg": rows[0].to("cpu", copy=True).view(p.shape),
-                     "exp_avg_sq": rows[1].to("cpu", copy=True).view(p.shape)}
-            if len(rows) > 2:
-                entry["master_param"] = rows[2].to("cpu", copy=True).view(p.shape)
-            state[i] = entry
-        groups = [{k: v for k, v in g.items() if k != "params"} | {"params": list(range(len(self._params)))}
-                  for g in self.param_groups]
-        return {"state": state, "param_groups": groups, "lisa": {
-            "version": STATE_VERSION,
-            "global_step": self._global_step,
-            "active_layers": list(self.active_layers),
-            "generator": self._generator.get_state(),
-            "inactive_moments": self.inactive_moments,
-            "n_active_layers": self.n_active_layers,
-            "switch_every": self.switch_every,
-            "sampler": self._sampler_name,
-            "params": [(n, tuple(p.shape)) for n, p in zip(self._names, self._params)],
-        }}
+        """torch's optimizer format plus a "lisa" section; see checkpoint.py."""
+        self._live()
+        return checkpoint.state_dict(self)
 
-    @torch.no_grad()
     def load_state_dict(self, state_dict):
-        lisa = state_dict.get("lisa") if isinstance(state_dict, dict) else None
-        if lisa is None:
-            raise ValueError("not a FusedLISA state_dict: it has no 'lisa' section "
-                             "(a torch.optim.AdamW state_dict cannot restore the LISA schedule)")
-        if lisa.get("version") != STATE_VERSION:
-            raise ValueError(f"unsupported FusedLISA state_dict version {lisa.get('version')!r}, expected {STATE_VERSION}")
-        mine = [(n, tuple(p.shape)) for n, p in zip(self._names, self._params)]
-        theirs = [(n, tuple(s)) for n, s in lisa["params"]]
-        if theirs != mine:
-            diff = next(((a, b) for a, b in zip(theirs, mine) if a != b), None)
-            raise ValueError(
-                f"state_dict is from a different model: it has {len(theirs)} trainable params, this optimizer "
-                f"{len(mine)}" + (f"; first mismatch: saved {diff[0]} vs here {diff[1]}" if diff else ""))
-        for key in ("n_active_layers", "inactive_moments"):
-            if lisa[key] != getattr(self, key):
-                raise ValueError(f"state_dict has {key}={lisa[key]!r}, this optimizer {getattr(self, key)!r}")
-        if len(state_dict["param_groups"]) != len(self.param_groups):
-            raise ValueError(f"state_dict has {len(state_dict['param_groups'])} param groups, expected {len(self.param_groups)}")
-
-        saved_state = {int(k): v for k, v in state_dict["state"].items()}
-        lowp = self._bufs.lowp is not None
-        for i, entry in saved_state.items():
-            need = ("step", "exp_avg", "exp_avg_sq") + (("master_param",) if lowp else ())
-            for key in need:
-                if key not in entry:
-                    raise ValueError(f"state_dict state for param {self._names[i]!r} has no {key!r}")
-            for key in need[1:]:
-                if tuple(entry[key].shape) != self._shapes[i]:
-                    raise ValueError(f"state_dict {key} of {self._names[i]!r} has shape {tuple(entry[key].shape)}, "
-                                     f"expected {self._shapes[i]}")
-
-        target = tuple(sorted(int(b) for b in lisa["active_layers"]))
-        n_blocks = len(self._block_params)
-        if len(set(target)) != self.n_active_layers or any(not 0 <= b < n_blocks for b in target):
-            raise ValueError(f"state_dict active_layers {list(target)} are not {self.n_active_layers} distinct "
-                             f"blocks in 0..{n_blocks - 1}")
-        # Everything is checked: from here on the load cannot fail half-way.
-        for g, saved in zip(self.param_groups, state_dict["param_groups"]):
-            g.update({k: v for k, v in saved.items() if k != "params"})
-        # Re-arrange the slots as saved (params move with their current values), then fill in state.
-        self._store.clear()
-        self._move(target, page=False)
-        self._steps = [int(saved_state[i]["step"]) if i in saved_state else 0 for i in range(len(self._params))]
-        self._global_step = int(lisa["global_step"])
-        self.switch_every = int(lisa["switch_every"])
-        # .cpu(): accelerate's AcceleratedOptimizer moves every tensor of a state_dict to the device before
-        # loading it (a CUDA ByteTensor here); Generator.set_state takes a CPU ByteTensor only.
-        self._generator.set_state(lisa["generator"].cpu())
-        self._sync_generator_from_rank0()
-
-        def rows(i):
-            e = saved_state[i]
-            return [e["exp_avg"], e["exp_avg_sq"]] + ([e["master_param"]] if lowp else [])
-
-        for i, off, n in self._packed.placements(self._slot_of):
-            targets = self._bufs.paged()  # exp_avg, exp_avg_sq (+ master for low-precision models)
-            src = rows(i) if i in saved_state else None
-            for k, buf in enumerate(targets):
-                view = buf[off:off + n]
-                if src is not None:
-                    view.copy_(src[k].reshape(-1))
-                elif k < 2:
-                    view.zero_()
-                else:
-                    view.copy_(self._bufs.lowp[off:off + n])
-        for b, idx in enumerate(self._block_params):
-            if b in self._slot_of or not any(i in saved_state for i in idx):
-                continue
-            region = self._packed.blocks[b]
-            block_state = torch.zeros(len(self._bufs.paged()), region.length)
-            for i, off, n in region.entries:
-                if i in saved_state:
-                    for k, t in enumerate(rows(i)):
-                        block_state[k, off:off + n] = t.reshape(-1).float()
-                elif lowp:
-                    block_state[2, off:off + n] = _local(self._params[i]).detach().reshape(-1).float().cpu()
-            self._store.put(b, block_state)
+        """Exact resume, also across param dtypes (documented in checkpoint.py). Raises ValueError naming
+        the mismatch (model, policy, shapes) before anything changes."""
+        self._check_binding()
+        checkpoint.load_state_dict(self, state_dict)
 
     # ------------------------------------------------------------------------------ internals
-    def _make_grad_hook(self, i):
-        def hook(_param):
-            self._has_grad[i] = True
-        return hook
+    def _live(self) -> ParamBinding:
+        if self._binding is None:
+            raise RuntimeError("this FusedLISA was released (opt.release()): build a new optimizer on the model")
+        return self._binding
 
-    def _grad_view(self, i, off):
-        shape = self._shapes[i]
-        return self._bufs.grad[off:off + math.prod(shape)].view(shape)
+    def _check_binding(self):
+        """The model was moved or converted since the last call: follow it, or raise naming the param."""
+        if self._live().moved():
+            self._follow_move()
 
-    def _is_bound_grad(self, i, g):
-        ptr = self._bound_grad_ptr.get(i)  # None in copy mode, where a DTensor grad has no data_ptr
-        return ptr is not None and ptr == g.data_ptr()
-
-    def _bind(self, i, off, write_master):
-        """Point param i's data and grad at offset `off` of the packed buffers, copying its value in.
-        A low-precision model's fp32 master is written only when asked: on a switch the slot's master
-        still holds the leaving block's, which the store pages out first."""
-        p = self._params[i]
-        n = math.prod(self._shapes[i])
-        view = self._bufs.param[off:off + n].view(self._shapes[i])
-        view.copy_(_local(p).detach())
-        if write_master and self._bufs.lowp is not None:
-            self._bufs.master[off:off + n].copy_(view.reshape(-1))
-        if self._copy_mode:  # p keeps its own storage; step() copies grads in and values back
-            self._offset[i] = off
-            return
-        p.data = view
-        gv = self._grad_view(i, off)
-        if p.grad is not None:
-            gv.copy_(p.grad)
-        else:
-            gv.zero_()
-        p.grad = gv
-        self._offset[i] = off
-        self._bound_grad_ptr[i] = gv.data_ptr()
-
-    def _unbind(self, i):
-        """Give param i storage of its own again (its packed slot is about to be reused)."""
-        p = self._params[i]
-        if not self._copy_mode:  # (in copy mode p's own storage already holds its latest value)
-            p.data = p.detach().clone()
-        p.grad = None
-        del self._offset[i]
-        self._bound_grad_ptr.pop(i, None)
-        self._has_grad[i] = False
-
-    def _collect_grad(self, i) -> bool:
-        """True if param i has a gradient for this step, now in the packed grad buffer."""
-        p = self._params[i]
-        g = p.grad
-        if g is None:
-            return False
-        if self._is_bound_grad(i, g):
-            return self._has_grad[i]
-        # Someone replaced .grad (model.zero_grad() then backward, DDP bucket views, a manual assignment):
-        # copy it into the buffer and re-point the view.
-        gv = self._grad_view(i, self._offset[i])
-        gv.copy_(_local(g))
-        if not self._copy_mode:
-            p.grad = gv
-        return True
+    @torch.no_grad()
+    def _follow_move(self):
+        binding = self._binding
+        dev, dt = binding.target()  # raises where following is impossible
+        backend = kernels.resolve_backend(self._backend_request, dev)
+        self._store.synchronize()
+        was = (self.device, self.param_dtype)
+        old = binding.relocate(self._packed.total, dev, dt)
+        new = binding.bufs
+        old_store, self._store = self._store, self._make_store(dev)
+        for b in range(len(self._block_params)):
+            if b in self._slot_of or not old_store.has(b):
+                continue
+            region, state = self._packed.blocks[b], old_store.get(b)
+            rows = list(state[:2])  # exp_avg, exp_avg_sq
+            if new.lowp is not None:  # masters: the saved ones, else (fp32 -> low precision) the params
+                own = torch.zeros(region.length)
+                for i, off, n in region.entries:
+                    own[off:off + n] = local(self._params[i]).detach().reshape(-1).float().cpu()
+                rows.append(state[2] if old.lowp is not None else own)
+            elif old.lowp is not None:  # low precision -> fp32: the inactive params take their masters
+                for i, off, n in region.entries:
+                    local(self._params[i]).detach().copy_(state[2, off:off + n].view(self._shapes[i]))
+            self._store.put(b, torch.stack(rows))
+        self.device, self.param_dtype, self.backend = dev, dt, backend
+        log = logger.warning if dt != was[1] else logger.info
+        log("FusedLISA: the model moved from %s on %s to %s on %s; the optimizer followed (packed buffers, paged "
+            "state, masters; backend %r)", was[1], was[0], dt, dev, backend)
 
     def _segments(self):
         key = tuple(sorted(self._slot_of.items()))
@@ -478,15 +375,15 @@ class FusedLISA(torch.optim.Optimizer):
         # 1) params: leaving blocks get their own storage back, arriving ones move into their slots.
         for b, _ in leaving:
             for i in self._block_params[b]:
-                self._unbind(i)
+                self._binding.unbind(i)
             del self._slot_of[b]
             self._set_trainable(b, False)
         for b, s in zip(arriving, slots):
             base = self._packed.slot_offset(s)
+            self._set_trainable(b, True)  # before bind: the grad hook needs requires_grad
             for i, off, _ in self._packed.blocks[b].entries:
-                self._bind(i, base + off, write_master=not page)
+                self._binding.bind(i, base + off, write_master=not page)
             self._slot_of[b] = s
-            self._set_trainable(b, True)
         # 2) optimizer state: paged on the copy stream (or reset).
         pairs_in = list(zip(arriving, slots))
         if not page:
@@ -530,11 +427,6 @@ def _check_ddp(model):
             "find_unused_parameters=True) (and without static_graph) before constructing FusedLISA; got "
             f"find_unused_parameters={model.find_unused_parameters}, "
             f"static_graph={getattr(model, 'static_graph', False)}")
-
-
-def _local(t):
-    """The rank-local tensor of a DTensor (an FSDP2 shard; its own storage under no_grad), else t."""
-    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def _validate_hparams(lr, betas, eps, weight_decay):

@@ -135,7 +135,7 @@ def scenario_fsdp2(rank, world):
                       for p in resumed.blocks[b].parameters()]
     active_grads = [p.grad is not None for b in opt2.active_layers for p in resumed.blocks[b].parameters()]
     opt2.zero_grad()
-    return {"seq": seq, "params": flat(resumed), "copy_mode": opt2._copy_mode,
+    return {"seq": seq, "params": flat(resumed), "copy_mode": opt2._binding.copy_mode,
             "inactive_grads": inactive_grads, "active_grads": active_grads,
             "state_shapes": {i: tuple(e["exp_avg"].shape) for i, e in sd["state"].items()},
             "local_shapes": [tuple(p.to_local().shape) for p in opt2._params],

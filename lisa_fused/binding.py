@@ -1,0 +1,277 @@
+"""Parameters <-> packed storage: bind, unbind, gradient views, collection, and the checks that the
+binding still holds.
+
+FusedLISA trains a parameter by making its `.data` a view into the packed buffer (PackedBuffers.param)
+and, while autograd writes its gradient, its `.grad` a view into PackedBuffers.grad. Three things can
+break that binding behind the optimizer's back; each is handled here:
+
+* the model is moved or converted (`model.to(...)`, `.half()`, `.cuda()`; the Hugging Face Trainer calls
+  `model.to(torch.device("cpu", 0))`): `Module._apply` keeps the Parameter objects and gives them new
+  `.data`. `moved()` notices it (one data_ptr per bound param) and `relocate()` follows the move.
+* gradients written by someone else (a new `.grad` tensor, DDP, a manual assignment): `collect()` copies
+  them into the packed buffer. Which params step follows torch exactly: a param steps iff its `.grad` is
+  not None at step().
+* another FusedLISA on the same parameters: `claim()` refuses while the other one lives, and takes the
+  user's requires_grad flags back from one that was dropped without `release()`.
+
+FSDP2 params (DTensors over FSDP's own storage) are bound by copy instead (`copy_mode`): their `.data` is
+never re-pointed; grads are copied in and updated values copied back by the optimizer.
+"""
+from __future__ import annotations
+
+import gc
+import math
+import weakref
+
+import torch
+from torch.utils.weak import WeakIdKeyDictionary
+
+from .packing import PackedBuffers
+
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # torch built without distributed support: no DTensor params to meet
+    DTensor = ()
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+# Parameter -> (weakref to the ParamBinding driving it, the requires_grad flag the user had).
+_OWNERS = WeakIdKeyDictionary()
+
+
+def local(t):
+    """The rank-local tensor of a DTensor (an FSDP2 shard; its own storage under no_grad), else t."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def claim_check(named_params) -> None:
+    """Before a new FusedLISA looks at `requires_grad`: refuse params another live FusedLISA drives, and
+    give back the user's flags on params a dropped (never released) one had frozen.
+
+    Raises RuntimeError naming the first such param and `release()`.
+    """
+    stale = []
+    for name, p in named_params:
+        entry = _OWNERS.get(p)
+        if entry is None:
+            continue
+        if entry[0]() is not None:
+            gc.collect()  # an optimizer the user dropped may only be waiting in a reference cycle
+        if entry[0]() is not None:
+            raise RuntimeError(
+                f"parameter {name!r} is driven by another live FusedLISA (its data and grad are views into "
+                "that optimizer's packed buffers, and it froze the blocks it does not train): call "
+                "release() on that optimizer first (or delete it), then build the new one")
+        stale.append((p, entry[1]))
+    for p, flag in stale:
+        p.requires_grad_(flag)
+        del _OWNERS[p]
+
+
+class ParamBinding:
+    """Which packed offset each trained parameter views, and the operations that keep it true.
+
+    params:  the trained parameters (param index i = position in this list), names alike.
+    layout:  packing.PackedLayout; bufs: packing.PackedBuffers (replaced by `relocate`).
+    The optimizer decides *where* (offsets); this class does the re-pointing and checking.
+    """
+
+    def __init__(self, names, params, shapes, bufs: PackedBuffers, copy_mode: bool):
+        self.names, self.params, self.shapes = names, params, shapes
+        self.bufs = bufs
+        self.copy_mode = copy_mode
+        self.offset: dict[int, int] = {}  # bound param -> offset in the buffers
+        self._ptr: dict[int, int] = {}  # bound param -> data_ptr of its .data view
+        self._grad_ptr: dict[int, int] = {}  # bound param -> data_ptr of its .grad view
+        self._hooks: dict[int, object] = {}
+        self._check = None  # (bound params, their expected data_ptrs), rebuilt after a re-binding
+        me = weakref.ref(self)
+        for p in params:
+            _OWNERS[p] = (me, p.requires_grad)
+
+    # -- binding ----------------------------------------------------------------------------------
+    def view(self, buf, i, off):
+        return buf[off:off + math.prod(self.shapes[i])].view(self.shapes[i])
+
+    def bind(self, i, off, write_master):
+        """Point param i's data (and its grad, if it has one) at offset `off`, copying its value in.
+        A low-precision model's fp32 master is written only when asked: on a switch the slot's master
+        still holds the leaving block's, which the store pages out first."""
+        p = self.params[i]
+        view = self.view(self.bufs.param, i, off)
+        view.copy_(local(p).detach())
+        if write_master and self.bufs.lowp is not None:
+            self.view(self.bufs.master, i, off).copy_(view)
+        self.offset[i] = off
+        self._check = None
+        if self.copy_mode:  # p keeps its own storage; step() copies grads in and values back
+            return
+        p.data = view
+        self._ptr[i] = view.data_ptr()
+        if p.grad is not None:  # torch semantics: an existing grad stays a grad (now in the buffer)
+            self._point_grad(i).copy_(p.grad)
+        if p.requires_grad and i not in self._hooks:
+            self._hooks[i] = p.register_hook(_lazy_grad_hook(weakref.ref(self), i))
+
+    def unbind(self, i):
+        """Give param i storage of its own again (its packed slot is about to be reused)."""
+        p = self.params[i]
+        if not self.copy_mode:  # (in copy mode p's own storage already holds its latest value)
+            p.data = p.detach().clone()
+        p.grad = None
+        self._drop(i)
+
+    def _drop(self, i):
+        del self.offset[i]
+        self._ptr.pop(i, None)
+        self._grad_ptr.pop(i, None)
+        hook = self._hooks.pop(i, None)
+        if hook is not None:
+            hook.remove()
+        self._check = None
+
+    def _point_grad(self, i) -> torch.Tensor:
+        gv = self.view(self.bufs.grad, i, self.offset[i])
+        self.params[i].grad = gv
+        self._grad_ptr[i] = gv.data_ptr()
+        return gv
+
+    def lazy_grad(self, i):
+        """Autograd is about to accumulate into param i: if its .grad is None, make it a zeroed view into
+        the packed buffer first, so backward writes there (no allocation, no copy at step)."""
+        p = self.params[i]
+        if p.grad is None and i in self.offset and p.data_ptr() == self._ptr.get(i):  # not moved
+            self._point_grad(i).zero_()
+
+    # -- gradients --------------------------------------------------------------------------------
+    def collect(self, i) -> bool:
+        """True iff param i has a gradient (torch's rule: `.grad is not None`), now in the packed buffer."""
+        p = self.params[i]
+        g = p.grad
+        if g is None:
+            return False
+        if self._grad_ptr.get(i) == g.data_ptr() and not self.copy_mode:
+            return True
+        # Someone replaced .grad (DDP, a manual assignment, a grad made before binding): copy it in.
+        gv = self.view(self.bufs.grad, i, self.offset[i])
+        gv.copy_(local(g))
+        if not self.copy_mode:
+            p.grad = gv
+            self._grad_ptr[i] = gv.data_ptr()
+        return True
+
+    def zero_grad(self, set_to_none: bool):
+        """torch.optim.Optimizer.zero_grad semantics over all trained params: None, or zeros in place."""
+        if set_to_none:
+            for p in self.params:
+                p.grad = None
+            return
+        self.bufs.grad.zero_()  # every bound view at once
+        for i, p in enumerate(self.params):
+            g = p.grad
+            if g is not None and (self.copy_mode or self._grad_ptr.get(i) != g.data_ptr()):
+                if g.grad_fn is not None:
+                    g.detach_()
+                else:
+                    g.requires_grad_(False)
+                g.zero_()
+
+    # -- checks -----------------------------------------------------------------------------------
+    def moved(self) -> bool:
+        """True if a bound param no longer views its packed slot (the model was moved or converted).
+        One data_ptr per bound param; in copy mode a dtype/device comparison per param."""
+        if self.copy_mode:
+            dev, dt = self.bufs.param.device, self.bufs.param.dtype
+            return any(p.dtype != dt or p.device != dev for p in self.params)
+        if self._check is None:
+            idx = sorted(self._ptr)
+            self._check = ([self.params[i] for i in idx], [self._ptr[i] for i in idx])
+        bound, ptrs = self._check
+        return list(map(torch.Tensor.data_ptr, bound)) != ptrs
+
+    def target(self) -> tuple[torch.device, torch.dtype]:
+        """Where the params went: the one device and dtype all of them now share. Raises RuntimeError
+        naming a param that differs, or a dtype the kernels do not support, and the fix."""
+        first = local(self.params[0])
+        dev, dt = first.device, first.dtype
+        for name, p in zip(self.names, self.params):
+            t = local(p)
+            if t.device != dev or t.dtype != dt:
+                raise RuntimeError(
+                    f"FusedLISA: parameter {name!r} is {t.dtype} on {t.device} but {self.names[0]!r} is {dt} on "
+                    f"{dev}: a partial model.to() left the trained parameters on mixed devices/dtypes; move the "
+                    "whole model to one device and dtype (or opt.release(), convert, and build a new FusedLISA)")
+        if dt not in SUPPORTED_DTYPES:
+            raise RuntimeError(
+                f"FusedLISA: parameter {self.names[0]!r} was converted to {dt}, which the fused AdamW kernels do "
+                f"not support ({', '.join(map(str, SUPPORTED_DTYPES))}): convert the model back (e.g. "
+                "model.float()), or opt.release() and build a new optimizer for it")
+        if self.copy_mode and (dev != self.bufs.param.device or dt != self.bufs.param.dtype):
+            raise RuntimeError(
+                f"FusedLISA: FSDP2 parameter {self.names[0]!r} moved to {dt} on {dev} (was {self.bufs.param.dtype} "
+                f"on {self.bufs.param.device}); FusedLISA cannot follow a move of sharded params: move the model "
+                "before fully_shard() and before building FusedLISA")
+        return dev, dt
+
+    # -- following a move ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def relocate(self, total: int, device, dtype) -> PackedBuffers:
+        """Rebuild the packed buffers on `device` for `dtype` params and re-bind every bound param.
+
+        Values: the fp32 values the optimizer holds survive the move (masters of a low-precision model
+        become the params of an fp32 one; an fp32 model's params become the masters of a low-precision
+        one, whose own params keep what the conversion gave them). Moments move as they are (fp32). A
+        param's existing `.grad` (converted by Module._apply) is copied into the new grad buffer.
+        Returns the old buffers (for the store's conversion)."""
+        old = self.bufs
+        new = PackedBuffers(total, device, dtype)
+        new.master.copy_(old.master)
+        new.exp_avg.copy_(old.exp_avg)
+        new.exp_avg_sq.copy_(old.exp_avg_sq)
+        self.bufs = new
+        for i in sorted(self.offset):
+            off, p = self.offset[i], self.params[i]
+            grad = p.grad
+            p.grad = None
+            self._drop(i)
+            if new.lowp is not None:  # the moved value itself; the master keeps the full fp32 value
+                self.view(new.lowp, i, off).copy_(p.detach())
+                self.offset[i] = off
+                p.data = self.view(new.lowp, i, off)
+            else:
+                self.offset[i] = off
+                p.data = self.view(new.master, i, off)
+            self._ptr[i] = p.data_ptr()
+            if p.requires_grad:
+                self._hooks[i] = p.register_hook(_lazy_grad_hook(weakref.ref(self), i))
+            if grad is not None:
+                self._point_grad(i).copy_(grad)
+        self._check = None
+        return old
+
+    # -- hand the model back ----------------------------------------------------------------------
+    def release(self):
+        """Every param gets its own storage (and its grad, if any, its own copy), the user's requires_grad
+        flag back, no hooks, and no owner."""
+        for i in list(self.offset):
+            p = self.params[i]
+            grad = p.grad
+            if not self.copy_mode:
+                p.data = p.detach().clone()
+            self._drop(i)
+            p.grad = None if grad is None else grad.detach().clone()
+        for p in self.params:
+            entry = _OWNERS.get(p)
+            if entry is not None and entry[0]() is self:
+                p.requires_grad_(entry[1])
+                del _OWNERS[p]
+
+
+def _lazy_grad_hook(ref, i):
+    """A tensor hook (runs before AccumulateGrad) holding only a weak reference to the binding, so the
+    hook never keeps a dropped optimizer alive."""
+    def hook(_grad):
+        binding = ref()
+        if binding is not None:
+            binding.lazy_grad(i)
+    return hook

@@ -151,7 +151,11 @@ class FusedLISA(torch.optim.Optimizer):
 
     def _make_store(self, device) -> MomentStore:
         """The one place the paged store is built (at construction and when the model moves)."""
-        return MomentStore(self.inactive_moments, device)
+        store = MomentStore(self.inactive_moments, device)
+        if self._binding is not None:  # pin the host store now, not inside step() on a block's first visit
+            store.reserve({b: [(buf.dtype, r.length) for buf in self._binding.bufs.paged()]
+                           for b, r in enumerate(self._packed.blocks)})
+        return store
 
     @property
     def _bufs(self) -> PackedBuffers:
@@ -176,6 +180,7 @@ class FusedLISA(torch.optim.Optimizer):
             "store_bytes": store,
             "active_numel": sum(n for _, _, n in self._packed.placements(self._slot_of)),
             "slot_numel": self._packed.slot_len,
+            "pinned_bytes": self._store.pinned_bytes(),  # page-locked host memory, reserved at construction
         }
 
     def release(self) -> None:

@@ -66,10 +66,13 @@ def available_host_bytes() -> int | None:
 
 
 @dataclass
-class HostBlock:
-    """Host rows of one block: views into `mm` (registered at `ptr` when `pinned`)."""
+class Rows:
+    """Saved rows of one block. `state` is what get() returns: a [n_rows, numel] tensor (possibly
+    row-strided) when all rows share dtype and length, else the list of rows. With `pinned`, the rows
+    are views into `mm`, registered at `ptr`."""
 
     rows: list[torch.Tensor]
+    state: torch.Tensor | list[torch.Tensor]
     spec: tuple[tuple[torch.dtype, int], ...]  # (dtype, numel) per row
     nbytes: int
     ptr: int = 0
@@ -81,18 +84,32 @@ def row_spec(rows) -> tuple[tuple[torch.dtype, int], ...]:
     return tuple((r.dtype, r.numel()) for r in rows)
 
 
-def alloc_host(spec, pinner) -> HostBlock:
+def _uniform(spec) -> bool:
+    return len({(d, n) for d, n in spec}) == 1
+
+
+def alloc_rows(spec, device: torch.device) -> Rows:
+    """Plain rows for `spec` on `device` (one [n_rows, numel] tensor when the rows are uniform)."""
+    spec = tuple(spec)
+    if _uniform(spec):
+        state = torch.empty(len(spec), spec[0][1], dtype=spec[0][0], device=device)
+        rows = list(state)
+    else:
+        rows = state = [torch.empty(n, dtype=d, device=device) for d, n in spec]
+    return Rows(rows, state, spec, sum(r.numel() * r.element_size() for r in rows))
+
+
+def alloc_host(spec, pinner) -> Rows:
     """Host rows for `spec`. With a pinner: one page-aligned anonymous mmap, MADV_DONTFORK (and
     MADV_HUGEPAGE where the kernel has it, so registration walks 2 MiB pages), then registered.
     Without: plain torch.empty rows (nothing to pin, nothing that fork could break)."""
-    sizes = [torch.empty((), dtype=d).element_size() * n for d, n in spec]
+    spec = tuple(spec)
     if pinner is None:
-        rows = [torch.empty(n, dtype=d) for d, n in spec]
-        return HostBlock(rows, tuple(spec), sum(sizes))
-    offsets, off = [], 0
-    for s in sizes:
-        offsets.append(off)
-        off += -(-s // ROW_ALIGN) * ROW_ALIGN
+        return alloc_rows(spec, torch.device("cpu"))
+    sizes = [torch.empty((), dtype=d).element_size() * n for d, n in spec]
+    padded = [-(-s // ROW_ALIGN) * ROW_ALIGN for s in sizes]
+    offsets = [sum(padded[:k]) for k in range(len(padded))]
+    off = sum(padded)
     nbytes = max(mmap.PAGESIZE, -(-off // mmap.PAGESIZE) * mmap.PAGESIZE)
     mm = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     mm.madvise(mmap.MADV_DONTFORK)
@@ -101,8 +118,12 @@ def alloc_host(spec, pinner) -> HostBlock:
             mm.madvise(mmap.MADV_HUGEPAGE)
     base = torch.frombuffer(mm, dtype=torch.uint8)
     rows = [base[o:o + s].view(d) for o, s, (d, _) in zip(offsets, sizes, spec)]
+    state = rows
+    if _uniform(spec):  # one row-strided [n_rows, numel] view over the padded rows
+        dtype, numel = spec[0]
+        state = base[:off].view(dtype).view(len(spec), -1)[:, :numel]
     pinner.register(base.data_ptr(), nbytes)
-    return HostBlock(rows, tuple(spec), nbytes, base.data_ptr(), True, mm)
+    return Rows(rows, state, spec, nbytes, base.data_ptr(), True, mm)
 
 
 class MomentStore:
@@ -128,7 +149,7 @@ class MomentStore:
         if max_pinned_bytes is None and os.environ.get("LISA_FUSED_MAX_PINNED_BYTES"):
             max_pinned_bytes = int(os.environ["LISA_FUSED_MAX_PINNED_BYTES"])
         self.max_pinned_bytes = max_pinned_bytes
-        self._blocks: dict[int, HostBlock | list[torch.Tensor]] = {}  # block -> rows (host or device)
+        self._blocks: dict[int, Rows] = {}  # block -> its rows (host, or device under "device")
         self._saved: set[int] = set()  # blocks whose rows hold valid state
         self._written: dict[int, torch.cuda.Event] = {}  # block -> end of its last page-out
         self._read: dict[int, torch.cuda.Event] = {}  # block -> end of its last page-in
@@ -168,35 +189,33 @@ class MomentStore:
 
     def pinned_bytes(self) -> int:
         """Bytes of host memory registered (page-locked) by this store."""
-        return sum(h.nbytes for h in self._blocks.values() if isinstance(h, HostBlock) and h.pinned)
+        return sum(h.nbytes for h in self._blocks.values() if h.pinned)
 
     def reserved_bytes(self) -> int:
         """Bytes of host memory this store holds, saved or not ("host" policy)."""
-        return sum(h.nbytes for h in self._blocks.values() if isinstance(h, HostBlock))
+        return sum(h.nbytes for h in self._blocks.values()) if self.policy == "host" else 0
 
     def n_registered(self) -> int:
-        return sum(1 for h in self._blocks.values() if isinstance(h, HostBlock) and h.pinned)
+        return sum(1 for h in self._blocks.values() if h.pinned)
 
     def _free(self, block: int) -> None:
         h = self._blocks.pop(block, None)
         self._saved.discard(block)
-        if isinstance(h, HostBlock) and h.pinned:
+        if h is not None and h.pinned:
             self.pinner.unregister(h.ptr)
 
     def _buffer(self, block: int, spec) -> list[torch.Tensor]:
         """The rows of `block` for `spec`; a layout change frees (unregisters) the old ones first."""
         spec = tuple(spec)
         h = self._blocks.get(block)
-        if h is not None and (h.spec if isinstance(h, HostBlock) else row_spec(h)) == spec:
-            return h.rows if isinstance(h, HostBlock) else h
+        if h is not None and h.spec == spec:
+            return h.rows
         if h is not None:
             self.synchronize()  # a copy may still use the old rows
             self._free(block)
-        if self.policy == "host":
-            self._blocks[block] = h = alloc_host(spec, self.pinner)
-            return h.rows
-        self._blocks[block] = rows = [torch.empty(n, dtype=d, device=self.device) for d, n in spec]
-        return rows
+        h = alloc_host(spec, self.pinner) if self.policy == "host" else alloc_rows(spec, self.device)
+        self._blocks[block] = h
+        return h.rows
 
     def release(self) -> None:
         """Wait for every copy in flight, then unregister and drop all rows."""
@@ -218,13 +237,11 @@ class MomentStore:
     def has(self, block: int) -> bool:
         return block in self._saved
 
-    def get(self, block: int) -> list[torch.Tensor] | None:
-        """The saved rows of `block` (waits for copies in flight), or None."""
+    def get(self, block: int) -> torch.Tensor | list[torch.Tensor] | None:
+        """The saved state of `block` (waits for copies in flight): a [n_rows, numel] tensor when its
+        rows share dtype and length, else the list of 1-D rows; None when nothing is saved."""
         self.synchronize()
-        if block not in self._saved:
-            return None
-        h = self._blocks[block]
-        return h.rows if isinstance(h, HostBlock) else h
+        return self._blocks[block].state if block in self._saved else None
 
     def put(self, block: int, state) -> None:
         """Store `state` (rows: a [n_rows, len] tensor or a list of 1-D tensors) for `block` directly,
@@ -248,8 +265,7 @@ class MomentStore:
         """Bytes of saved state (what `host_bytes` / device-resident state reports)."""
         total = 0
         for b in self._saved:
-            h = self._blocks[b]
-            total += sum(r.numel() * r.element_size() for r in (h.rows if isinstance(h, HostBlock) else h))
+            total += sum(r.numel() * r.element_size() for r in self._blocks[b].rows)
         return total
 
     # -- the switch --------------------------------------------------------------------------------
@@ -287,8 +303,7 @@ class MomentStore:
                 if block in self._saved:
                     if cuda and block in self._written:
                         self.in_stream.wait_event(self._written.pop(block))
-                    h = self._blocks[block]
-                    for row, v in zip(h.rows if isinstance(h, HostBlock) else h, views):
+                    for row, v in zip(self._blocks[block].rows, views):
                         v.copy_(row, non_blocking=True)
                     if self.policy == "device":  # resident copies only for inactive blocks, as published LISA
                         self._free(block)

@@ -216,6 +216,10 @@ def test_host_store_is_pinned_at_construction_and_never_leaks(pinner):
         opt.load_state_dict(sd)
     assert len(pinner.live) == n_blocks and len(pinner.calls) == registered_at_construction
     assert opt.state_dict()["state"].keys() == sd["state"].keys()
+    saved = next(b for b in range(n_blocks) if store.has(b))
+    state = store.get(saved)  # uniform rows: one [n_rows, numel] view over the padded, registered rows
+    assert state.shape == (3, opt._packed.blocks[saved].length) and state.dtype == torch.float32
+    assert state[1, 5:9].data_ptr() == store._blocks[saved].rows[1][5:9].data_ptr()
 
     # a block whose layout changes gets new rows: the old range is unregistered first
     old_ptr = store._blocks[0].ptr

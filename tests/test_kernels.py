@@ -50,8 +50,9 @@ MODES = {
     "fp16": (torch.float16, torch.float16, None),
     "fp32-scaled": (torch.float32, None, 1024.0),
 }
-# Segment sizes of a packed buffer: the first one gives the case its name.
-LAYOUTS = {"1": [1], "4097": [4097, 1, 300, 129], "2^20+3": [2**20 + 3, 4097, 63]}
+# Segment sizes of a packed buffer: the first one gives the case its name. 3 * 2^14 + 5: full blocks and
+# a masked tail in one Triton program (interpreter BLOCK 2^14); 2^20 + 3: a chunk of full blocks only.
+LAYOUTS = {"1": [1], "4097": [4097, 1, 300, 129], "2^20+3": [2**20 + 3, 4097, 63, 3 * 2**14 + 5]}
 STEPS = 3
 
 
@@ -208,7 +209,25 @@ def uses_fma(backend: str) -> bool:
     """Whether `backend` rounds lerp/addcmul once (FMA) or twice, on this machine."""
     if backend == "cpu":
         return native._C.cpu_kernel_isa() == "avx2+fma"
+    if backend == "triton" and kernels.triton_interpreted():
+        return triton_interpreter_fuses_fma()
     return backend in ("cuda", "triton")
+
+
+def triton_interpreter_fuses_fma() -> bool:
+    """Triton's interpreter rounds tl.fma once from 3.7 on, twice before (3.6: x * y + z in numpy)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def fma_kernel(x_ptr, out_ptr):
+        x = tl.load(x_ptr)
+        tl.store(out_ptr, tl.fma(x, x, -tl.load(x_ptr + 1)))
+
+    x = torch.tensor([1 + 2**-23, 1 + 2**-22], dtype=torch.float32)  # x0 * x0 - x1 is 2^-46, or 0 rounded
+    out = torch.zeros(1)
+    fma_kernel[(1,)](x, out)
+    return out.item() != 0.0
 
 
 @pytest.mark.parametrize("backend", FUSED)
@@ -221,8 +240,8 @@ def test_bitwise_equal_to_reference_with_ieee_sqrt(backend, monkeypatch):
 
     torch_fma = torch.backends.cpu.get_cpu_capability() != "DEFAULT"
     if uses_fma(backend) != torch_fma:
-        pytest.skip(f"torch's CPU kernels ({torch.backends.cpu.get_cpu_capability()}) and {backend} round "
-                    f"lerp/addcmul differently on this machine")
+        pytest.skip(f"torch's CPU kernels ({torch.backends.cpu.get_cpu_capability()}, FMA: {torch_fma}) and "
+                    f"{backend} (FMA: {not torch_fma}) round lerp/addcmul differently on this machine")
     device = backend_device(backend)
     segments = pack([2**16 + 3, 4097, 1, 129])
     n = buffer_len(segments)

@@ -3,12 +3,14 @@
 One program per chunk (a slice of one segment): it reads its (segment, start, end) row and the segment's
 fp32 scalars from device tables and loops over the chunk in BLOCK-element steps. Only layout and mode
 flags are tl.constexpr (bf16 grads, param_lowp present and its dtype, grad_scale present, offset alignment,
-BLOCK; other grad dtypes are part of Triton's own signature specialization); lr, betas, eps and the per-step scalars are
-runtime values, so a schedule never recompiles. Runs on CUDA tensors, and on CPU tensors in the Triton
+BLOCK; other grad dtypes are part of Triton's own signature specialization); lr, betas, eps and the
+per-step scalars are runtime values, so a schedule never recompiles. A new mode is one more constexpr
+flag of `_update_block`, passed through by the kernel for both the unmasked main loop and the masked tail. Runs on CUDA tensors, and on CPU tensors in the Triton
 interpreter (TRITON_INTERPRET=1), where each program costs Python time: chunks and blocks are large there.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
 
@@ -24,9 +26,12 @@ except ImportError as exc:  # triton is optional (not on every platform)
     triton = None
     _IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
 
-# (elements per chunk, BLOCK, num_warps): on a GPU, chunks of a thread block's worth of work; in the
-# interpreter, few programs with big blocks.
-_GPU_CONFIG = (1 << 16, 1024, 4)
+# (elements per chunk, BLOCK, num_warps). On a GPU: 64K-element chunks and 4 elements per thread per
+# block (BLOCK = 4 * 32 * num_warps), as torch's fused AdamW does (ILP 4): one 128-bit access per fp32
+# stream, 64-bit for 16-bit ones, ~45 registers, and one layout for every stream (8 elements per thread
+# would give 16-bit streams a layout of their own and shared-memory conversions with barriers; see
+# tests/test_ptx.py). In the interpreter, few programs with big blocks.
+_GPU_CONFIG = (1 << 16, 1024, 8)
 _INTERPRETER_CONFIG = (1 << 20, 1 << 14, 4)
 
 
@@ -63,6 +68,56 @@ if triton is not None:
         return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
 
     @triton.jit
+    def _load(ptr, offs, end, MASKED: tl.constexpr):
+        if MASKED:
+            return tl.load(ptr + offs, mask=offs < end, other=0)
+        return tl.load(ptr + offs)
+
+    @triton.jit
+    def _store(ptr, offs, value, end, MASKED: tl.constexpr):
+        if MASKED:
+            tl.store(ptr + offs, value, mask=offs < end)
+        else:
+            tl.store(ptr + offs, value)
+
+    @triton.jit
+    def _update_block(
+        p_ptr, g_ptr, m_ptr, v_ptr, low_ptr, start, end, scale,
+        step_size, decay, bc2_sqrt, lerp_small, lerp_w, lerp_w_minus_1, beta2, one_minus_beta2, eps,
+        GRAD_BF16: tl.constexpr, HAS_LOWP: tl.constexpr, LOWP_BF16: tl.constexpr, HAS_SCALE: tl.constexpr,
+        BLOCK: tl.constexpr, MASKED: tl.constexpr,
+    ):
+        """AdamW on elements [start, start + BLOCK) (MASKED: and < end); start is int64."""
+        offs = start + tl.arange(0, BLOCK)
+        if GRAD_BF16:  # bf16 bits (an int16 view) widened by hand: exact, also for subnormals in
+            # the interpreter, whose own bf16 -> fp32 conversion is not
+            g = (_load(g_ptr, offs, end, MASKED).to(tl.int32) << 16).to(tl.float32, bitcast=True)
+        else:
+            g = _load(g_ptr, offs, end, MASKED).to(tl.float32)
+        if HAS_SCALE:
+            g = tl.div_rn(g, scale)
+        p = _load(p_ptr, offs, end, MASKED)
+        m = _load(m_ptr, offs, end, MASKED)
+        v = _load(v_ptr, offs, end, MASKED)
+        # same operations and roundings as csrc/adamw_math.h (FMAs where torch has them)
+        p = p * decay
+        if lerp_small:  # torch's lerp: weight 1 - beta1 below 0.5 or not
+            m = tl.fma(lerp_w, g - m, m)
+        else:
+            m = tl.fma(lerp_w_minus_1, g - m, g)
+        v = tl.fma(one_minus_beta2 * g, g, v * beta2)
+        denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps  # IEEE sqrt and division, as in C++/CUDA
+        p = p + tl.div_rn(-step_size * m, denom)
+        _store(p_ptr, offs, p, end, MASKED)
+        _store(m_ptr, offs, m, end, MASKED)
+        _store(v_ptr, offs, v, end, MASKED)
+        if HAS_LOWP:
+            if LOWP_BF16:
+                _store(low_ptr, offs, _round_bf16_rne(p), end, MASKED)
+            else:
+                _store(low_ptr, offs, p.to(tl.float16), end, MASKED)
+
+    @triton.jit
     def _adamw_packed_kernel(
         p_ptr, g_ptr, m_ptr, v_ptr, low_ptr, scale_ptr, chunks_ptr, table_ptr,
         lerp_small, lerp_w, lerp_w_minus_1, beta2, one_minus_beta2, eps,
@@ -79,39 +134,30 @@ if triton is not None:
         decay = tl.load(table_ptr + 4 * seg + 1)
         bc2_sqrt = tl.load(table_ptr + 4 * seg + 2)
         enabled = tl.load(table_ptr + 4 * seg + 3)
-        end = tl.where(enabled != 0.0, end, begin)  # a disabled segment runs no iteration
+        scale = 1.0
         if HAS_SCALE:
             scale = tl.load(scale_ptr)
-        for start in range(begin, end, BLOCK):
-            offs = start + tl.arange(0, BLOCK)
-            mask = offs < end
-            if GRAD_BF16:  # bf16 bits (an int16 view) widened by hand: exact, also for subnormals in
-                # the interpreter, whose own bf16 -> fp32 conversion is not
-                g = (tl.load(g_ptr + offs, mask=mask, other=0).to(tl.int32) << 16).to(tl.float32, bitcast=True)
-            else:
-                g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            if HAS_SCALE:
-                g = tl.div_rn(g, scale)
-            p = tl.load(p_ptr + offs, mask=mask, other=0.0)
-            m = tl.load(m_ptr + offs, mask=mask, other=0.0)
-            v = tl.load(v_ptr + offs, mask=mask, other=0.0)
-            # same operations and roundings as csrc/adamw_math.h (FMAs where torch has them)
-            p = p * decay
-            if lerp_small:  # torch's lerp: weight 1 - beta1 below 0.5 or not
-                m = tl.fma(lerp_w, g - m, m)
-            else:
-                m = tl.fma(lerp_w_minus_1, g - m, g)
-            v = tl.fma(one_minus_beta2 * g, g, v * beta2)
-            denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps  # IEEE sqrt and division, as in C++/CUDA
-            p = p + tl.div_rn(-step_size * m, denom)
-            tl.store(p_ptr + offs, p, mask=mask)
-            tl.store(m_ptr + offs, m, mask=mask)
-            tl.store(v_ptr + offs, v, mask=mask)
-            if HAS_LOWP:
-                if LOWP_BF16:
-                    tl.store(low_ptr + offs, _round_bf16_rne(p), mask=mask)
-                else:
-                    tl.store(low_ptr + offs, p.to(tl.float16), mask=mask)
+        if enabled != 0.0:  # a disabled segment runs no iteration
+            # Full blocks without a mask: with `start` a multiple of ALIGNMENT and the pointers 16-byte
+            # aligned, the loads and stores compile to 128-bit (v4) accesses; a mask on `offs < end`, of
+            # unknown divisibility, would split them into scalar ones. A while loop on a scalar condition:
+            # Triton 3.6's interpreter holds loaded scalars as 1-element arrays, which range() rejects.
+            start = begin
+            while start + BLOCK <= end:
+                if ALIGNMENT > 1:
+                    start = tl.multiple_of(start, ALIGNMENT)  # a loop-carried value loses the hint
+                _update_block(
+                    p_ptr, g_ptr, m_ptr, v_ptr, low_ptr, start, end, scale,
+                    step_size, decay, bc2_sqrt, lerp_small, lerp_w, lerp_w_minus_1, beta2, one_minus_beta2, eps,
+                    GRAD_BF16, HAS_LOWP, LOWP_BF16, HAS_SCALE, BLOCK, False,
+                )
+                start += BLOCK
+            if start < end:  # one masked block for the rest
+                _update_block(
+                    p_ptr, g_ptr, m_ptr, v_ptr, low_ptr, start, end, scale,
+                    step_size, decay, bc2_sqrt, lerp_small, lerp_w, lerp_w_minus_1, beta2, one_minus_beta2, eps,
+                    GRAD_BF16, HAS_LOWP, LOWP_BF16, HAS_SCALE, BLOCK, True,
+                )
 
 
 def _f32(x: float) -> float:
@@ -146,18 +192,21 @@ def adamw_packed_triton_(
     # The lerp weight and weight - 1 as the fp32 values the C++/CUDA kernels compute (the interpreter
     # would do scalar arithmetic in fp64), and the branch as a runtime value.
     w = _f32(one_minus_beta1)
-    _adamw_packed_kernel[(chunks.shape[0],)](
-        param, grad.view(torch.int16) if grad.dtype == torch.bfloat16 else grad, exp_avg, exp_avg_sq,
-        param if param_lowp is None else param_lowp,
-        param if grad_scale is None else grad_scale,
-        chunks, table,
-        int(w < 0.5), w, _f32(w - 1.0), beta2_, one_minus_beta2, eps_,
-        GRAD_BF16=grad.dtype == torch.bfloat16,
-        HAS_LOWP=param_lowp is not None,
-        LOWP_BF16=param_lowp is not None and param_lowp.dtype == torch.bfloat16,
-        HAS_SCALE=grad_scale is not None,
-        ALIGNMENT=ALIGN if offsets_aligned(segments) else 1,
-        BLOCK=block,
-        num_warps=num_warps,
-        enable_fp_fusion=False,  # the FMAs torch has are explicit (tl.fma); no others, e.g. p * decay + ...
-    )
+    # Triton launches on the current CUDA device, which may not be the buffers' one.
+    on_device = torch.cuda.device(param.device) if param.device.type == "cuda" else contextlib.nullcontext()
+    with on_device:
+        _adamw_packed_kernel[(chunks.shape[0],)](
+            param, grad.view(torch.int16) if grad.dtype == torch.bfloat16 else grad, exp_avg, exp_avg_sq,
+            param if param_lowp is None else param_lowp,
+            param if grad_scale is None else grad_scale,
+            chunks, table,
+            int(w < 0.5), w, _f32(w - 1.0), beta2_, one_minus_beta2, eps_,
+            GRAD_BF16=grad.dtype == torch.bfloat16,
+            HAS_LOWP=param_lowp is not None,
+            LOWP_BF16=param_lowp is not None and param_lowp.dtype == torch.bfloat16,
+            HAS_SCALE=grad_scale is not None,
+            ALIGNMENT=ALIGN if offsets_aligned(segments) else 1,
+            BLOCK=block,
+            num_warps=num_warps,
+            enable_fp_fusion=False,  # the FMAs torch has are explicit (tl.fma); no others, e.g. p * decay + ...
+        )

@@ -194,7 +194,7 @@ class Sampler:
     """
 
     name = "sampler"
-    learns = False  # True: the state changes with training, so draw() takes rank 0's copy first
+    shares_state = False  # True: draw() first takes rank 0's state (it learns, or reads reductions)
 
     def __init__(self, n_blocks: int, options: SamplerOptions | None = None):
         if isinstance(n_blocks, bool) or not isinstance(n_blocks, int) or n_blocks < 1:
@@ -223,7 +223,7 @@ class Sampler:
         if not 1 <= n_active <= n_blocks:
             raise ValueError(f"n_active={n_active} must be in 1..{n_blocks}")
         self._refresh()
-        if self.learns:
+        if self.shares_state:
             self.broadcast_state()
         return tuple(sorted(self._pick(self._weights(), n_active, generator)))
 
@@ -392,7 +392,7 @@ class GradNormSampler(Sampler):
     """
 
     name = "grad_norm"
-    learns = True
+    shares_state = True
 
     def __init__(self, n_blocks, options=None):
         super().__init__(n_blocks, options)
@@ -457,6 +457,7 @@ class GradNormMeter:
     def reset(self, segment_blocks: Sequence[int | None]) -> None:
         self.segment_blocks = tuple(None if b is None else int(b) for b in segment_blocks)
         self.sumsq = torch.zeros(len(self.segment_blocks), dtype=torch.float32, device=self.device)
+        self.device = self.sumsq.device  # "cuda" -> "cuda:0", as tensors report it
         self.n_steps = 0
 
     def add(self, sumsq: torch.Tensor) -> None:
@@ -586,7 +587,7 @@ class OutlierSampler(Sampler):
     All ratios 0 (no entry beyond M x mean anywhere): uniform."""
 
     name = "outlier"
-    learns = True  # ratios come from reductions that may differ by a ulp between ranks: take rank 0's
+    shares_state = True  # ratios come from reductions that could differ by a ulp between ranks
 
     def __init__(self, n_blocks, ratios_fn: Callable[[], Sequence[float]], options=None):
         super().__init__(n_blocks, options)
@@ -616,34 +617,39 @@ class OutlierSampler(Sampler):
 class LossFeedbackSampler(Sampler):
     """IST-style (Yao et al. 2024): blocks trained while the loss fell faster than usual get more likely.
 
-    Each step `observe_loss(loss, active_blocks)` records the loss (kept as given, read at the switch).
-    At each switch (`draw`), the interval just ended (the k-th, n losses, active set A) is scored:
-        smoothed loss   L <- beta*L + (1-beta)*loss per loss in order (L starts at the first loss);
-        reward          R = (L_start - L_end) / n       smoothed-loss decrease per step of this interval
-        advantage       a = R - Rbar                     Rbar: running average of past intervals' R
+    Each step `observe_loss(loss, active_blocks)` records the loss. At each switch (`draw`) the interval
+    just ended (n losses after its start, active set A) is scored:
+        smoothed loss   L <- beta*L + (1-beta)*loss per loss, in order (L starts at the very first loss)
+        reward          R = (L_start - L_end) / n        smoothed-loss decrease per step of this interval
+        advantage       a = R - Rbar                     Rbar: running average of earlier intervals' R
                                                          (first interval: a = 0, Rbar = R)
         scale           c <- d*c + (1-d)*|a|             (c = |a| the first time a != 0; d = ema_decay)
-        scores          H_b += score_lr * a / c for b in A, then H -= mean(H)   (a/c lies in [-1/(1-d), 1/(1-d)])
+        scores          H_b += score_lr * a / c for b in A, then H -= mean(H)   (|a/c| <= 1/(1-d))
         baseline        Rbar <- d*Rbar + (1-d)*R
-    This is the gradient-bandit rule (Sutton & Barto 2018, sec. 2.8: preferences move by reward minus a
-    running-average baseline, probabilities are their softmax) with the reward made unit-free by c.
+    This is the gradient-bandit rule (Sutton & Barto 2018, sec. 2.8: preferences move by the reward minus
+    a running-average baseline; probabilities are their softmax), with the reward made unit-free by c.
     Probabilities: p = floor + (1 - N*floor) * softmax(H / T).
-    The smoothing lags by about 1/(1-beta) steps: keep switch_every well above that. Non-finite losses are
-    skipped with a warning; an interval without losses changes nothing (warned once).
+
+    The smoothing lags by about 1/(1-beta) steps: keep switch_every well above that. Tensor losses stay
+    on their device until the switch (or every 256 steps): no per-step host sync. Non-finite losses are
+    skipped with a warning; an interval without a loss changes nothing (warned once).
     """
 
     name = "loss_feedback"
-    learns = True
+    shares_state = True
+    _FOLD_EVERY = 256  # pending losses read to the host at least this often (bounded memory)
 
     def __init__(self, n_blocks, options=None):
         super().__init__(n_blocks, options)
         self.options.floor_for(n_blocks)
         self.scores = [0.0] * n_blocks
-        self.loss_ema: float | None = None
+        self.loss_ema: float | None = None  # L at the start of the current interval
         self.baseline: float | None = None
         self.scale: float | None = None
         self.intervals = 0  # intervals that updated the scores
-        self._pending: list = []  # this interval's losses (floats or 1-element tensors)
+        self._run: float | None = None  # L after this interval's losses so far
+        self._n = 0  # losses in this interval after its start
+        self._pending: list = []  # losses not yet folded into _run (floats or 0-dim tensors)
         self._interval_blocks: list[int] | None = None
         self._warned_empty = False
 
@@ -661,37 +667,41 @@ class LossFeedbackSampler(Sampler):
             raise ValueError(f"observe_loss: active_blocks {idx} changed within an interval that began with "
                              f"{self._interval_blocks}; the sampler's draw() must run at every switch")
         self._pending.append(loss)
+        if len(self._pending) >= self._FOLD_EVERY:
+            self._fold()
 
-    def _losses(self) -> list[float]:
+    def _fold(self) -> None:
+        """Read pending losses (one host transfer for the tensors) into the running smoothed loss."""
         tensors = [x for x in self._pending if isinstance(x, torch.Tensor)]
         host = iter(torch.stack([t.double() for t in tensors]).cpu().tolist() if tensors else [])
-        return [next(host) if isinstance(x, torch.Tensor) else float(x) for x in self._pending]
+        losses = [next(host) if isinstance(x, torch.Tensor) else float(x) for x in self._pending]
+        self._pending = []
+        beta = self.options.loss_smoothing
+        bad = 0
+        for x in losses:
+            if not math.isfinite(x):
+                bad += 1
+            elif self.loss_ema is None:  # the very first loss starts the average; it is not a step of decrease
+                self.loss_ema = x
+            else:
+                self._run = beta * (self.loss_ema if self._run is None else self._run) + (1.0 - beta) * x
+                self._n += 1
+        if bad:
+            logger.warning("loss_feedback sampler: skipped %d non-finite losses", bad)
 
     def _refresh(self):
-        """Close the interval that just ended (one host transfer for tensor losses)."""
-        losses, blocks = self._losses(), self._interval_blocks
-        self._pending, self._interval_blocks = [], None
-        finite = [x for x in losses if math.isfinite(x)]
-        if len(finite) != len(losses):
-            logger.warning("loss_feedback sampler: skipped %d non-finite losses", len(losses) - len(finite))
-        if not finite:
-            if blocks is not None or self.loss_ema is not None:
-                if not self._warned_empty:
-                    logger.warning("loss_feedback sampler: an interval ended without a finite loss; pass "
-                                   "step(closure) or call observe_loss every step (scores unchanged)")
-                    self._warned_empty = True
+        """Close the interval that just ended and update the scores."""
+        self._fold()
+        blocks, n = self._interval_blocks, self._n
+        self._interval_blocks = None
+        if n == 0:
+            if blocks is not None and self.intervals > 0 and not self._warned_empty:
+                logger.warning("loss_feedback sampler: an interval ended without a finite loss after its start; "
+                               "pass step(closure) or call observe_loss every step (scores unchanged)")
+                self._warned_empty = True
             return
-        beta = self.options.loss_smoothing
-        start = self.loss_ema
-        if start is None:  # very first losses: the EMA starts at the first one, which is not a step of decrease
-            start = self.loss_ema = finite.pop(0)
-        for x in finite:
-            self.loss_ema = beta * self.loss_ema + (1.0 - beta) * x
-        if not finite:
-            return
-        self._update(blocks, (start - self.loss_ema) / len(finite))
-
-    def _update(self, blocks: list[int], reward: float) -> None:
+        reward = (self.loss_ema - self._run) / n
+        self.loss_ema, self._run, self._n = self._run, None, 0
         d = self.options.ema_decay
         adv = 0.0 if self.baseline is None else reward - self.baseline
         self.baseline = reward if self.baseline is None else d * self.baseline + (1.0 - d) * reward
@@ -709,16 +719,16 @@ class LossFeedbackSampler(Sampler):
         return self._with_floor(torch.softmax(h, dim=0))
 
     def _state(self):
+        self._fold()
         return {"scores": list(self.scores), "loss_ema": self.loss_ema, "baseline": self.baseline,
-                "scale": self.scale, "intervals": self.intervals, "pending": self._losses(),
+                "scale": self.scale, "intervals": self.intervals, "run": self._run, "n": self._n,
                 "interval_blocks": self._interval_blocks}
 
     def _load(self, state):
         self.scores = [float(s) for s in state["scores"]]
-        self.loss_ema, self.baseline, self.scale = (None if state[k] is None else float(state[k])
-                                                    for k in ("loss_ema", "baseline", "scale"))
-        self.intervals = int(state["intervals"])
-        self._pending = [float(x) for x in state["pending"]]
+        self.loss_ema, self.baseline, self.scale, self._run = (
+            None if state[k] is None else float(state[k]) for k in ("loss_ema", "baseline", "scale", "run"))
+        self.intervals, self._n, self._pending = int(state["intervals"]), int(state["n"]), []
         ib = state["interval_blocks"]
         self._interval_blocks = None if ib is None else [int(b) for b in ib]
 

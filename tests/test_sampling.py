@@ -200,6 +200,19 @@ def test_loss_feedback_favours_the_block_active_during_fast_descent(caplog):
         s.observe_loss(torch.ones(2), [0])
 
 
+def test_loss_feedback_tensor_losses_match_floats_and_memory_is_bounded():
+    a, b = S.LossFeedbackSampler(3), S.LossFeedbackSampler(3)
+    g1, g2 = gen(), gen()
+    for k in range(4):
+        for step in range(300):  # more than one fold per interval
+            x = 5.0 - 0.01 * step * (k + 1)
+            a.observe_loss(x, [k % 3])
+            b.observe_loss(torch.tensor(x, dtype=torch.float64), [k % 3])  # fp32 would round x
+        assert len(b._pending) < S.LossFeedbackSampler._FOLD_EVERY
+        assert a(3, 1, g1) == b(3, 1, g2)
+    assert a.state_dict() == b.state_dict() and a.intervals == 4 and a.scores != [0.0] * 3
+
+
 # -- options -----------------------------------------------------------------------------------------------
 
 
@@ -325,7 +338,9 @@ def _two_rank_worker(rank, path):
 @pytest.mark.distributed
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
 def test_two_ranks_share_rank0_state_and_shard_outlier_ratios(tmp_path):
-    torch.multiprocessing.spawn(_two_rank_worker, args=(str(tmp_path),), nprocs=2, join=True)
+    # fork: the workers inherit this process's imports (a spawned one re-imports torch, ~10 s on 2 cores)
+    torch.multiprocessing.start_processes(_two_rank_worker, args=(str(tmp_path),), nprocs=2, join=True,
+                                          start_method="fork")
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2))
     assert r0["draws"] == r1["draws"]
     assert r0["state"] == r1["state"] and r0["state"]["intervals"] > 0

@@ -27,6 +27,22 @@ struct PackedArgs {
   int grad_dtype = kFloat32;
   int lowp_dtype = kNone;
   Hyper hyper{};
+  int n_cols = kNumCols;  // row stride of `table`: kNumCols or kNumColsLean
+
+  // Lean state (kernels/contract.py). Defaults: fp32 moments, fp32 master, no grad_sumsq, which runs the
+  // original fast loops. Anything else runs the block-wise lean loop.
+  int moments = kMomFp32;        // MomentFormat: exp_avg/exp_avg_sq are float32*, uint16_t* (bf16), uint8_t*
+  int master = kMasterFp32;      // MasterMode: param is float32* (fp32) or param_dtype* (kahan, stochastic)
+  int param_dtype = kFloat32;    // storage dtype of `param`
+  uintptr_t exp_avg_scale = 0;   // float* [ceil(N / block)] (8bit/4bit) or 0
+  uintptr_t exp_avg_sq_scale = 0;
+  uintptr_t compensation = 0;    // param_dtype* [N] (kahan) or 0
+  uintptr_t qtable = 0;          // const float* [4][256] (8bit/4bit) or 0
+  uintptr_t bounds = 0;          // const int64_t* [S, 2] (offset, numel) per segment (lean loop)
+  uintptr_t grad_sumsq = 0;      // float* [S] or 0: sum of g*g per enabled segment is added
+  uint32_t seed = 0;             // stochastic-rounding seed
+
+  bool lean() const { return moments != kMomFp32 || master != kMasterFp32 || grad_sumsq != 0; }
 };
 
 // CPU kernel (adamw_cpu.cpp): OpenMP over chunks with `num_threads` threads. Throws on bad dtypes.

@@ -6,6 +6,7 @@
 // with -ffp-contract=off so that the compiler adds no FMA of its own.
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "adamw.h"
 
@@ -89,11 +90,227 @@ ChunkFn pick_lowp(int lowp, bool scale, bool small) {
   throw std::invalid_argument("param_lowp dtype code " + std::to_string(lowp) + " is not bfloat16/float16");
 }
 
+
+// ---------------------------------------------------------------------------------------- lean state
+// Moment formats, master modes and grad_sumsq (kernels/contract.py). The chunk is walked in pieces of
+// one quantization block (256 elements otherwise): load and dequantize into fp32 arrays, the same
+// adamw_element as above, then requantize from the piece's absmax. Segment starts are multiples of
+// ALIGN and chunk lengths multiples of it too, so every piece is exactly one block of one segment.
+constexpr int kPiece = 256;
+
+struct LeanSeg {
+  SegScalars s;
+  int64_t offset;  // segment start in the packed buffer (SR indices are relative to it)
+  uint32_t key_p, key_m, key_v;
+};
+
+template <bool kFused>
+LF_HD float lean_piece(const PackedArgs& a, int64_t b, int64_t e, const LeanSeg& ls, bool small) {
+  float P[kPiece], M[kPiece], V[kPiece], G[kPiece];
+  const int n = static_cast<int>(e - b);
+  // grad -> fp32, unscaled
+  switch (a.grad_dtype) {
+    case kFloat32: { auto g = reinterpret_cast<const float*>(a.grad) + b; for (int i = 0; i < n; ++i) G[i] = g[i]; break; }
+    case kBFloat16: { auto g = reinterpret_cast<const uint16_t*>(a.grad) + b; for (int i = 0; i < n; ++i) G[i] = bf16_to_f32(g[i]); break; }
+    default: { auto g = reinterpret_cast<const uint16_t*>(a.grad) + b; for (int i = 0; i < n; ++i) G[i] = f16_to_f32(g[i]); break; }
+  }
+  if (a.grad_scale != 0) {
+    const float scale = *reinterpret_cast<const float*>(a.grad_scale);
+    for (int i = 0; i < n; ++i) G[i] = G[i] / scale;
+  }
+  float sumsq = 0.0f;
+  if (a.grad_sumsq != 0) {
+    for (int i = 0; i < n; ++i) sumsq += G[i] * G[i];  // element order (no reassociation)
+  }
+  // param -> fp32 (kahan: p + compensation)
+  if (a.master == kMasterFp32) {
+    auto p = reinterpret_cast<const float*>(a.param) + b;
+    for (int i = 0; i < n; ++i) P[i] = p[i];
+  } else {
+    auto p = reinterpret_cast<const uint16_t*>(a.param) + b;
+    const bool bf = a.param_dtype == kBFloat16;
+    for (int i = 0; i < n; ++i) P[i] = bf ? bf16_to_f32(p[i]) : f16_to_f32(p[i]);
+    if (a.master == kMasterKahan) {
+      auto c = reinterpret_cast<const uint16_t*>(a.compensation) + b;
+      for (int i = 0; i < n; ++i) P[i] = P[i] + (bf ? bf16_to_f32(c[i]) : f16_to_f32(c[i]));
+    }
+  }
+  // moments -> fp32
+  const float* qt = reinterpret_cast<const float*>(a.qtable);
+  switch (a.moments) {
+    case kMomFp32: {
+      auto m = reinterpret_cast<const float*>(a.exp_avg) + b, v = reinterpret_cast<const float*>(a.exp_avg_sq) + b;
+      for (int i = 0; i < n; ++i) { M[i] = m[i]; V[i] = v[i]; }
+      break;
+    }
+    case kMomBf16: {
+      auto m = reinterpret_cast<const uint16_t*>(a.exp_avg) + b, v = reinterpret_cast<const uint16_t*>(a.exp_avg_sq) + b;
+      for (int i = 0; i < n; ++i) { M[i] = bf16_to_f32(m[i]); V[i] = bf16_to_f32(v[i]); }
+      break;
+    }
+    case kMom8bit: {
+      auto m = reinterpret_cast<const uint8_t*>(a.exp_avg) + b, v = reinterpret_cast<const uint8_t*>(a.exp_avg_sq) + b;
+      const float sm = reinterpret_cast<const float*>(a.exp_avg_scale)[b / 256];
+      const float sv = reinterpret_cast<const float*>(a.exp_avg_sq_scale)[b / 256];
+      for (int i = 0; i < n; ++i) { M[i] = qt[m[i]] * sm; V[i] = qt[2 * kQTableRow + v[i]] * sv; }
+      break;
+    }
+    default: {  // 4bit, two codes per byte; b is even
+      auto m = reinterpret_cast<const uint8_t*>(a.exp_avg) + b / 2, v = reinterpret_cast<const uint8_t*>(a.exp_avg_sq) + b / 2;
+      const float sm = reinterpret_cast<const float*>(a.exp_avg_scale)[b / 128];
+      const float sv = reinterpret_cast<const float*>(a.exp_avg_sq_scale)[b / 128];
+      for (int i = 0; i < n; ++i) {
+        const int shift = (i & 1) * 4;
+        M[i] = qt[(m[i >> 1] >> shift) & 0xf] * sm;
+        V[i] = qt[2 * kQTableRow + ((v[i >> 1] >> shift) & 0xf)] * sv;
+      }
+      break;
+    }
+  }
+  const Hyper h = a.hyper;
+  for (int i = 0; i < n; ++i) adamw_element<kFused>(P[i], M[i], V[i], G[i], ls.s, h, small);
+  // store moments
+  const uint32_t idx0 = static_cast<uint32_t>(b - ls.offset);
+  switch (a.moments) {
+    case kMomFp32: {
+      auto m = reinterpret_cast<float*>(a.exp_avg) + b, v = reinterpret_cast<float*>(a.exp_avg_sq) + b;
+      for (int i = 0; i < n; ++i) { m[i] = M[i]; v[i] = V[i]; }
+      break;
+    }
+    case kMomBf16: {
+      auto m = reinterpret_cast<uint16_t*>(a.exp_avg) + b, v = reinterpret_cast<uint16_t*>(a.exp_avg_sq) + b;
+      for (int i = 0; i < n; ++i) {
+        m[i] = f32_to_bf16_sr(M[i], sr_bits(ls.key_m, idx0 + i));
+        v[i] = f32_to_bf16_sr(V[i], sr_bits(ls.key_v, idx0 + i));
+      }
+      break;
+    }
+    case kMom8bit:
+    case kMom4bit: {
+      const bool four = a.moments == kMom4bit;
+      float am = 0.0f, av = 0.0f;
+      for (int i = 0; i < n; ++i) { am = fmaxf(am, fabsf(M[i])); av = fmaxf(av, fabsf(V[i])); }
+      const int64_t blk = b / (four ? 128 : 256);
+      reinterpret_cast<float*>(a.exp_avg_scale)[blk] = am;
+      reinterpret_cast<float*>(a.exp_avg_sq_scale)[blk] = av;
+      uint8_t cm[kPiece], cv[kPiece];
+      if (four) {
+        for (int i = 0; i < n; ++i) {
+          cm[i] = static_cast<uint8_t>(nearest_code<4>(normalize(M[i], am), qt + kQTableRow));
+          cv[i] = static_cast<uint8_t>(nearest_code<4>(normalize(V[i], av), qt + 3 * kQTableRow));
+        }
+        if (n & 1) { cm[n] = 0; cv[n] = 0; }  // an odd tail's high nibble is written as 0
+        auto m = reinterpret_cast<uint8_t*>(a.exp_avg) + b / 2, v = reinterpret_cast<uint8_t*>(a.exp_avg_sq) + b / 2;
+        for (int j = 0; j < (n + 1) / 2; ++j) {
+          m[j] = static_cast<uint8_t>(cm[2 * j] | (cm[2 * j + 1] << 4));
+          v[j] = static_cast<uint8_t>(cv[2 * j] | (cv[2 * j + 1] << 4));
+        }
+      } else {
+        auto m = reinterpret_cast<uint8_t*>(a.exp_avg) + b, v = reinterpret_cast<uint8_t*>(a.exp_avg_sq) + b;
+        for (int i = 0; i < n; ++i) {
+          m[i] = static_cast<uint8_t>(nearest_code<8>(normalize(M[i], am), qt + kQTableRow));
+          v[i] = static_cast<uint8_t>(nearest_code<8>(normalize(V[i], av), qt + 3 * kQTableRow));
+        }
+      }
+      break;
+    }
+  }
+  // store param
+  if (a.master == kMasterFp32) {
+    auto p = reinterpret_cast<float*>(a.param) + b;
+    for (int i = 0; i < n; ++i) p[i] = P[i];
+    if (a.lowp_dtype != kNone) {
+      auto low = reinterpret_cast<uint16_t*>(a.param_lowp) + b;
+      const bool bf = a.lowp_dtype == kBFloat16;
+      for (int i = 0; i < n; ++i) low[i] = bf ? f32_to_bf16(P[i]) : f32_to_f16(P[i]);
+    }
+  } else if (a.master == kMasterKahan) {
+    auto p = reinterpret_cast<uint16_t*>(a.param) + b;
+    auto c = reinterpret_cast<uint16_t*>(a.compensation) + b;
+    if (a.param_dtype == kBFloat16) {
+      for (int i = 0; i < n; ++i) { const uint16_t hi = f32_to_bf16(P[i]); p[i] = hi; c[i] = f32_to_bf16(P[i] - bf16_to_f32(hi)); }
+    } else {
+      for (int i = 0; i < n; ++i) { const uint16_t hi = f32_to_f16(P[i]); p[i] = hi; c[i] = f32_to_f16(P[i] - f16_to_f32(hi)); }
+    }
+  } else {
+    auto p = reinterpret_cast<uint16_t*>(a.param) + b;
+    for (int i = 0; i < n; ++i) p[i] = f32_to_bf16_sr(P[i], sr_bits(ls.key_p, idx0 + i));
+  }
+  return sumsq;
+}
+
+using LeanFn = float (*)(const PackedArgs&, int64_t, int64_t, const LeanSeg&, bool);
+
+template <bool kFused>
+LF_HD float lean_chunk(const PackedArgs& a, int64_t begin, int64_t end, const LeanSeg& ls, bool small) {
+  const int64_t piece = a.moments == kMom4bit ? 128 : kPiece;
+  float sumsq = 0.0f;
+  for (int64_t b = begin; b < end; b += piece) sumsq += lean_piece<kFused>(a, b, b + piece < end ? b + piece : end, ls, small);
+  return sumsq;
+}
+
+float lean_chunk_baseline(const PackedArgs& a, int64_t b, int64_t e, const LeanSeg& ls, bool small) {
+  return lean_chunk<false>(a, b, e, ls, small);
+}
+#ifdef LF_AVX2_COPY
+__attribute__((target("avx2,fma"))) float lean_chunk_avx2(const PackedArgs& a, int64_t b, int64_t e,
+                                                          const LeanSeg& ls, bool small) {
+  return lean_chunk<true>(a, b, e, ls, small);
+}
+#endif
+
+void lean_cpu(const PackedArgs& a, int num_threads) {
+  if (a.moments < kMomFp32 || a.moments > kMom4bit) throw std::invalid_argument("moments code " + std::to_string(a.moments));
+  if (a.master < kMasterFp32 || a.master > kMasterStochastic) throw std::invalid_argument("master code " + std::to_string(a.master));
+  if (a.grad_dtype < kFloat32 || a.grad_dtype > kFloat16) throw std::invalid_argument("grad dtype code " + std::to_string(a.grad_dtype));
+  if (a.master != kMasterFp32 && a.param_dtype != kBFloat16 && a.param_dtype != kFloat16) throw std::invalid_argument("param dtype code " + std::to_string(a.param_dtype));
+  if ((a.moments == kMom8bit || a.moments == kMom4bit) && (a.qtable == 0 || a.exp_avg_scale == 0 || a.exp_avg_sq_scale == 0)) throw std::invalid_argument("quantized moments need qtable and both scale buffers");
+  if (a.bounds == 0) throw std::invalid_argument("the lean loop needs the segment bounds table");
+  LeanFn fn = lean_chunk_baseline;
+#ifdef LF_AVX2_COPY
+  if (use_avx2()) fn = lean_chunk_avx2;
+#endif
+  const bool small = a.hyper.one_minus_beta1 < 0.5f;
+  const int64_t* chunks = reinterpret_cast<const int64_t*>(a.chunks);
+  const int64_t* bounds = reinterpret_cast<const int64_t*>(a.bounds);
+  const double* table = reinterpret_cast<const double*>(a.table);
+  const bool sr = a.n_cols >= kNumColsLean;
+  const int64_t n_chunks = a.n_chunks;
+  std::vector<float> partial(a.grad_sumsq != 0 ? n_chunks : 0, 0.0f);
+#pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads < 1 ? 1 : num_threads)
+  for (int64_t c = 0; c < n_chunks; ++c) {
+    const int64_t seg = chunks[3 * c];
+    const double* row = table + seg * a.n_cols;
+    if (row[kEnabled] == 0.0) continue;
+    LeanSeg ls;
+    ls.s.step_size = static_cast<float>(row[kStepSize]);
+    ls.s.decay = static_cast<float>(row[kDecay]);
+    ls.s.bc2_sqrt = static_cast<float>(row[kBc2Sqrt]);
+    ls.offset = bounds[2 * seg];
+    const uint32_t pid = sr ? static_cast<uint32_t>(row[kParamId]) : 0u, step = sr ? static_cast<uint32_t>(row[kStep]) : 0u;
+    ls.key_p = segment_key(a.seed, pid, step, kLaneParam);
+    ls.key_m = segment_key(a.seed, pid, step, kLaneExpAvg);
+    ls.key_v = segment_key(a.seed, pid, step, kLaneExpAvgSq);
+    const float s = fn(a, chunks[3 * c + 1], chunks[3 * c + 2], ls, small);
+    if (a.grad_sumsq != 0) partial[c] = s;
+  }
+  if (a.grad_sumsq != 0) {  // chunk order: deterministic whatever the thread schedule
+    float* out = reinterpret_cast<float*>(a.grad_sumsq);
+    for (int64_t c = 0; c < n_chunks; ++c) {
+      if (table[chunks[3 * c] * a.n_cols + kEnabled] != 0.0) out[chunks[3 * c]] += partial[c];
+    }
+  }
+}
+
 }  // namespace
 
 const char* cpu_kernel_isa() { return use_avx2() ? "avx2+fma" : "baseline"; }
 
 void adamw_cpu(const PackedArgs& a, int num_threads) {
+  if (a.lean()) {
+    lean_cpu(a, num_threads);
+    return;
+  }
   const bool scale = a.grad_scale != 0;
   const bool small = a.hyper.one_minus_beta1 < 0.5f;  // which branch torch's lerp takes
   ChunkFn fn;
@@ -110,7 +327,7 @@ void adamw_cpu(const PackedArgs& a, int num_threads) {
   const int64_t n_chunks = a.n_chunks;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads < 1 ? 1 : num_threads)
   for (int64_t c = 0; c < n_chunks; ++c) {
-    const double* row = table + chunks[3 * c] * kNumCols;
+    const double* row = table + chunks[3 * c] * a.n_cols;
     if (row[kEnabled] == 0.0) continue;
     SegScalars s;
     s.step_size = static_cast<float>(row[kStepSize]);

@@ -25,8 +25,17 @@ namespace lisa_fused {
 // dtype codes shared with the Python wrapper (kernels/native.py).
 enum DType : int { kNone = -1, kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 
-// Columns of the per-segment table, as in kernels/contract.py.
-enum Col : int { kStepSize = 0, kDecay = 1, kBc2Sqrt = 2, kEnabled = 3, kNumCols = 4 };
+// Columns of the per-segment table, as in kernels/contract.py. Tables have kNumCols or kNumColsLean
+// columns (the row stride is passed with the table).
+enum Col : int { kStepSize = 0, kDecay = 1, kBc2Sqrt = 2, kEnabled = 3, kParamId = 4, kStep = 5 };
+constexpr int kNumCols = 4;
+constexpr int kNumColsLean = 6;
+
+// Lean-state modes, codes shared with kernels/quant.py (FORMAT_CODE, MASTER_CODE).
+enum MomentFormat : int { kMomFp32 = 0, kMomBf16 = 1, kMom8bit = 2, kMom4bit = 3 };
+enum MasterMode : int { kMasterFp32 = 0, kMasterKahan = 1, kMasterStochastic = 2 };
+// Stochastic-rounding lanes (quant.LANE_*): one bit stream per stored quantity.
+enum SrLane : uint32_t { kLaneParam = 0, kLaneExpAvg = 1, kLaneExpAvgSq = 2 };
 
 // Launch-wide scalars, computed on the host in double and rounded once to fp32.
 struct Hyper {
@@ -163,5 +172,59 @@ LF_HD void adamw_element(float& p, float& m, float& v, float g, const SegScalars
   const float denom = sqrtf(v) / s.bc2_sqrt + h.eps;
   p = p + (-s.step_size * m) / denom;
 }
+
+// ------------------------------------------------------------------ stochastic rounding (quant.py)
+// The one definition of the SR bits; kernels/quant.py (torch) and the Triton kernel mirror it exactly.
+constexpr uint32_t kGolden = 0x9E3779B9u;
+
+// Bijective 32-bit finalizer (hash-prospector's low-bias constants).
+LF_HD uint32_t mix32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x21F0AAADu;
+  x ^= x >> 15;
+  x *= 0xD35A2D97u;
+  x ^= x >> 15;
+  return x;
+}
+
+// Per (segment, step, lane) key; computed once per segment.
+LF_HD uint32_t segment_key(uint32_t seed, uint32_t param_id, uint32_t step, uint32_t lane) {
+  uint32_t k = mix32(seed ^ kGolden);
+  k = mix32(k ^ param_id);
+  k = mix32(k ^ step);
+  return mix32(k + lane);
+}
+
+// 32 random bits for element `index` (within the parameter) under `key`.
+LF_HD uint32_t sr_bits(uint32_t key, uint32_t index) { return mix32(key + index * kGolden); }
+
+// fp32 -> bf16 with stochastic rounding: add the top 16 random bits to the fp32 pattern, truncate.
+LF_HD uint16_t f32_to_bf16_sr(float x, uint32_t bits) {
+  const uint32_t u = f32_bits(x);
+  const uint32_t r = (u + (bits >> 16)) >> 16;
+  return static_cast<uint16_t>((u & 0x7fffffffu) > 0x7f800000u ? 0x7fc0u : r);
+}
+
+// ------------------------------------------------------------------ block-wise quantization (quant.py)
+// The shared table (quant.kernel_table): fp32 [4][256] rows m-map, m-midpoints, v-map, v-midpoints,
+// unused midpoint entries +inf.
+constexpr int kQTableRow = 256;
+
+// Number of midpoints below xn (the code of the nearest map value): a branchless binary search over
+// 2^kBits - 1 sorted fp32 midpoints. Equals torch.searchsorted(mid, xn, right=False).
+template <int kBits>
+LF_HD uint32_t nearest_code(float xn, const float* mid) {
+  uint32_t pos = 0;
+#ifdef __CUDACC__
+#pragma unroll
+#endif
+  for (uint32_t step = 1u << (kBits - 1); step > 0; step >>= 1) {
+    pos += mid[pos + step - 1] < xn ? step : 0u;
+  }
+  return pos;
+}
+
+// x / absmax as the quantizer sees it (0 for an all-zero block).
+LF_HD float normalize(float x, float absmax) { return absmax == 0.0f ? 0.0f : x / absmax; }
 
 }  // namespace lisa_fused

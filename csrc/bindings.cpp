@@ -26,7 +26,7 @@ namespace {
 PackedArgs make_args(uintptr_t param, uintptr_t grad, uintptr_t exp_avg, uintptr_t exp_avg_sq,
                      uintptr_t param_lowp, uintptr_t grad_scale, uintptr_t chunks, int64_t n_chunks,
                      uintptr_t table, int grad_dtype, int lowp_dtype, double one_minus_beta1, double beta2,
-                     double one_minus_beta2, double eps) {
+                     double one_minus_beta2, double eps, const py::dict& lean) {
   for (auto [name, ptr] : {std::pair<const char*, uintptr_t>{"param", param},
                            {"grad", grad},
                            {"exp_avg", exp_avg},
@@ -55,15 +55,36 @@ PackedArgs make_args(uintptr_t param, uintptr_t grad, uintptr_t exp_avg, uintptr
   a.hyper.beta2 = static_cast<float>(beta2);
   a.hyper.one_minus_beta2 = static_cast<float>(one_minus_beta2);
   a.hyper.eps = static_cast<float>(eps);
+  // Lean-state fields (adamw.h PackedArgs), by name; absent keys keep the fp32 defaults.
+  for (auto item : lean) {
+    const std::string key = py::cast<std::string>(item.first);
+    const py::handle val = item.second;
+    if (key == "n_cols") a.n_cols = py::cast<int>(val);
+    else if (key == "moments") a.moments = py::cast<int>(val);
+    else if (key == "master") a.master = py::cast<int>(val);
+    else if (key == "param_dtype") a.param_dtype = py::cast<int>(val);
+    else if (key == "exp_avg_scale") a.exp_avg_scale = py::cast<uintptr_t>(val);
+    else if (key == "exp_avg_sq_scale") a.exp_avg_sq_scale = py::cast<uintptr_t>(val);
+    else if (key == "compensation") a.compensation = py::cast<uintptr_t>(val);
+    else if (key == "qtable") a.qtable = py::cast<uintptr_t>(val);
+    else if (key == "bounds") a.bounds = py::cast<uintptr_t>(val);
+    else if (key == "grad_sumsq") a.grad_sumsq = py::cast<uintptr_t>(val);
+    else if (key == "seed") a.seed = py::cast<uint32_t>(val);
+    else throw std::invalid_argument("unknown lean argument '" + key + "'");
+  }
+  if (a.n_cols != lisa_fused::kNumCols && a.n_cols != lisa_fused::kNumColsLean) {
+    throw std::invalid_argument("table has " + std::to_string(a.n_cols) + " columns, expected 4 or 6");
+  }
+  if (a.lean() && a.bounds == 0 && n_chunks > 0) throw std::invalid_argument("lean state needs `bounds`");
   return a;
 }
 
 void adamw_cpu(uintptr_t param, uintptr_t grad, uintptr_t exp_avg, uintptr_t exp_avg_sq, uintptr_t param_lowp,
                uintptr_t grad_scale, uintptr_t chunks, int64_t n_chunks, uintptr_t table, int grad_dtype,
                int lowp_dtype, double one_minus_beta1, double beta2, double one_minus_beta2, double eps,
-               int num_threads) {
+               int num_threads, const py::dict& lean) {
   const PackedArgs a = make_args(param, grad, exp_avg, exp_avg_sq, param_lowp, grad_scale, chunks, n_chunks,
-                                 table, grad_dtype, lowp_dtype, one_minus_beta1, beta2, one_minus_beta2, eps);
+                                 table, grad_dtype, lowp_dtype, one_minus_beta1, beta2, one_minus_beta2, eps, lean);
   py::gil_scoped_release release;
   lisa_fused::adamw_cpu(a, num_threads);
 }
@@ -81,10 +102,10 @@ void require_gpu() {
 void adamw_cuda(uintptr_t param, uintptr_t grad, uintptr_t exp_avg, uintptr_t exp_avg_sq, uintptr_t param_lowp,
                 uintptr_t grad_scale, uintptr_t chunks, int64_t n_chunks, uintptr_t table, int grad_dtype,
                 int lowp_dtype, double one_minus_beta1, double beta2, double one_minus_beta2, double eps,
-                int device, uintptr_t stream) {
+                int device, uintptr_t stream, const py::dict& lean) {
 #ifdef LISA_FUSED_WITH_CUDA
   const PackedArgs a = make_args(param, grad, exp_avg, exp_avg_sq, param_lowp, grad_scale, chunks, n_chunks,
-                                 table, grad_dtype, lowp_dtype, one_minus_beta1, beta2, one_minus_beta2, eps);
+                                 table, grad_dtype, lowp_dtype, one_minus_beta1, beta2, one_minus_beta2, eps, lean);
   require_gpu();
   const std::string err = lisa_fused::adamw_cuda(a, device, stream);
   if (!err.empty()) throw std::runtime_error("lisa_fused._C.adamw_cuda: " + err);
@@ -122,9 +143,10 @@ PYBIND11_MODULE(_C, m) {
       py::arg("grad_scale"), py::arg("chunks"), py::arg("n_chunks"), py::arg("table"), py::arg("grad_dtype"), \
       py::arg("lowp_dtype"), py::arg("one_minus_beta1"), py::arg("beta2"), py::arg("one_minus_beta2"),       \
       py::arg("eps")
-  m.def("adamw_cpu", &adamw_cpu, LF_PACKED_ARGS, py::arg("num_threads"),
-        "AdamW over a packed buffer on the CPU (pointers as integers; table: float64 [S, 4] host)");
-  m.def("adamw_cuda", &adamw_cuda, LF_PACKED_ARGS, py::arg("device"), py::arg("stream"),
-        "AdamW over a packed buffer on `stream` of `device` (table: float32 [S, 4] on the device)");
+  m.def("adamw_cpu", &adamw_cpu, LF_PACKED_ARGS, py::arg("num_threads"), py::arg("lean") = py::dict(),
+        "AdamW over a packed buffer on the CPU (pointers as integers; table: float64 [S, n_cols] host); "
+        "`lean`: dict of PackedArgs lean fields (csrc/adamw.h), e.g. moments, master, qtable, bounds");
+  m.def("adamw_cuda", &adamw_cuda, LF_PACKED_ARGS, py::arg("device"), py::arg("stream"), py::arg("lean") = py::dict(),
+        "AdamW over a packed buffer on `stream` of `device` (table: float32 [S, n_cols] on the device)");
 #undef LF_PACKED_ARGS
 }

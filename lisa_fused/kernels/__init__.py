@@ -111,16 +111,32 @@ def _impl(backend: str):
 def adamw_packed_(
     param, grad, exp_avg, exp_avg_sq, segments: Segments, hparams, *,
     beta1: float, beta2: float, eps: float, param_lowp=None, grad_scale=None, backend: str = "torch",
-    check: bool = True,
+    check: bool = True, moments: str = "fp32", master_weights: str = "fp32", exp_avg_scale=None,
+    exp_avg_sq_scale=None, compensation=None, seed: int = 0, grad_sumsq=None,
 ) -> None:
-    """AdamW over every enabled segment of the packed buffers, in place, with `backend`."""
-    if check:
-        check_buffers(param, grad, exp_avg, exp_avg_sq, segments, hparams, param_lowp, grad_scale)
+    """AdamW over every enabled segment of the packed buffers, in place, with `backend`.
+
+    Lean state (moments, master_weights, their buffers, seed) and the grad_sumsq output: contract.py."""
+    lean = moments != "fp32" or master_weights != "fp32" or grad_sumsq is not None
+    if check and lean:
+        from .contract import check_lean
+
+        check_lean(param, exp_avg, exp_avg_sq, segments, hparams, moments=moments, master_weights=master_weights,
+                   exp_avg_scale=exp_avg_scale, exp_avg_sq_scale=exp_avg_sq_scale, compensation=compensation,
+                   param_lowp=param_lowp, seed=seed, grad_sumsq=grad_sumsq, grad=grad, grad_scale=grad_scale)
+    elif check:
+        check_buffers(param, grad, exp_avg, exp_avg_sq, segments, hparams[:, :N_COLS], param_lowp, grad_scale)
     if len(segments) == 0:
         return
+    extra = {}
+    if lean:
+        extra = dict(moments=moments, master_weights=master_weights, exp_avg_scale=exp_avg_scale,
+                     exp_avg_sq_scale=exp_avg_sq_scale, compensation=compensation, seed=seed, grad_sumsq=grad_sumsq)
+    else:
+        hparams = hparams[:, :N_COLS].contiguous()  # the fp32 kernels read [S, N_COLS] tables
     _impl(backend)(
         param, grad, exp_avg, exp_avg_sq, segments, hparams,
-        beta1=beta1, beta2=beta2, eps=eps, param_lowp=param_lowp, grad_scale=grad_scale,
+        beta1=beta1, beta2=beta2, eps=eps, param_lowp=param_lowp, grad_scale=grad_scale, **extra,
     )
 
 

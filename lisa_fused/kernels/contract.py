@@ -1,28 +1,72 @@
 """The data contract every AdamW backend implements.
 
 A packed buffer is a flat 1-D tensor; a *segment* is one parameter tensor inside it (offset, numel).
-Per step the optimizer hands over a host table `hparams` of shape [S, 4], float64, one row per segment:
+Per step the optimizer hands over a host table `hparams`, float64, one row per segment, of shape
+[S, N_COLS] (fp32 state, master weights "fp32") or [S, N_COLS_LEAN] (required whenever stochastic
+rounding is used: master_weights="stochastic" or moments="bf16"):
 
     COL_STEP_SIZE  lr / (1 - beta1**step)                   (bias-corrected step size)
     COL_DECAY      1 - lr * weight_decay                    (decoupled weight decay factor)
     COL_BC2_SQRT   sqrt(1 - beta2**step)
-    COL_ENABLED    1.0 to update this segment, 0.0 to leave param and moments untouched
+    COL_ENABLED    1.0 to update this segment, 0.0 to leave param, moments, scales, compensation and
+                   grad_sumsq untouched
+    COL_PARAM_ID   integer id of the parameter (stable across switches and resumes; the optimizer's
+                   param index), 0 <= id < 2**24 (exact in the fp32 device table)
+    COL_STEP       integer step count of this segment (the `step` of the bias corrections), 0 <= step
+                   < 2**24; with COL_PARAM_ID and the launch's `seed` it keys the stochastic rounding
 
 The scalars are computed on the host in double, so every backend starts from the same rounded fp32
 values that torch's AdamW feeds its kernels. Element math, in fp32 whatever the storage dtype:
 
     g  = grad / grad_scale            (grad_scale: optional 1-element fp32 tensor on the device)
+    grad_sumsq[s] += g * g            (optional fp32 [S] device tensor; summed over the segment)
+    p  = load_param()                 (see master weights)
+    m, v = load_moments()             (see moment formats)
     p  = p * decay
     m  = m + (1 - beta1) * (g - m)     (torch's lerp for weight < 0.5)
     v  = v * beta2 + (1 - beta2) * g * g
     p  = p - step_size * (m / (sqrt(v) / bc2_sqrt + eps))
-    param_lowp = round_to_nearest_even(p)   (optional bf16/fp16 copy)
+    store_moments(m, v); store_param(p)
 
 Roundings, as torch's own CPU kernels do them (reference.py calls those kernels): the m and v updates
 are one fused multiply-add each where the CPU has FMA (torch's AVX2/AVX-512 kernels; every GPU), two
 roundings otherwise; p is updated as p + ((-step_size * m) / denom). The native kernels do the same and
 take a correctly rounded sqrt, where torch's CPU sqrt is off by one ulp on some inputs: with that one
-exception they match the reference bit for bit (tests/test_kernels.py).
+exception they match the reference bit for bit (tests/test_kernels.py, tests/test_lean_kernels.py).
+
+Moment formats (`moments=`, the same for exp_avg and exp_avg_sq; formats and maps in quant.py):
+    "fp32"  exp_avg, exp_avg_sq: float32 [N]. Today's exact AdamW (the default).
+    "bf16"  bfloat16 [N], stored with stochastic rounding (lanes 1 and 2 of quant.sr_bits). Round to
+            nearest stalls v: with beta2 = 0.999 an update (1 - beta2) * g^2 below half a bf16 ulp of v
+            is lost every step, so v cannot decay after the gradient scale drops; SR keeps it unbiased.
+    "8bit"  uint8 codes [N] + fp32 scales [ceil(N / 256)] per moment (exp_avg_scale, exp_avg_sq_scale):
+            block-wise dynamic quantization, Dettmers et al. 2022 (bnb >= 0.44 / torchao block 256).
+    "4bit"  uint8 [ceil(N / 2)] (two codes per byte) + fp32 scales [ceil(N / 128)]: Li et al. 2023
+            (block 128; signed dynamic map for m, linear map without zero for v, as torchao / lpmm).
+    Quantized moments are dequantized (map[code] * scale) on load and requantized on store from the new
+    block absmax; each kernel handles whole blocks, so a block's scale is the max over its segment
+    elements. The sign fix of bnb's kernel and its NaN policy are not used (torchao does neither):
+    a NaN or inf gradient in a quantized block leaves that block's codes and scale unspecified.
+
+Master weights (`master_weights=`):
+    "fp32"        param: float32 [N] master; optional param_lowp (bf16/fp16 [N]) gets
+                  round_to_nearest_even(p). Today's behaviour (the default).
+    "kahan"       param: bf16 or fp16 [N] (no fp32 master), compensation: same dtype [N]. The fp32 value
+                  is p + c (optimi's Kahan-compensated update): load p = f32(param) + f32(comp);
+                  store param = rne(p), comp = rne(p - f32(param)). param_lowp must be None.
+    "stochastic"  param: bf16 [N] (no master, no compensation): param = SR(p) with lane 0 of
+                  quant.sr_bits. param_lowp must be None.
+
+Stochastic rounding bits (quant.sr_bits, csrc/adamw_math.h sr_bits, the Triton kernel: one definition):
+the 32-bit word mix32(key + index * 0x9E3779B9), key = quant.segment_key(seed, COL_PARAM_ID, COL_STEP,
+lane), index = element index within the parameter (< 2**32); SR adds its top 16 bits to the fp32
+pattern and truncates to bf16. Same seed, param id, step and index give the same bits on every backend
+and in a resumed run.
+
+grad_sumsq (issue 13): fp32 [S] on the buffers' device; each enabled segment's sum of g*g is ADDED
+(the caller zeroes it when it starts a window). Summation order is backend specific: the CPU kernel
+sums per chunk in element order and adds the chunk partials in chunk order (deterministic); the GPU
+kernels add per-block partials with atomics. Compare with a relative tolerance (~1e-5), not bitwise.
 """
 from __future__ import annotations
 
@@ -30,12 +74,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-COL_STEP_SIZE, COL_DECAY, COL_BC2_SQRT, COL_ENABLED = range(4)
-N_COLS = 4
+COL_STEP_SIZE, COL_DECAY, COL_BC2_SQRT, COL_ENABLED, COL_PARAM_ID, COL_STEP = range(6)
+N_COLS = 4  # the columns every table has
+N_COLS_LEAN = 6  # with COL_PARAM_ID and COL_STEP (needed for stochastic rounding)
 
 # Segment offsets in packed buffers are multiples of this many elements: 16-byte vector loads work for
-# fp32 (4 elements) and bf16 (8), and 64 keeps every segment start on a 128/256-byte boundary.
-ALIGN = 64
+# fp32 (4 elements) and bf16 (8), and 256 is a multiple of every quantization block (quant.BLOCK: 256
+# for 8-bit, 128 for 4-bit), so no block of codes holds two parameters.
+ALIGN = 256
 
 
 @dataclass
@@ -68,3 +114,97 @@ class Segments:
 def host_scalars(beta1: float, beta2: float, eps: float) -> tuple[float, float, float, float]:
     """(1-beta1, beta2, 1-beta2, eps): computed in double on the host, then handed to kernels."""
     return 1.0 - beta1, beta2, 1.0 - beta2, eps
+
+
+def check_lean(param, exp_avg, exp_avg_sq, segments: Segments, hparams, *, moments: str, master_weights: str,
+               exp_avg_scale=None, exp_avg_sq_scale=None, compensation=None, param_lowp=None, seed: int = 0,
+               grad_sumsq=None, grad=None, grad_scale=None) -> None:
+    """Validate every buffer of a lean-state call (kernels.check_buffers does it for the fp32 defaults):
+    formats, dtypes, shapes, devices, the SR columns. Raises ValueError naming the bad value and the fix
+    before any kernel sees a pointer."""
+    from . import quant
+
+    if moments not in quant.FORMATS:
+        raise ValueError(f"Invalid moments format {moments!r}; choose one of {quant.FORMATS}")
+    if master_weights not in quant.MASTER_WEIGHTS:
+        raise ValueError(f"Invalid master_weights {master_weights!r}; choose one of {quant.MASTER_WEIGHTS}")
+    n, dev = param.numel(), param.device
+    want_param = {"fp32": (torch.float32,), "kahan": (torch.bfloat16, torch.float16),
+                  "stochastic": (torch.bfloat16,)}[master_weights]
+    if param.dtype not in want_param:
+        raise ValueError(f"master_weights={master_weights!r} needs param of dtype {want_param}, got {param.dtype}")
+    if master_weights != "fp32" and param_lowp is not None:
+        raise ValueError(f"master_weights={master_weights!r} updates param in place; pass param_lowp=None")
+    if param.dim() != 1 or not param.is_contiguous():
+        raise ValueError(f"param must be a contiguous 1-D tensor, got shape {tuple(param.shape)}")
+    if grad is not None:
+        if grad.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"grad must be float32, bfloat16 or float16, got {grad.dtype}")
+        if grad.device != dev or grad.dim() != 1 or grad.numel() != n or not grad.is_contiguous():
+            raise ValueError(f"grad must be a contiguous 1-D tensor of {n} elements on {dev}, "
+                             f"got {tuple(grad.shape)} on {grad.device}")
+    if param_lowp is not None and (param_lowp.dtype not in (torch.bfloat16, torch.float16) or param_lowp.device != dev
+                                   or param_lowp.shape != param.shape or not param_lowp.is_contiguous()):
+        raise ValueError(f"param_lowp must be a contiguous bfloat16/float16 [{n}] tensor on {dev}, "
+                         f"got {param_lowp.dtype} {tuple(param_lowp.shape)} on {param_lowp.device}")
+    if grad_scale is not None and (grad_scale.numel() != 1 or grad_scale.device != dev
+                                   or grad_scale.dtype != torch.float32):
+        raise ValueError(f"grad_scale must be a 1-element float32 tensor on {dev}, "
+                         f"got {grad_scale.dtype} {tuple(grad_scale.shape)} on {grad_scale.device}")
+    if (hparams.device.type != "cpu" or hparams.dtype != torch.float64 or hparams.dim() != 2
+            or hparams.shape[0] != len(segments) or hparams.shape[1] not in (N_COLS, N_COLS_LEAN)):
+        raise ValueError(f"hparams must be a float64 CPU tensor of shape ({len(segments)}, {N_COLS} or "
+                         f"{N_COLS_LEAN}), got {hparams.dtype} {tuple(hparams.shape)} on {hparams.device}")
+
+    def need(name, t, dtype, numel):
+        if t is None:
+            raise ValueError(f"{name} is required (a {dtype} [{numel}] tensor on {dev})")
+        if t.device != dev or t.dtype != dtype or t.dim() != 1 or t.numel() != numel or not t.is_contiguous():
+            raise ValueError(f"{name} must be a contiguous {dtype} [{numel}] tensor on {dev}, "
+                             f"got {t.dtype} {tuple(t.shape)} on {t.device}")
+
+    def forbid(name, t, why):
+        if t is not None:
+            raise ValueError(f"{name} must be None {why}")
+
+    if master_weights == "kahan":
+        need("compensation", compensation, param.dtype, n)
+    else:
+        forbid("compensation", compensation, f"with master_weights={master_weights!r}")
+    if moments in quant.BLOCK:
+        for name, t in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
+            need(name, t, torch.uint8, quant.codes_numel(n, moments))
+        for name, t in (("exp_avg_scale", exp_avg_scale), ("exp_avg_sq_scale", exp_avg_sq_scale)):
+            need(name, t, torch.float32, quant.n_blocks(n, moments))
+    else:
+        dtype = torch.float32 if moments == "fp32" else torch.bfloat16
+        need("exp_avg", exp_avg, dtype, n)
+        need("exp_avg_sq", exp_avg_sq, dtype, n)
+        forbid("exp_avg_scale", exp_avg_scale, f"with moments={moments!r} (no scales)")
+        forbid("exp_avg_sq_scale", exp_avg_sq_scale, f"with moments={moments!r} (no scales)")
+    if grad_sumsq is not None:
+        need("grad_sumsq", grad_sumsq, torch.float32, len(segments))
+    for off, cnt in segments.bounds:
+        if off + cnt > n:
+            raise ValueError(f"segment (offset={off}, numel={cnt}) runs past the buffer end ({n})")
+        if off % ALIGN:
+            raise ValueError(f"segment offset {off} is not a multiple of ALIGN={ALIGN} (lean formats need it)")
+        if cnt >= 1 << 32:
+            raise ValueError(f"segment of {cnt} elements: lean formats index elements with 32 bits")
+    if uses_sr(moments, master_weights):
+        if not 0 <= int(seed) < 1 << 32:
+            raise ValueError(f"seed must be in [0, 2**32), got {seed}")
+        if hparams.dim() != 2 or hparams.shape[1] < N_COLS_LEAN:
+            raise ValueError(f"stochastic rounding (moments={moments!r}, master_weights={master_weights!r}) "
+                             f"needs hparams with {N_COLS_LEAN} columns (COL_PARAM_ID, COL_STEP), "
+                             f"got shape {tuple(hparams.shape)}")
+        ids = hparams[:, COL_PARAM_ID:COL_STEP + 1]
+        bad = (ids != ids.floor()) | (ids < 0) | (ids >= 1 << 24)
+        if bool(bad.any()):
+            raise ValueError("hparams COL_PARAM_ID / COL_STEP must be integers in [0, 2**24), got "
+                             f"{ids[bad.any(dim=1)][:3].tolist()}")
+
+
+def uses_sr(moments: str, master_weights: str) -> bool:
+    """True when this mode draws stochastic-rounding bits (needs seed and the N_COLS_LEAN table)."""
+    return moments == "bf16" or master_weights == "stochastic"

@@ -13,6 +13,7 @@ import functools
 
 import torch
 
+from . import quant
 from .contract import Segments, host_scalars
 from ._tables import chunk_table, dtype_code, segment_table
 
@@ -78,16 +79,38 @@ def _pointer_args(param, grad, exp_avg, exp_avg_sq, param_lowp, grad_scale, chun
     )
 
 
-def _cpu_kernel(param, grad, exp_avg, exp_avg_sq, param_lowp, grad_scale, chunks, hparams, beta1, beta2, eps):
+def _lean_args(param, hparams, segments_bounds, moments, master_weights, exp_avg_scale, exp_avg_sq_scale,
+               compensation, seed, grad_sumsq):
+    """The `lean` dict of csrc/adamw.h PackedArgs fields (empty for the fp32 defaults)."""
+    lean = {"n_cols": hparams.shape[1]}
+    if moments == "fp32" and master_weights == "fp32" and grad_sumsq is None:
+        return lean
+    lean.update(
+        moments=quant.FORMAT_CODE[moments], master=quant.MASTER_CODE[master_weights],
+        param_dtype=dtype_code(param.dtype), exp_avg_scale=_ptr(exp_avg_scale),
+        exp_avg_sq_scale=_ptr(exp_avg_sq_scale), compensation=_ptr(compensation),
+        qtable=_ptr(quant.kernel_table(moments, param.device) if moments in quant.BLOCK else None),
+        bounds=_ptr(segments_bounds), grad_sumsq=_ptr(grad_sumsq), seed=int(seed),
+    )
+    return lean
+
+
+def _cpu_kernel(param, grad, exp_avg, exp_avg_sq, param_lowp, grad_scale, chunks, hparams, beta1, beta2, eps,
+                moments="fp32", master_weights="fp32", exp_avg_scale=None, exp_avg_sq_scale=None,
+                compensation=None, grad_sumsq=None, bounds=None, seed=0):
     C = _require("cpu")
     table = hparams.contiguous()  # float64, read as is by the CPU kernel
     C.adamw_cpu(
         **_pointer_args(param, grad, exp_avg, exp_avg_sq, param_lowp, grad_scale, chunks, table, beta1, beta2, eps),
         num_threads=torch.get_num_threads(),
+        lean=_lean_args(param, table, bounds, moments, master_weights, exp_avg_scale, exp_avg_sq_scale,
+                        compensation, seed, grad_sumsq),
     )
 
 
-def _cuda_kernel(param, grad, exp_avg, exp_avg_sq, param_lowp, grad_scale, chunks, hparams, beta1, beta2, eps):
+def _cuda_kernel(param, grad, exp_avg, exp_avg_sq, param_lowp, grad_scale, chunks, hparams, beta1, beta2, eps,
+                 moments="fp32", master_weights="fp32", exp_avg_scale=None, exp_avg_sq_scale=None,
+                 compensation=None, grad_sumsq=None, bounds=None, seed=0):
     C = _require("cuda")
     table = segment_table(hparams, param.device)
     device = param.device.index
@@ -95,6 +118,8 @@ def _cuda_kernel(param, grad, exp_avg, exp_avg_sq, param_lowp, grad_scale, chunk
         **_pointer_args(param, grad, exp_avg, exp_avg_sq, param_lowp, grad_scale, chunks, table, beta1, beta2, eps),
         device=device,
         stream=torch.cuda.current_stream(device).cuda_stream,
+        lean=_lean_args(param, hparams, bounds, moments, master_weights, exp_avg_scale, exp_avg_sq_scale,
+                        compensation, seed, grad_sumsq),
     )
 
 
@@ -102,7 +127,10 @@ _KERNELS = {"cpu": _cpu_kernel, "cuda": _cuda_kernel}
 
 
 @torch.library.custom_op(
-    "lisa_fused::adamw_packed", mutates_args=("param", "exp_avg", "exp_avg_sq", "param_lowp"), device_types=()
+    "lisa_fused::adamw_packed",
+    mutates_args=("param", "exp_avg", "exp_avg_sq", "param_lowp", "exp_avg_scale", "exp_avg_sq_scale",
+                  "compensation", "grad_sumsq"),
+    device_types=(),
 )
 def adamw_packed_op(
     param: torch.Tensor,
@@ -116,9 +144,18 @@ def adamw_packed_op(
     beta1: float,
     beta2: float,
     eps: float,
+    moments: str = "fp32",
+    master_weights: str = "fp32",
+    exp_avg_scale: torch.Tensor | None = None,
+    exp_avg_sq_scale: torch.Tensor | None = None,
+    compensation: torch.Tensor | None = None,
+    grad_sumsq: torch.Tensor | None = None,
+    bounds: torch.Tensor | None = None,
+    seed: int = 0,
 ) -> None:
     """AdamW over the packed buffers. `chunks`: int64 [C, 3] on the buffers' device (_tables.chunk_table);
-    `hparams`: the float64 [S, 4] host table of contract.py."""
+    `hparams`: the float64 [S, 4 or 6] host table of contract.py; lean arguments as contract.py, with
+    `bounds` the int64 [S, 2] (offset, numel) table on the buffers' device (lean modes only)."""
     raise NotImplementedError(f"lisa_fused::adamw_packed has no kernel for {param.device.type} tensors")
 
 
@@ -127,11 +164,14 @@ adamw_packed_op.register_kernel("cuda")(_cuda_kernel)
 
 
 @adamw_packed_op.register_fake
-def _adamw_packed_fake(param, grad, exp_avg, exp_avg_sq, param_lowp, grad_scale, chunks, hparams, beta1, beta2, eps):
+def _adamw_packed_fake(param, grad, exp_avg, exp_avg_sq, param_lowp, grad_scale, chunks, hparams, beta1, beta2, eps,
+                       moments="fp32", master_weights="fp32", exp_avg_scale=None, exp_avg_sq_scale=None,
+                       compensation=None, grad_sumsq=None, bounds=None, seed=0):
     return None
 
 
-def _run(backend, chunk, param, grad, exp_avg, exp_avg_sq, segments, hparams, beta1, beta2, eps, param_lowp, grad_scale):
+def _run(backend, chunk, param, grad, exp_avg, exp_avg_sq, segments, hparams, beta1, beta2, eps, param_lowp, grad_scale,
+         **lean):
     _require(backend)
     # The optimizer may skip check_buffers (check=False); these two mistakes would hand the kernel
     # pointers of the wrong kind, so they are checked on every call.
@@ -143,10 +183,15 @@ def _run(backend, chunk, param, grad, exp_avg, exp_avg_sq, segments, hparams, be
     if chunks.shape[0] == 0:
         return
     args = (param, grad, exp_avg, exp_avg_sq, param_lowp, grad_scale, chunks, hparams, float(beta1), float(beta2), float(eps))
+    if lean:  # lean state (contract.py): the kernel needs each segment's offset for its SR indices
+        key = ("bounds", str(param.device))
+        if key not in segments.cache:
+            segments.cache[key] = segments.tensor().to(param.device)
+        lean["bounds"] = segments.cache[key]
     if torch.compiler.is_compiling():
-        adamw_packed_op(*args)
+        adamw_packed_op(*args, **lean)
     else:
-        _KERNELS[backend](*args)
+        _KERNELS[backend](*args, **lean)
 
 
 def adamw_packed_cpu_(
@@ -162,9 +207,12 @@ def adamw_packed_cpu_(
     eps: float,
     param_lowp: torch.Tensor | None = None,
     grad_scale: torch.Tensor | None = None,
+    **lean,
 ) -> None:
-    """The C++ CPU kernel (OpenMP over chunks); same contract as adamw_packed_reference_."""
-    _run("cpu", CPU_CHUNK, param, grad, exp_avg, exp_avg_sq, segments, hparams, beta1, beta2, eps, param_lowp, grad_scale)
+    """The C++ CPU kernel (OpenMP over chunks); same contract as adamw_packed_reference_ (`lean`: its
+    lean-state keywords, validated by contract.check_lean)."""
+    _run("cpu", CPU_CHUNK, param, grad, exp_avg, exp_avg_sq, segments, hparams, beta1, beta2, eps, param_lowp, grad_scale,
+         **lean)
 
 
 def adamw_packed_cuda_(
@@ -180,6 +228,9 @@ def adamw_packed_cuda_(
     eps: float,
     param_lowp: torch.Tensor | None = None,
     grad_scale: torch.Tensor | None = None,
+    **lean,
 ) -> None:
-    """The CUDA kernel, one launch on the current stream; same contract as adamw_packed_reference_."""
-    _run("cuda", CUDA_CHUNK, param, grad, exp_avg, exp_avg_sq, segments, hparams, beta1, beta2, eps, param_lowp, grad_scale)
+    """The CUDA kernel, one launch on the current stream; same contract as adamw_packed_reference_ (`lean`:
+    its lean-state keywords, validated by contract.check_lean)."""
+    _run("cuda", CUDA_CHUNK, param, grad, exp_avg, exp_avg_sq, segments, hparams, beta1, beta2, eps, param_lowp, grad_scale,
+         **lean)

@@ -1,16 +1,26 @@
 #!/usr/bin/env bash
-# One pass over everything that needs a GPU, for a CUDA machine without network (an H200 here).
-# Builds and installs lisa_fused (the CUDA extension included), prints versions, runs the GPU tests,
-# `lisa-fused bench` on a Llama-2-7B-shaped model, the benchmarks, and the rest of the test suite on
-# CUDA, in that order (most informative first). Every stage has its own timeout inside one overall deadline (under 8 minutes); a failing stage
-# is reported and the next one runs; the exit status is non-zero if any stage failed.
+# One pass over everything that needs a GPU, for a CUDA machine without network (an H200 here: torch
+# 2.11, triton 3.6.0, driver 580, nvcc 13.0), sized to one ~10-minute call: the stage budgets below add
+# up to DEADLINE_S (480 s) and --dry-run fails when they do not fit. Most informative first:
+#
+#   precheck       driver vs the CUDA runtime lisa_fused._C links, setuptools/wheel/pybind11 (no GPU work)
+#   install        pip install --no-build-isolation --no-deps . (sm_90 only: LISA_FUSED_CUDA_ARCHS=90)
+#   versions       nvidia-smi, torch/triton/lisa_fused versions, which backends can run
+#   gpu-tests      every test marked `gpu` (paging race test and store round trip on real streams, ...)
+#   bench-kernels  7B-shaped active set: packed CUDA / Triton vs torch AdamW fused / foreach, GB/s, % copy
+#   bench-switch   page-out + page-in vs pinned host<->device bandwidth; switch step vs normal step
+#   bench-7b       lisa-fused bench on Llama-2-7B shape: full vs LoRA r=128 vs FusedLISA (host, device)
+#   kernel-tests   tests/test_kernels.py on CUDA tensors (every backend against the reference)
+#
+# A failing stage is reported and the next one runs; the exit status is non-zero if any stage failed.
 #
 #   OUT=/path benchmarks/gpu_check.sh    # on the GPU machine (OUT defaults to /tmp/lisa_fused_gpu_check)
-#   benchmarks/gpu_check.sh --dry-run    # print the stages, their limits and commands; run nothing
+#   benchmarks/gpu_check.sh --dry-run    # print the plan: stages, budgets, their sum, commands; run nothing
 #   benchmarks/gpu_check.sh --cpu        # rehearse on a CPU machine: same stages, small, no install
 #
-# Files (8 at most, none deeper than $OUT/bench/): summary.txt, gpu_check.log, versions.txt,
-# benchmarks.json, bench/results.json, bench/results.md, bench/bench.png.
+# Everything goes under $OUT: results.md, results.json (device, driver, versions, date, command, numbers),
+# summary.txt, gpu_check.log, precheck.json, versions.txt, bench-kernels.json, bench-switch.json,
+# bench/results.{json,md}, bench/bench.png: ready to copy to benchmarks/results/.
 set -u
 TARGET=gpu
 DRY=0
@@ -21,28 +31,38 @@ for arg in "$@"; do
     *) echo "usage: $0 [--cpu] [--dry-run]" >&2; exit 2 ;;
   esac
 done
+COMMAND="benchmarks/gpu_check.sh $*"
 
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 OUT=${OUT:-/tmp/lisa_fused_gpu_check}
 PY=${PYTHON:-python3}
-DEADLINE=$((SECONDS + 460))   # all stages together: 7 min 40 s
+DEADLINE_S=${GPU_CHECK_DEADLINE_S:-480}  # all stages together; the device call itself is limited to 600 s
+# name:budget_s, in the order they run
+PLAN=(precheck:15 install:120 versions:15 gpu-tests:75 bench-kernels:55 bench-switch:45 bench-7b:110
+      kernel-tests:45)
+DEADLINE=$((SECONDS + DEADLINE_S))
 FAILED=0
-WORK=$(mktemp -d)             # pytest's cwd and the bench cache (base weights, per-method files): not kept
-trap 'rm -rf "$WORK"' EXIT
+
+budget_of() { local s; for s in "${PLAN[@]}"; do [ "${s%%:*}" = "$1" ] && { echo "${s##*:}"; return; }; done; echo 0; }
+TOTAL=0
+for s in "${PLAN[@]}"; do TOTAL=$((TOTAL + ${s##*:})); done
 
 if [ "$TARGET" = gpu ]; then
   DEV=cuda
-  BENCH_ARGS=(--preset llama-2-7b --device cuda --dtype bfloat16 --steps 20 --batch-size 1 --seq-len 1024
-              --lora-rank 128 --eval-windows 16)
+  BENCH_ARGS=(--preset llama-2-7b --device cuda --dtype bfloat16 --steps 16 --switch-every 4 --batch-size 1
+              --seq-len 1024 --lora-rank 128 --eval-windows 4)
   # pytest runs outside the source tree so that it imports the installed package and its CUDA extension.
+  WORK=$(mktemp -d)
   TEST_CWD=$WORK
 else
   DEV=cpu
   BENCH_ARGS=(--preset tiny --device cpu --steps 4 --base-steps 2 --batch-size 2 --seq-len 32
               --eval-windows 2 --switch-every 2)
+  WORK=$(mktemp -d)
   TEST_CWD=$REPO                # nothing is installed: the source tree is the package
   export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 fi
+trap 'rm -rf "$WORK"' EXIT    # pytest's cwd and the bench cache (base weights, per-method files): not kept
 
 if [ "$DRY" = 0 ]; then
   mkdir -p "$OUT"
@@ -50,29 +70,33 @@ if [ "$DRY" = 0 ]; then
   SUMMARY="$OUT/summary.txt"
   : >"$LOG"
   : >"$SUMMARY"
+  STARTED=$(date -u +%FT%TZ)
+else
+  printf 'plan (%s): %s stages, deadline %ss\n' "$TARGET" "${#PLAN[@]}" "$DEADLINE_S"
 fi
 
-# stage NAME LIMIT_S COMMAND...: run in $TEST_CWD under the smaller of LIMIT_S and the time left.
+# stage NAME COMMAND...: run in $TEST_CWD under the smaller of its budget and the time left.
 stage() {
-  local name=$1 limit=$2 left=$((DEADLINE - SECONDS))
-  shift 2
-  [ "$limit" -gt "$left" ] && limit=$left
+  local name=$1 limit left=$((DEADLINE - SECONDS))
+  shift
+  limit=$(budget_of "$name")
   if [ "$DRY" = 1 ]; then
-    printf '%-11s limit %3ss: %s\n' "$name" "$limit" "$*"
+    printf '  %-13s %4ss  %s\n' "$name" "$limit" "$*"
     return
   fi
+  [ "$limit" -gt "$left" ] && limit=$left
   if [ "$limit" -lt 10 ]; then
-    printf '%-11s SKIPPED  (no time left before the deadline)\n' "$name" | tee -a "$SUMMARY"
+    printf '%-13s SKIPPED  (no time left before the deadline)\n' "$name" | tee -a "$SUMMARY"
     FAILED=1
     return
   fi
   echo "==== $name (limit ${limit}s): $*" >>"$LOG"
   local t0=$SECONDS rc how=ok
-  (cd "$TEST_CWD" && timeout --kill-after=10 "$limit" "$@") >>"$LOG" 2>&1
+  (cd "$TEST_CWD" && timeout --kill-after=5 "$limit" "$@") >>"$LOG" 2>&1
   rc=$?
   if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then how=TIMEOUT; elif [ $rc -ne 0 ]; then how=FAILED; fi
   [ $how = ok ] || FAILED=1
-  printf '%-11s %-8s rc=%-3s %4ss\n' "$name" "$how" "$rc" "$((SECONDS - t0))" | tee -a "$SUMMARY"
+  printf '%-13s %-8s rc=%-3s %4ss of %ss\n' "$name" "$how" "$rc" "$((SECONDS - t0))" "$limit" | tee -a "$SUMMARY"
   [ $how = ok ] || tail -n 15 "$LOG" | sed 's/^/    | /'
 }
 
@@ -88,32 +112,53 @@ try:
     print("triton", triton.__version__)
 except ImportError:
     print("triton: not installed")
+import numpy
+print("numpy", numpy.__version__)
 import lisa_fused
+from lisa_fused import kernels
 print("lisa_fused", lisa_fused.__version__, "from", lisa_fused.__file__)
-import lisa_fused._C as C
-print("lisa_fused._C has CUDA:", C.has_cuda())
+dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+for b in ("cuda", "triton", "cpu", "torch"):
+    print(f"backend {b} on {dev}:", kernels.backend_unavailable_reason(b, dev) or "available")
+print("auto resolves to", kernels.resolve_backend("auto", dev))
 PY
 }
 export -f versions
 export PY
 
-if [ "$TARGET" = gpu ]; then
-  stage install 180 "$PY" -m pip install --no-build-isolation --no-deps "$REPO"
+BENCH_PYTEST=("$PY" -m pytest -q -p no:cacheprovider -rs)
+if [ "$TARGET" = cpu ]; then
+  BENCH_PYTEST+=(--benchmark-disable)  # rehearsal: each case once, at its smoke size
+else
+  BENCH_PYTEST+=(--benchmark-min-rounds=5 --benchmark-max-time=0.5 --benchmark-warmup=on)
 fi
-stage versions 30 bash -c "versions | tee '$OUT/versions.txt'"
-stage gpu-tests 90 env LISA_FUSED_TEST_DEVICE=$DEV "$PY" -m pytest "$REPO/tests" -m gpu -q -p no:cacheprovider
-stage bench 200 "$PY" -m lisa_fused bench "${BENCH_ARGS[@]}" --methods full,lora,lisa,lisa-device \
-  --out "$OUT/bench" --cache-dir "$WORK/bench-cache"
-stage benchmarks 80 "$PY" -m pytest "$REPO/benchmarks" -q -p no:cacheprovider --benchmark-json "$OUT/benchmarks.json"
-# Last: the rest of the suite on CUDA gets whatever time is left.
-stage all-tests 150 env LISA_FUSED_TEST_DEVICE=$DEV "$PY" -m pytest "$REPO/tests" -m "not gpu" -q -p no:cacheprovider --durations=5
 
-[ "$DRY" = 1 ] && exit 0
+stage precheck "$PY" "$REPO/benchmarks/gpu_precheck.py" $([ "$TARGET" = cpu ] && echo --cpu) --json "$OUT/precheck.json"
+if [ "$TARGET" = gpu ]; then
+  stage install env LISA_FUSED_CUDA_ARCHS=90 "$PY" -m pip install --no-build-isolation --no-deps "$REPO"
+elif [ "$DRY" = 1 ]; then
+  printf '  %-13s %4ss  %s\n' install "$(budget_of install)" "(skipped with --cpu: the source tree is used)"
+fi
+stage versions bash -c "versions | tee '$OUT/versions.txt'"
+stage gpu-tests env LISA_FUSED_TEST_DEVICE=$DEV "$PY" -m pytest "$REPO/tests" -m gpu -q -p no:cacheprovider -rs
+stage bench-kernels "${BENCH_PYTEST[@]}" "$REPO/benchmarks/test_bench_kernels.py" --benchmark-json "$OUT/bench-kernels.json"
+stage bench-switch "${BENCH_PYTEST[@]}" "$REPO/benchmarks/test_bench_switch.py" --benchmark-json "$OUT/bench-switch.json"
+stage bench-7b "$PY" -m lisa_fused bench "${BENCH_ARGS[@]}" --methods full,lora,lisa,lisa-device \
+  --out "$OUT/bench" --cache-dir "$WORK/bench-cache"
+stage kernel-tests env LISA_FUSED_TEST_DEVICE=$DEV "$PY" -m pytest "$REPO/tests/test_kernels.py" -m "not gpu" -q -p no:cacheprovider -x
+
+if [ "$DRY" = 1 ]; then
+  printf '  %-13s %4ss  (deadline %ss)\n' total "$TOTAL" "$DEADLINE_S"
+  if [ "$TOTAL" -gt "$DEADLINE_S" ]; then
+    echo "the stage budgets add up to ${TOTAL}s, over the ${DEADLINE_S}s deadline: shrink a stage" >&2
+    exit 1
+  fi
+  exit 0
+fi
+"$PY" "$REPO/benchmarks/gpu_report.py" --out "$OUT" --command "$COMMAND" --started "$STARTED" \
+  --target "$TARGET" --failed "$FAILED" >>"$LOG" 2>&1 || { echo "gpu_report.py failed (see gpu_check.log)"; FAILED=1; }
 echo
 echo "== gpu_check ($TARGET), $(date -u +%FT%TZ), files in $OUT"
 cat "$SUMMARY"
-if [ -f "$OUT/bench/results.md" ]; then
-  echo
-  grep '^|' "$OUT/bench/results.md"
-fi
+[ -f "$OUT/results.md" ] && { echo; cat "$OUT/results.md"; }
 exit $FAILED

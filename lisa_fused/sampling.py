@@ -55,14 +55,12 @@ def weight_norm_sampler(norms_fn: Callable[[], Sequence[float]]) -> SamplerFn:
     """P(block i) proportional to its mean weight norm w_i = mean_p ||p||_F over the block's params.
 
     Blocks are drawn without replacement with torch.multinomial, so after a block is drawn the rest are
-    renormalised. The norms are read at every draw (`norms_fn`), so they follow training.
+    renormalised. The norms are read at every draw (`norms_fn`), so they follow training. (A function
+    form of `WeightNormSampler`, which it calls.)
     """
 
     def draw(n_layers: int, n_active: int, generator: torch.Generator) -> list[int]:
-        w = _checked_weights("weight_norm", "block norms", norms_fn(), n_layers)
-        if w.sum() <= 0:  # all-zero blocks: fall back to uniform weights rather than dividing by zero
-            w = torch.ones_like(w)
-        return torch.multinomial(w, n_active, replacement=False, generator=generator).tolist()
+        return list(WeightNormSampler(n_layers, norms_fn).draw(n_layers, n_active, generator))
 
     return draw
 
@@ -245,7 +243,10 @@ class Sampler:
         """One line for repr(opt) and logs: name, key options, probabilities."""
         p = self.probabilities()
         probs = "?" if p is None else "[" + " ".join(f"{x:.3f}" for x in p) + "]"
-        opts = ", ".join(f"{k}={getattr(self.options, k)}" for k in SamplerOptions.APPLIES.get(self.name, ()))
+        shown = {k: getattr(self.options, k) for k in SamplerOptions.APPLIES.get(self.name, ())}
+        if "floor" in shown:
+            shown["floor"] = f"{self.options.floor_for(self.n_blocks):.4g}"
+        opts = ", ".join(f"{k}={v}" for k, v in shown.items())
         return f"{self.name}({opts}) p={probs}"
 
     def __repr__(self) -> str:

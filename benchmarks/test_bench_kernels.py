@@ -1,16 +1,26 @@
-"""The packed AdamW step per backend vs torch.optim.AdamW (fused=True, foreach=True) on the same params.
+"""The packed AdamW step per backend vs torch.optim.AdamW (fused=True, foreach=True) on the same tensors.
 
-Active set: Llama-shaped. On the CPU ~50M params in 90 tensors (10 blocks of hidden 640, MLP 1728); on a
-GPU two Llama-2-7B blocks (405M params in 18 tensors). The torch optimizers step nn.Parameters that are
-views of the same packed buffers the fused kernels update. Each result carries the achieved GB/s (bytes
-of p, g, m, v read and written), its share of a measured in-place stream (`a.add_(b)`), the device and
-the versions in `extra_info`. On the CPU the thread count is torch's (OMP_NUM_THREADS / set_num_threads).
+Active sets (Llama-shaped):
+- cpu: ~50M fp32 params in 90 tensors (10 blocks of hidden 640, MLP 1728).
+- cuda: what FusedLISA trains on Llama-2-7B with gamma=2: embedding + LM head (32000 x 4096 each) + two
+  blocks, 667M params in 21 tensors. Modes: "fp32" (fp32 params and grads) and "bf16" (bf16 params,
+  fp32 masters, bf16 grads: what a bf16 model trains with).
+The torch optimizers step nn.Parameters that view the same packed buffers: in "bf16" mode
+"torch-*-master" steps the fp32 masters with fp32 copies of the grads (the classic mixed-precision
+recipe; same 28 bytes per param as the packed step) and "torch-*-bf16" steps the bf16 params with bf16
+state (14 bytes per param, a different, less precise update: reported for reference).
+
+Each result's extra_info: method, backend actually run (an explicit backend: unavailable is a skip with
+its reason, never a fallback), achieved GB/s, its share of a measured in-place stream (`a.add_(b)`, the
+ceiling for an update) and of a device copy, the device, torch / CUDA / Triton versions.
 
     pytest benchmarks/test_bench_kernels.py                      # time it
     pytest benchmarks/ --benchmark-disable                       # smoke run (CI): once each, 10x smaller
+    LISA_FUSED_BENCH_DEVICES=cpu,cuda pytest ...                 # default: cuda where present, else cpu
 """
 from __future__ import annotations
 
+import os
 import platform
 import time
 
@@ -27,10 +37,13 @@ def llama_block_shapes(hidden: int, mlp: int) -> list[tuple[int, ...]]:
 
 
 ACTIVE_SETS = {
-    "cpu": dict(blocks=10, hidden=640, mlp=1728),     # 49.6M params, 90 tensors
-    "cuda": dict(blocks=2, hidden=4096, mlp=11008),   # two Llama-2-7B blocks: 405M params, 18 tensors
+    "cpu": dict(blocks=10, hidden=640, mlp=1728, vocab=0),       # 49.6M params, 90 tensors
+    "cuda": dict(blocks=2, hidden=4096, mlp=11008, vocab=32000),  # Llama-2-7B, gamma=2: 667M params, 21 tensors
 }
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+MODES = {"cpu": ("fp32",), "cuda": ("fp32", "bf16")}
+# On a GPU machine the CPU cases measure the host, not what the machine is there for: skipped by default.
+DEVICES = [d for d in os.environ.get("LISA_FUSED_BENCH_DEVICES", "cuda" if torch.cuda.is_available() else "cpu")
+           .split(",") if d]
 
 
 def device_name(device: str) -> str:
@@ -44,28 +57,42 @@ def device_name(device: str) -> str:
     return f"{model} ({torch.get_num_threads()} threads)"
 
 
+def versions() -> dict:
+    out = {"torch": torch.__version__, "torch_cuda": torch.version.cuda}
+    try:
+        import triton
+
+        out["triton"] = triton.__version__
+    except ImportError:
+        out["triton"] = None
+    return out
+
+
 def sync(device: str):
     if device == "cuda":
         torch.cuda.synchronize()
 
 
 class Problem:
-    """Packed fp32 buffers for one active set, and torch Parameters viewing them."""
+    """Packed buffers for one active set and mode, and torch Parameters viewing them."""
 
-    def __init__(self, device: str, scale_down: int):
+    def __init__(self, device: str, mode: str, scale_down: int):
         cfg = ACTIVE_SETS[device]
-        hidden, mlp = cfg["hidden"] // scale_down, cfg["mlp"] // scale_down
-        shapes = llama_block_shapes(hidden, mlp) * cfg["blocks"]
+        hidden, mlp, vocab = cfg["hidden"] // scale_down, cfg["mlp"] // scale_down, cfg["vocab"] // scale_down
+        shapes = ([(vocab, hidden)] * 2 if vocab else []) + [(hidden,)] * (vocab > 0)  # embed, head, final norm
+        shapes += llama_block_shapes(hidden, mlp) * cfg["blocks"]
         bounds, off = [], 0
         for shape in shapes:
             n = torch.Size(shape).numel()
             bounds.append((off, n))
             off += -(-n // ALIGN) * ALIGN
-        self.device, self.shapes, self.segments = device, shapes, Segments(bounds)
+        self.device, self.mode, self.shapes, self.segments = device, mode, shapes, Segments(bounds)
         self.numel = sum(n for _, n in bounds)
         gen = torch.Generator(device=device).manual_seed(0)
-        self.param = torch.randn(off, device=device, generator=gen)
-        self.grad = torch.randn(off, device=device, generator=gen) * 1e-3
+        self.master = torch.randn(off, device=device, generator=gen)
+        lowp = mode == "bf16"
+        self.lowp = self.master.to(torch.bfloat16) if lowp else None
+        self.grad = (torch.randn(off, device=device, generator=gen) * 1e-3).to(torch.bfloat16 if lowp else torch.float32)
         self.exp_avg = torch.zeros(off, device=device)
         self.exp_avg_sq = torch.zeros(off, device=device)
         b1, b2 = BETAS
@@ -75,93 +102,120 @@ class Problem:
     def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
         return [flat[o:o + n].view(s) for (o, n), s in zip(self.segments.bounds, self.shapes)]
 
-    def torch_params(self) -> list[torch.nn.Parameter]:
-        params = [torch.nn.Parameter(v) for v in self.views(self.param)]  # shares the packed storage
-        for q, g in zip(params, self.views(self.grad)):
+    def torch_params(self, target: str) -> list[torch.nn.Parameter]:
+        """Parameters sharing the packed storage: the fp32 masters ("master") or the bf16 params ("bf16")."""
+        flat = self.lowp if target == "bf16" else self.master
+        grad = self.grad if self.grad.dtype == flat.dtype else self.grad.float()  # fused AdamW: same dtypes
+        params = [torch.nn.Parameter(v) for v in self.views(flat)]
+        for q, g in zip(params, self.views(grad)):
             q.grad = g
         return params
 
-    def bytes_per_step(self) -> int:
-        # read p, g, m, v; write p, m, v (fp32 everywhere here)
-        return self.numel * 4 * 7
+    def bytes_per_step(self, method: str) -> int:
+        if method.endswith("-bf16"):  # torch on bf16 params: read p, g, m, v; write p, m, v, all bf16
+            return self.numel * 2 * 7
+        if self.mode == "bf16" and method.startswith("packed"):
+            # read master, m, v (fp32) + grad (bf16); write master, m, v (fp32) + bf16 param
+            return self.numel * (3 * 4 + 2 + 3 * 4 + 2)
+        return self.numel * 4 * 7  # fp32: read p, g, m, v; write p, m, v
 
 
-_problems: dict[tuple[str, int], Problem] = {}
+_problems: dict[tuple[str, str, int], Problem] = {}
 
 
 @pytest.fixture
-def problem(request, device) -> Problem:
+def problem(request, device, mode) -> Problem:
     scale_down = 10 if request.config.getoption("benchmark_disable") else 1
-    key = (device, scale_down)
+    key = (device, mode, scale_down)
     if key not in _problems:
         _problems.clear()  # one active set in memory at a time
-        _problems[key] = Problem(device, scale_down)
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        _problems[key] = Problem(device, mode, scale_down)
     return _problems[key]
 
 
-_stream_gbps: dict[str, float] = {}
+_ceilings: dict[str, tuple[float, float]] = {}
 
 
-def stream_bandwidth(device: str, n: int) -> float:
-    """GB/s of `a.add_(b)` over n fp32 (12 bytes per element: read a and b, write a in place, so no
-    write-allocate traffic, like the AdamW update): the practical ceiling for this kernel."""
-    if device not in _stream_gbps:
+def ceilings(device: str, n: int) -> tuple[float, float]:
+    """(stream, copy) GB/s over n fp32: `a.add_(b)` moves 12 bytes per element (read a and b, write a in
+    place, no write-allocate, like the AdamW update): the practical ceiling; `b.copy_(a)` moves 8."""
+    if device not in _ceilings:
         a, b = torch.randn(n, device=device), torch.randn(n, device=device)
-        a.add_(b)
-        sync(device)
-        t0, reps = time.perf_counter(), 5
-        for _ in range(reps):
-            a.add_(b)
-        sync(device)
-        _stream_gbps[device] = 12 * n * reps / (time.perf_counter() - t0) / 1e9
-    return _stream_gbps[device]
+        out = []
+        for op, nbytes in ((lambda: a.add_(b), 12), (lambda: b.copy_(a), 8)):
+            op()
+            sync(device)
+            t0, reps = time.perf_counter(), 10
+            for _ in range(reps):
+                op()
+            sync(device)
+            out.append(nbytes * n * reps / (time.perf_counter() - t0) / 1e9)
+        _ceilings[device] = tuple(out)
+    return _ceilings[device]
 
 
-def record(benchmark, problem: Problem, method: str):
+def record(benchmark, problem: Problem, method: str, backend: str):
     info = benchmark.extra_info
-    info.update(method=method, device=device_name(problem.device), torch=torch.__version__,
-                params=problem.numel, tensors=len(problem.shapes), bytes_per_step=problem.bytes_per_step())
+    nbytes = problem.bytes_per_step(method)
+    info.update(method=method, backend=backend, mode=problem.mode, device=device_name(problem.device),
+                params=problem.numel, tensors=len(problem.shapes), bytes_per_step=nbytes, **versions())
     if benchmark.stats is not None:  # None under --benchmark-disable
         seconds = benchmark.stats.stats.median
-        gbps = problem.bytes_per_step() / seconds / 1e9
-        ceiling = stream_bandwidth(problem.device, problem.numel)
-        info.update(gbps=round(gbps, 2), stream_gbps=round(ceiling, 2), pct_of_stream=round(100 * gbps / ceiling, 1))
+        gbps = nbytes / seconds / 1e9
+        stream, copy = ceilings(problem.device, problem.numel)
+        info.update(ms=round(1e3 * seconds, 3), gbps=round(gbps, 1), stream_gbps=round(stream, 1),
+                    copy_gbps=round(copy, 1), pct_of_stream=round(100 * gbps / stream, 1),
+                    pct_of_copy=round(100 * gbps / copy, 1))
 
 
-def packed_backends(device: str):
-    names = ("cpu", "triton", "torch") if device == "cpu" else ("cuda", "triton", "torch")
-    for name in names:
-        reason = backend_unavailable_reason(name, torch.device(device))
-        if device == "cpu" and name == "triton":
-            reason = "Triton on CPU runs in its interpreter, in Python: timing it measures the interpreter"
-        marks = [pytest.mark.skip(reason=reason)] if reason else []
-        yield pytest.param(device, name, marks=marks, id=f"{device}-packed-{name}")
+def cases(kind: str):
+    for device in DEVICES:
+        for mode in MODES[device]:
+            if kind == "packed":
+                names = ("cpu", "triton", "torch") if device == "cpu" else ("cuda", "triton")
+                for name in names:
+                    reason = backend_unavailable_reason(name, torch.device(device))
+                    if device == "cpu" and name == "triton":
+                        reason = "Triton on CPU runs in its interpreter, in Python: timing it measures the interpreter"
+                    marks = [pytest.mark.skip(reason=reason)] if reason else []
+                    yield pytest.param(device, mode, name, marks=marks, id=f"{device}-{mode}-packed-{name}")
+            else:
+                targets = ("master", "bf16") if mode == "bf16" else ("master",)
+                for impl in ("fused", "foreach"):
+                    for target in targets:
+                        yield pytest.param(device, mode, impl, target, id=f"{device}-{mode}-torch-{impl}-{target}")
 
 
-@pytest.mark.parametrize("device,backend", [p for d in DEVICES for p in packed_backends(d)])
-def test_packed_step(benchmark, problem, device, backend):
-    benchmark.group = f"adamw-step-{device}"
+@pytest.mark.parametrize("device,mode,backend", list(cases("packed")))
+def test_packed_step(benchmark, problem, device, mode, backend):
+    benchmark.group = f"adamw-step-{device}-{mode}"
     pr = problem
 
     def step():
-        adamw_packed_(pr.param, pr.grad, pr.exp_avg, pr.exp_avg_sq, pr.segments, pr.hparams, beta1=BETAS[0],
-                      beta2=BETAS[1], eps=EPS, backend=backend)
+        adamw_packed_(pr.master, pr.grad, pr.exp_avg, pr.exp_avg_sq, pr.segments, pr.hparams, beta1=BETAS[0],
+                      beta2=BETAS[1], eps=EPS, param_lowp=pr.lowp, backend=backend)
         sync(device)
 
     step()  # warm-up: chunk tables, Triton compile
     benchmark(step)
-    record(benchmark, pr, f"packed-{backend}")
+    record(benchmark, pr, f"packed-{backend}", backend)
     if backend == "cpu":
         from lisa_fused import _C
 
         benchmark.extra_info["cpu_kernel_isa"] = _C.cpu_kernel_isa()
+    if backend == "triton":
+        from lisa_fused.kernels import triton_interpreted
+
+        assert not triton_interpreted(), "Triton ran in its interpreter: this would time Python, not the kernel"
 
 
-@pytest.mark.parametrize("impl", ["fused", "foreach"])
-@pytest.mark.parametrize("device", DEVICES)
-def test_torch_adamw_step(benchmark, problem, device, impl):
-    benchmark.group = f"adamw-step-{device}"
-    opt = torch.optim.AdamW(problem.torch_params(), lr=LR, betas=BETAS, eps=EPS, weight_decay=WD, **{impl: True})
+@pytest.mark.parametrize("device,mode,impl,target", list(cases("torch")))
+def test_torch_adamw_step(benchmark, problem, device, mode, impl, target):
+    benchmark.group = f"adamw-step-{device}-{mode}"
+    params = problem.torch_params(target)
+    opt = torch.optim.AdamW(params, lr=LR, betas=BETAS, eps=EPS, weight_decay=WD, **{impl: True})
 
     def step():
         opt.step()
@@ -169,5 +223,6 @@ def test_torch_adamw_step(benchmark, problem, device, impl):
 
     step()  # warm-up: allocates the moments
     benchmark(step)
-    record(benchmark, problem, f"torch-adamw-{impl}")
-    del opt
+    method = f"torch-{impl}" + (f"-{target}" if mode == "bf16" else "")
+    record(benchmark, problem, method, f"torch.optim.AdamW({impl}=True)")
+    del opt, params

@@ -407,6 +407,8 @@ class GradNormSampler(Sampler):
         if len(vals) != len(idx) or any(not math.isfinite(v) or v < 0 for v in vals):
             raise ValueError(f"observe_grad_norms: norms {list(norms)} must be {len(idx)} finite values >= 0, "
                              f"one per active block {idx}")
+        if not idx:  # nothing measured (GradNormMeter.read after no step)
+            return
         d = self.options.ema_decay
         for b, v in zip(idx, vals):
             old = self.scores[b]

@@ -6,11 +6,9 @@ from __future__ import annotations
 import io
 import logging
 import math
-import os
 
 import pytest
 import torch
-from torch import nn
 
 from lisa_fused import sampling as S
 from lisa_fused.layers import find_layout
@@ -77,6 +75,9 @@ def test_meter_reads_mean_over_params_of_rms_grad_norm():
 def test_grad_norm_scores_follow_ema_prior_and_stale_decay():
     s = S.GradNormSampler(4, S.SamplerOptions(ema_decay=0.5, stale_decay=0.5, floor=0.0))
     assert s.probabilities() == [0.25] * 4  # nothing measured: uniform
+    s.observe_grad_norms([], [])  # an interval without steps changes nothing
+    with pytest.raises(ValueError, match=r"norms \[1.0\] must be 2 finite values"):
+        s.observe_grad_norms([0, 1], [1.0])
     s.observe_grad_norms([0, 1], [2.0, 4.0])
     assert s.scores == [2.0, 4.0, None, None]
     assert s.effective_scores() == [2.0, 4.0, 4.0, 4.0]  # optimistic prior: the best seen score

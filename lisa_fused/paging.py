@@ -213,7 +213,9 @@ class MomentStore:
         if h is not None:
             self.synchronize()  # a copy may still use the old rows
             self._free(block)
-        h = alloc_host(spec, self.pinner) if self.policy == "host" else alloc_rows(spec, self.device)
+        # A meta model (lisa-fused plan) gets meta rows: the host store is counted, never allocated.
+        host = self.policy == "host" and self.device.type != "meta"
+        h = alloc_host(spec, self.pinner) if host else alloc_rows(spec, self.device)
         self._blocks[block] = h
         return h.rows
 

@@ -189,6 +189,17 @@ class ParamBinding:
         bound, ptrs = self._check
         return list(map(torch.Tensor.data_ptr, bound)) != ptrs
 
+    def check_unbound(self) -> None:
+        """Before a switch binds parked params: all of them must still match the buffers (a partial
+        model.to() that moved only inactive blocks would otherwise be undone silently). Raises
+        RuntimeError naming the param (see target())."""
+        dev, dt = self.bufs.param.device, self.bufs.param.dtype
+        if any(p.dtype != dt or p.device != dev for p in self.params):
+            self.target()
+            raise RuntimeError(  # all params moved together while no bound param did: cannot happen
+                f"FusedLISA: parameters moved to {local(self.params[0]).dtype} on {local(self.params[0]).device} "
+                "but the bound ones did not")
+
     def target(self) -> tuple[torch.device, torch.dtype]:
         """Where the params went: the one device and dtype all of them now share. Raises RuntimeError
         naming a param that differs, or a dtype the kernels do not support, and the fix."""
@@ -220,7 +231,7 @@ class ParamBinding:
 
         Values: the fp32 values the optimizer holds survive the move (masters of a low-precision model
         become the params of an fp32 one; an fp32 model's params become the masters of a low-precision
-        one, whose own params keep what the conversion gave them). Moments move as they are (fp32). A
+        one), and low-precision params are their masters rounded to nearest. Moments move as they are. A
         param's existing `.grad` (converted by Module._apply) is copied into the new grad buffer.
         Returns the old buffers (for the store's conversion)."""
         old = self.bufs
@@ -228,19 +239,16 @@ class ParamBinding:
         new.master.copy_(old.master)
         new.exp_avg.copy_(old.exp_avg)
         new.exp_avg_sq.copy_(old.exp_avg_sq)
+        if new.lowp is not None:  # the params are their masters rounded to nearest, as after a step
+            new.lowp.copy_(new.master)
         self.bufs = new
         for i in sorted(self.offset):
             off, p = self.offset[i], self.params[i]
             grad = p.grad
             p.grad = None
             self._drop(i)
-            if new.lowp is not None:  # the moved value itself; the master keeps the full fp32 value
-                self.view(new.lowp, i, off).copy_(p.detach())
-                self.offset[i] = off
-                p.data = self.view(new.lowp, i, off)
-            else:
-                self.offset[i] = off
-                p.data = self.view(new.master, i, off)
+            self.offset[i] = off
+            p.data = self.view(new.param, i, off)
             self._ptr[i] = p.data_ptr()
             if p.requires_grad:
                 self._hooks[i] = p.register_hook(_lazy_grad_hook(weakref.ref(self), i))

@@ -20,10 +20,10 @@ The Trainer works with FusedLISA without this callback on one process; the callb
   blocks that become active later would never be all-reduced and the ranks would drift apart, silently.
   The callback makes every block trainable at the end of Trainer.__init__ (so the wrapper registers them
   all) and freezes the inactive ones again when training begins.
-* `keep_grad_views=True`: the Trainer calls `model.zero_grad()` after each step, which drops the
-  `.grad` views into FusedLISA's packed gradient buffer; backward then allocates fresh gradients (as much
-  memory again as the active set's gradients) that step() copies in. The callback re-points the views
-  at the start of each step (`opt.zero_grad()`), so backward accumulates straight into the buffer.
+* `keep_grad_views=True`: calls `opt.zero_grad()` at the start of each step. Backward accumulates into
+  FusedLISA's packed gradient buffer after the Trainer's `model.zero_grad()` anyway (the views are
+  re-pointed just before autograd writes a gradient); this only makes FusedLISA see a model the Trainer
+  moved (`model.to(...)`) before the first forward rather than at the first step.
 
 See docs/integration.md for the settings each setup needs.
 """
@@ -54,7 +54,7 @@ class LISACallback(TrainerCallback):
 
     optimizer:       the FusedLISA to watch; None (default) takes the Trainer's optimizer.
     log_on_switch:   force a Trainer log at every switch (every switch_every optimizer steps taken).
-    keep_grad_views: re-point the packed `.grad` views before each step (see the module docstring).
+    keep_grad_views: call opt.zero_grad() before each step (see the module docstring).
     """
 
     def __init__(self, optimizer: FusedLISA | None = None, log_on_switch: bool = True,
@@ -83,7 +83,7 @@ class LISACallback(TrainerCallback):
     def on_step_begin(self, args, state, control, **kwargs):
         opt = self._opt(kwargs)
         if opt is not None and self.keep_grad_views:
-            opt.zero_grad()  # grads are None here (model.zero_grad()); this zeroes the buffer, re-points views
+            opt.zero_grad()  # grads are None here (model.zero_grad()); this also follows a moved model
 
     def on_step_end(self, args, state, control, **kwargs):
         opt = self._opt(kwargs)

@@ -193,7 +193,7 @@ class FusedLISA(torch.optim.Optimizer):
         self._store.synchronize()
         self._binding.release()
         self._binding = None
-        self._store = self._make_store(torch.device("cpu"))  # drop paged state (and pinned memory)
+        self._store.release()  # drop paged state (and unregister pinned memory)
 
     def __repr__(self) -> str:
         g = self.param_groups[0]
@@ -240,6 +240,8 @@ class FusedLISA(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._check_binding()
+        if (self._global_step + 1) % self.switch_every == 0:  # this step switches: parked params must fit too
+            self._binding.check_unbound()
         found_inf = getattr(self, "found_inf", None)
         if found_inf is not None and found_inf.item():
             # GradScaler overflow: the step never happened (one host sync, only in this AMP mode).
@@ -307,16 +309,16 @@ class FusedLISA(torch.optim.Optimizer):
             if b in self._slot_of or not old_store.has(b):
                 continue
             region, state = self._packed.blocks[b], old_store.get(b)
-            rows = list(state[:2])  # exp_avg, exp_avg_sq
+            rows = list(state)[:2]  # exp_avg, exp_avg_sq
             if new.lowp is not None:  # masters: the saved ones, else (fp32 -> low precision) the params
                 own = torch.zeros(region.length)
                 for i, off, n in region.entries:
                     own[off:off + n] = local(self._params[i]).detach().reshape(-1).float().cpu()
                 rows.append(state[2] if old.lowp is not None else own)
-            elif old.lowp is not None:  # low precision -> fp32: the inactive params take their masters
+            if old.lowp is not None:  # a parked param takes its master (rounded, for a low-precision model)
                 for i, off, n in region.entries:
-                    local(self._params[i]).detach().copy_(state[2, off:off + n].view(self._shapes[i]))
-            self._store.put(b, torch.stack(rows))
+                    local(self._params[i]).detach().copy_(state[2][off:off + n].view(self._shapes[i]))
+            self._store.put(b, rows)
         self.device, self.param_dtype, self.backend = dev, dt, backend
         log = logger.warning if dt != was[1] else logger.info
         log("FusedLISA: the model moved from %s on %s to %s on %s; the optimizer followed (packed buffers, paged "

@@ -1,0 +1,304 @@
+"""Lean optimizer state (kernels/contract.py): every moment format x master mode, native kernels against
+the pure-torch reference bit for bit; the quantizer against its definition and torchao's; the
+stochastic-rounding hash (determinism, unbiasedness); grad_sumsq against torch; 8-bit / 4-bit
+trajectories against torchao's AdamW8bit / AdamW4bit; validation errors.
+
+The CUDA kernel is compiled (nvcc, tests/test_build.py and the build) but runs only where a GPU is.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from lisa_fused.kernels import ALIGN, Segments, adamw_packed_, backend_unavailable_reason, native, quant
+from lisa_fused.kernels.contract import N_COLS_LEAN
+
+BETAS = (0.9, 0.999)
+EPS = 1e-8
+SIZES = [4097, 1, 257, 300]  # the second segment is disabled
+DISABLED = 1
+MODES = [(m, w) for m in quant.FORMATS for w in quant.MASTER_WEIGHTS]
+
+
+def backend_param(backend: str):
+    device = "cuda" if backend == "cuda" else "cpu"
+    marks = [pytest.mark.gpu] if device == "cuda" else []
+    reason = None if device == "cuda" else backend_unavailable_reason(backend, device)
+    if reason is not None:
+        marks.append(pytest.mark.skip(reason=reason))
+    return pytest.param(backend, marks=marks, id=backend)
+
+
+NATIVE = [backend_param("cpu"), backend_param("cuda")]
+
+
+def layout(sizes):
+    bounds, off = [], 0
+    for n in sizes:
+        bounds.append((off, n))
+        off += -(-n // ALIGN) * ALIGN
+    return Segments(bounds), off
+
+
+def hparams(steps, n_segments):
+    """[S, 6] table: per-segment lr, weight decay and step; param id = 10 + segment index."""
+    b1, b2 = BETAS
+    rows = []
+    for s, step in enumerate(steps):
+        lr, wd = 1e-3 * (1 + s), (0.0, 0.1, 0.5)[s % 3]
+        rows.append([lr / (1 - b1**step), 1 - lr * wd, math.sqrt(1 - b2**step), 0.0 if s == DISABLED else 1.0,
+                     10 + s, step])
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+def make_state(n, moments, master, gen, device="cpu"):
+    """Buffers for one mode, as the optimizer would allocate them (moments start at zero)."""
+    pdtype = torch.float32 if master == "fp32" else torch.bfloat16
+    st = {"param": (torch.randn(n, generator=gen) * 0.02).to(pdtype)}
+    if moments in quant.BLOCK:
+        for name in ("exp_avg", "exp_avg_sq"):
+            st[name] = torch.zeros(quant.codes_numel(n, moments), dtype=torch.uint8)
+            st[name + "_scale"] = torch.zeros(quant.n_blocks(n, moments))
+    else:
+        dtype = torch.float32 if moments == "fp32" else torch.bfloat16
+        st["exp_avg"], st["exp_avg_sq"] = torch.zeros(n, dtype=dtype), torch.zeros(n, dtype=dtype)
+    if master == "kahan":
+        st["compensation"] = torch.zeros(n, dtype=pdtype)
+    if master == "fp32":
+        st["param_lowp"] = st["param"].to(torch.bfloat16)
+    st["grad_sumsq"] = torch.zeros(len(SIZES))
+    return {k: v.to(device) for k, v in st.items()}
+
+
+def step(st, grad, segments, hp, moments, master, backend, seed=1234):
+    st = dict(st)
+    adamw_packed_(st.pop("param"), grad, st.pop("exp_avg"), st.pop("exp_avg_sq"), segments, hp, beta1=BETAS[0],
+                  beta2=BETAS[1], eps=EPS, backend=backend, moments=moments, master_weights=master, seed=seed, **st)
+
+
+def ieee_sqrt(t):
+    """Correctly rounded sqrt: torch's CPU sqrt is off by one ulp on some inputs, the kernels' is not."""
+    return torch.from_numpy(np.sqrt(t.numpy()))
+
+
+def torch_fma() -> bool:
+    return torch.backends.cpu.get_cpu_capability() != "DEFAULT"
+
+
+@pytest.mark.parametrize("moments,master", MODES, ids=[f"{m}-{w}" for m, w in MODES])
+@pytest.mark.parametrize("backend", NATIVE)
+def test_native_bitwise_equal_to_reference(backend, moments, master, monkeypatch):
+    """Four steps with fresh bf16 grads, several segments with their own step/lr/wd, one disabled: params,
+    codes, scales, compensation and the bf16 copy equal the reference bit for bit (the reference with an
+    IEEE sqrt), the disabled segment is untouched, and grad_sumsq matches to fp32 summation order."""
+    if backend == "cpu" and (native._C.cpu_kernel_isa() == "avx2+fma") != torch_fma():
+        pytest.skip("torch's CPU kernels and the C++ loop round lerp/addcmul differently on this machine")
+    device = "cuda" if backend == "cuda" else "cpu"
+    segments, n = layout(SIZES)
+    gen = torch.Generator().manual_seed(3)
+    ref = make_state(n, moments, master, gen)
+    out = {k: v.clone().to(device) for k, v in ref.items()}
+    before = {k: v.clone() for k, v in ref.items()}
+    steps = [1, 7, 3, 100]
+    for _ in range(4):
+        g = (torch.randn(n, generator=gen) * 0.1).to(torch.bfloat16)
+        hp = hparams(steps, len(SIZES))
+        with monkeypatch.context() as mp:
+            mp.setattr(torch.Tensor, "sqrt", ieee_sqrt)
+            step(ref, g, segments, hp, moments, master, "torch")
+        step(out, g.to(device), segments, hp, moments, master, backend)
+        steps = [s + 1 for s in steps]
+    for name, r in ref.items():
+        o = out[name].cpu()
+        if name == "grad_sumsq":
+            torch.testing.assert_close(o, r, rtol=1e-5, atol=0)
+            assert o[DISABLED] == 0
+            continue
+        assert torch.equal(o, r), f"{backend} {moments}/{master} {name}: {(o != r).sum().item()} entries differ"
+    # the disabled segment (elements [off, off + 1)) and its code byte / scale never changed
+    off, cnt = segments.bounds[DISABLED]
+    p_changed = ref["param"].float() != before["param"].float()
+    assert not p_changed[off:off + cnt].any()
+    assert p_changed[segments.bounds[0][0]:segments.bounds[0][1]].float().mean() > 0.5, "params did not train"
+    if moments in quant.BLOCK:
+        lo = off // 2 if moments == "4bit" else off
+        assert torch.equal(ref["exp_avg"][lo:lo + 1], before["exp_avg"][lo:lo + 1])
+        assert ref["exp_avg_scale"][off // quant.BLOCK[moments]] == 0
+        assert ref["exp_avg_sq_scale"][0] > 0
+
+
+@pytest.mark.parametrize("backend", NATIVE)
+def test_fp32_through_the_lean_loop_equals_the_fast_loop(backend):
+    """grad_sumsq with fp32 state runs the block-wise lean loop: params and moments must equal the
+    original fp32 loop's bit for bit (same element math)."""
+    device = "cuda" if backend == "cuda" else "cpu"
+    segments, n = layout(SIZES)
+    gen = torch.Generator().manual_seed(5)
+    a = make_state(n, "fp32", "fp32", gen, device)
+    b = {k: v.clone() for k, v in a.items()}
+    del b["grad_sumsq"]
+    want = torch.zeros(len(SIZES), dtype=torch.float64)
+    for s in range(3):
+        g = (torch.randn(n, generator=gen) * 0.1).to(device)
+        hp = hparams([1 + s] * len(SIZES), len(SIZES))
+        step(a, g, segments, hp, "fp32", "fp32", backend)
+        step(b, g, segments, hp, "fp32", "fp32", backend)
+        want += torch.tensor([0.0 if i == DISABLED else float((g[o:o + c].double() ** 2).sum())
+                              for i, (o, c) in enumerate(segments.bounds)], dtype=torch.float64)
+    for k in b:
+        assert torch.equal(a[k], b[k]), k
+    torch.testing.assert_close(a["grad_sumsq"].cpu().double(), want, rtol=1e-5, atol=0)
+
+
+def test_grad_sumsq_matches_torch_and_accumulates():
+    segments, n = layout(SIZES)
+    gen = torch.Generator().manual_seed(6)
+    st = make_state(n, "8bit", "fp32", gen)
+    st["grad_sumsq"].fill_(1.0)  # the kernel adds to what is there
+    g = torch.randn(n, generator=gen).to(torch.float16)
+    scale = torch.tensor([4.0])
+    st["grad_scale"] = scale
+    step(st, g, segments, hparams([1] * len(SIZES), len(SIZES)), "8bit", "fp32", "cpu")
+    for s, (off, cnt) in enumerate(segments.bounds):
+        want = 1.0 if s == DISABLED else 1.0 + float(((g[off:off + cnt].double() / 4.0) ** 2).sum())
+        assert math.isclose(float(st["grad_sumsq"][s]), want, rel_tol=1e-5), s
+
+
+# ------------------------------------------------------------------------------ the quantizer
+@pytest.mark.parametrize("fmt", ["8bit", "4bit"])
+@pytest.mark.parametrize("which", ["exp_avg", "exp_avg_sq"])
+def test_quantize_picks_the_nearest_code(fmt, which):
+    """Each code is a nearest map value to x / absmax (ties within fp32 midpoint rounding), scales are the
+    block absmax, and dequantize(quantize(x)) errs by at most half the widest map gap times the scale."""
+    gen = torch.Generator().manual_seed(7)
+    blk = quant.BLOCK[fmt]
+    x = torch.randn(8 * blk, generator=gen) * torch.logspace(-6, 0, 8).repeat_interleave(blk)
+    if which == "exp_avg_sq":
+        x = x.abs()
+    x[:blk] = 0.0  # an all-zero block
+    codes, scale = quant.quantize(x, fmt, which)
+    assert scale[0] == 0 and torch.equal(scale[1:], x.reshape(-1, blk).abs().amax(1)[1:])
+    q = quant.code_map(fmt, which)
+    xn = (x.reshape(-1, blk)[1:] / scale[1:, None]).reshape(-1)
+    c = quant.unpack(codes, fmt)[blk:].long()
+    err = (q[c] - xn).abs()
+    best = (q[None, :] - xn[:, None]).abs().min(dim=1).values
+    assert (err <= best + 1e-7).all()
+    back = quant.dequantize(codes, scale, fmt, which, x.numel())
+    assert back[:blk].eq(0).all()  # scale 0 (even the zero-free 4-bit v map gives 0 * 1/16)
+    lo = -1.0 if which == "exp_avg" else 0.0  # the range x / absmax covers; the map's ends may fall short
+    half_gap = max(float((q[1:] - q[:-1]).max()) / 2, float(q[0]) - lo, 1.0 - float(q[-1]))
+    assert ((back - x).abs().reshape(-1, blk) <= half_gap * scale[:, None] * (1 + 1e-3)).all()
+
+
+@pytest.mark.parametrize("fmt", ["8bit", "4bit"])
+def test_code_maps_are_torchaos(fmt):
+    """Same maps as torchao's AdamW8bit/AdamW4bit (bnb's dynamic map; lpmm's zero-free linear v map)."""
+    qu = pytest.importorskip("torchao.optim.quant_utils")
+    if fmt == "8bit":
+        assert torch.equal(quant.code_map(fmt, "exp_avg"), torch.tensor(qu.create_dynamic_map(True)))
+        assert torch.equal(quant.code_map(fmt, "exp_avg_sq"), torch.tensor(qu.create_dynamic_map(False)))
+    else:
+        assert torch.equal(quant.code_map(fmt, "exp_avg"), torch.tensor(qu.create_dynamic_map(True, 3, 4)))
+        assert torch.equal(quant.code_map(fmt, "exp_avg_sq"), torch.linspace(0, 1, 17)[1:])
+
+
+# ------------------------------------------------------------------------------ stochastic rounding
+def test_sr_hash_is_deterministic_and_keyed():
+    idx = torch.arange(1 << 12)
+    a = quant.sr_bits(1, 2, 3, idx, 0)
+    assert torch.equal(a, quant.sr_bits(1, 2, 3, idx, 0))
+    for other in (quant.sr_bits(2, 2, 3, idx, 0), quant.sr_bits(1, 3, 3, idx, 0), quant.sr_bits(1, 2, 4, idx, 0),
+                  quant.sr_bits(1, 2, 3, idx, 1)):
+        assert (a != other).float().mean() > 0.99
+    assert 0 <= int(a.min()) and int(a.max()) < 1 << 32
+    assert abs(float((a >> 16).float().mean()) / 65536 - 0.5) < 0.02  # top 16 bits roughly uniform
+    # a Python-int spot check of the definition (mix32 on ints equals mix32 on tensors)
+    k = quant.segment_key(1, 2, 3, 0)
+    assert int(a[5]) == quant.mix32((k + quant._mul32(5, quant.GOLDEN)) & 0xFFFFFFFF)
+
+
+def test_sr_is_unbiased():
+    """The mean of many stochastic roundings of one value is the value (to sampling error), where round
+    to nearest is off by the full rounding error."""
+    n = 1 << 16
+    x = torch.full((n,), 1.0 + 3 * 2**-10)  # 3/8 of the way between two bf16 neighbours of 1
+    bits = quant.sr_bits(0, 0, 0, torch.arange(n), quant.LANE_PARAM)
+    r = quant.round_bf16_stochastic(x, bits).double()
+    assert set(r.unique().tolist()) == {1.0, 1.0 + 2**-7}
+    err = abs(r.mean().item() - x[0].item())
+    assert err < 4 * 2**-7 * 0.5 / math.sqrt(n)  # 4 sigma of a Bernoulli(3/8) mean, scaled by the ulp
+    assert abs(x[0].to(torch.bfloat16).item() - x[0].item()) > 10 * err
+
+
+# ------------------------------------------------------------------------------ against torchao
+@pytest.mark.parametrize("fmt,ao_cls", [("8bit", "AdamW8bit"), ("4bit", "AdamW4bit")])
+def test_trajectory_close_to_torchao(fmt, ao_cls, monkeypatch):
+    """Same gradients into our kernel and torchao's optimizer . The schemes share
+    block size and maps; they differ in the nearest-code tie rule (torchao: x - lo >= (hi - lo) / 2 in fp32;
+    ours: fp32 midpoints), in v's update (torchao lerps g^2, ours is torch AdamW's addcmul) and in where
+    the bias corrections enter. Tolerance: after 20 steps (gradient scale dropping 10x halfway) the two
+    trajectories differ by under 1e-3 of the largest distance a param travelled, and each is as far from
+    fp32 AdamW as the other."""
+    ao = pytest.importorskip("torchao.optim")
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+    n, steps, lr, wd = 8192, 20, 1e-3, 0.01
+    gen = torch.Generator().manual_seed(8)
+    p0 = torch.randn(n, generator=gen) * 0.02
+    ao_p = torch.nn.Parameter(p0.clone())
+    opt = getattr(ao, ao_cls)([ao_p], lr=lr, betas=BETAS, eps=EPS, weight_decay=wd)
+    segments = Segments([(0, n)])
+    st = make_state(n, fmt, "fp32", torch.Generator().manual_seed(0))
+    st["param"].copy_(p0)
+    del st["param_lowp"], st["grad_sumsq"]
+    ref_p = p0.clone()
+    ref_m, ref_v = torch.zeros(n), torch.zeros(n)
+    for t in range(1, steps + 1):
+        g = torch.randn(n, generator=gen) * (1.0 if t < steps // 2 else 0.1)
+        ao_p.grad = g.clone()
+        opt.step()
+        hp = torch.tensor([[lr / (1 - BETAS[0] ** t), 1 - lr * wd, math.sqrt(1 - BETAS[1] ** t), 1.0, 0, t]],
+                          dtype=torch.float64)
+        step(st, g, segments, hp, fmt, "fp32", "cpu")
+        adamw_packed_(ref_p, g, ref_m, ref_v, segments, hp[:, :4], beta1=BETAS[0], beta2=BETAS[1], eps=EPS,
+                      backend="torch")
+    travelled = (ref_p - p0).abs().max().item()
+    ours_vs_ao = (st["param"] - ao_p.detach()).abs().max().item()
+    ours_vs_fp32 = (st["param"] - ref_p).abs().max().item()
+    ao_vs_fp32 = (ao_p.detach() - ref_p).abs().max().item()
+    # measured: ours vs torchao ~1e-5 of the distance travelled; both ~4% (8-bit) / ~37% (4-bit) off fp32
+    assert ours_vs_ao < 1e-3 * travelled, (ours_vs_ao, travelled)
+    assert abs(ours_vs_fp32 - ao_vs_fp32) < 1e-3 * travelled, (ours_vs_fp32, ao_vs_fp32)
+    assert ours_vs_fp32 > 0  # the quantized state really was used
+
+
+# ------------------------------------------------------------------------------ validation
+def test_bad_arguments_name_the_value():
+    segments, n = layout([300])
+    gen = torch.Generator().manual_seed(9)
+    st = make_state(n, "8bit", "fp32", gen)
+    del st["grad_sumsq"]
+    hp = hparams([1], 1)
+    g = torch.zeros(n)
+    with pytest.raises(ValueError, match="'9bit'"):
+        step(st, g, segments, hp, "9bit", "fp32", "cpu")
+    with pytest.raises(ValueError, match="'sr'"):
+        step(st, g, segments, hp, "8bit", "sr", "cpu")
+    bad = dict(st, exp_avg_scale=torch.zeros(1))
+    with pytest.raises(ValueError, match="exp_avg_scale"):
+        step(bad, g, segments, hp, "8bit", "fp32", "cpu")
+    with pytest.raises(ValueError, match="compensation is required"):
+        step(dict(st, param=st["param"].bfloat16(), param_lowp=None), g, segments, hp, "8bit", "kahan", "cpu")
+    with pytest.raises(ValueError, match="float32"):  # stochastic on an fp32 param
+        step(dict(st, param_lowp=None), g, segments, hp, "8bit", "stochastic", "cpu")
+    bf = make_state(n, "bf16", "fp32", gen)
+    del bf["grad_sumsq"]
+    with pytest.raises(ValueError, match=f"{N_COLS_LEAN} columns"):
+        step(bf, g, segments, hp[:, :4], "bf16", "fp32", "cpu")
+    before = {k: v.clone() for k, v in st.items()}
+    with pytest.raises(ValueError, match="integers"):
+        step(bf, g, segments, hp * torch.tensor([1, 1, 1, 1, 1, 0.5], dtype=torch.float64), "bf16", "fp32", "cpu")
+    assert all(torch.equal(before[k], st[k]) for k in st)

@@ -16,7 +16,8 @@
 #
 #   OUT=/path benchmarks/gpu_check.sh    # on the GPU machine (OUT defaults to /tmp/lisa_fused_gpu_check)
 #   benchmarks/gpu_check.sh --dry-run    # print the plan: stages, budgets, their sum, commands; run nothing
-#   benchmarks/gpu_check.sh --cpu        # rehearse on a CPU machine: same stages, small, no install
+#   benchmarks/gpu_check.sh --cpu        # rehearse on a CPU machine: same stages, small, no install,
+#                                        # limits x3 (GPU_CHECK_CPU_SCALE)
 #
 # Everything goes under $OUT: results.md, results.json (device, driver, versions, date, command, numbers),
 # summary.txt, gpu_check.log, precheck.json, versions.txt, bench-kernels.json, bench-switch.json,
@@ -38,9 +39,12 @@ OUT=${OUT:-/tmp/lisa_fused_gpu_check}
 PY=${PYTHON:-python3}
 DEADLINE_S=${GPU_CHECK_DEADLINE_S:-480}  # all stages together; the device call itself is limited to 600 s
 # name:budget_s, in the order they run
-PLAN=(precheck:15 install:120 versions:15 gpu-tests:75 bench-kernels:55 bench-switch:45 bench-7b:110
-      kernel-tests:45)
-DEADLINE=$((SECONDS + DEADLINE_S))
+PLAN=(precheck:20 install:120 versions:20 gpu-tests:75 bench-kernels:55 bench-switch:45 bench-7b:105
+      kernel-tests:40)
+# --cpu rehearsals run on small shared CPUs, not inside the device call: every limit x SCALE there
+SCALE=1
+[ "$TARGET" = cpu ] && [ "$DRY" = 0 ] && SCALE=${GPU_CHECK_CPU_SCALE:-3}
+DEADLINE=$((SECONDS + DEADLINE_S * SCALE))
 FAILED=0
 
 budget_of() { local s; for s in "${PLAN[@]}"; do [ "${s%%:*}" = "$1" ] && { echo "${s##*:}"; return; }; done; echo 0; }
@@ -79,7 +83,7 @@ fi
 stage() {
   local name=$1 limit left=$((DEADLINE - SECONDS))
   shift
-  limit=$(budget_of "$name")
+  limit=$(($(budget_of "$name") * SCALE))
   if [ "$DRY" = 1 ]; then
     printf '  %-13s %4ss  %s\n' "$name" "$limit" "$*"
     return

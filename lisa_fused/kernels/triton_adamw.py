@@ -28,7 +28,7 @@ except ImportError as exc:  # triton is optional (not on every platform)
 
 # (elements per chunk, BLOCK, num_warps). On a GPU: 64K-element chunks and 4 elements per thread per
 # block (BLOCK = 4 * 32 * num_warps), as torch's fused AdamW does (ILP 4): one 128-bit access per fp32
-# stream, 64-bit for 16-bit ones, ~45 registers, and one layout for every stream (8 elements per thread
+# stream, 64-bit for 16-bit ones, 40-46 registers, and one layout for every stream (8 elements per thread
 # would give 16-bit streams a layout of their own and shared-memory conversions with barriers; see
 # tests/test_ptx.py). In the interpreter, few programs with big blocks.
 _GPU_CONFIG = (1 << 16, 1024, 8)
@@ -142,16 +142,17 @@ if triton is not None:
             # aligned, the loads and stores compile to 128-bit (v4) accesses; a mask on `offs < end`, of
             # unknown divisibility, would split them into scalar ones. A while loop on a scalar condition:
             # Triton 3.6's interpreter holds loaded scalars as 1-element arrays, which range() rejects.
-            start = begin
-            while start + BLOCK <= end:
-                if ALIGNMENT > 1:
-                    start = tl.multiple_of(start, ALIGNMENT)  # a loop-carried value loses the hint
+            # `start` is recomputed from `begin` (not carried), so its divisibility stays known (Triton
+            # 3.6 drops a multiple_of hint on a loop-carried value); i * BLOCK < chunk size < 2^31.
+            i = 0
+            while begin + (i + 1) * BLOCK <= end:
                 _update_block(
-                    p_ptr, g_ptr, m_ptr, v_ptr, low_ptr, start, end, scale,
+                    p_ptr, g_ptr, m_ptr, v_ptr, low_ptr, begin + i * BLOCK, end, scale,
                     step_size, decay, bc2_sqrt, lerp_small, lerp_w, lerp_w_minus_1, beta2, one_minus_beta2, eps,
                     GRAD_BF16, HAS_LOWP, LOWP_BF16, HAS_SCALE, BLOCK, False,
                 )
-                start += BLOCK
+                i += 1
+            start = begin + i * BLOCK
             if start < end:  # one masked block for the rest
                 _update_block(
                     p_ptr, g_ptr, m_ptr, v_ptr, low_ptr, start, end, scale,

@@ -132,7 +132,8 @@ export PY
 
 BENCH_PYTEST=("$PY" -m pytest -q -p no:cacheprovider -rs)
 if [ "$TARGET" = cpu ]; then
-  BENCH_PYTEST+=(--benchmark-disable)  # rehearsal: each case once, at its smoke size
+  export LISA_FUSED_BENCH_SMALL=1       # rehearsal: timed, at the smoke sizes, few rounds
+  BENCH_PYTEST+=(--benchmark-min-rounds=1 --benchmark-max-time=0.05 --benchmark-warmup=off)
 else
   BENCH_PYTEST+=(--benchmark-min-rounds=5 --benchmark-max-time=0.5 --benchmark-warmup=on)
 fi

@@ -16,6 +16,7 @@ ceiling for an update) and of a device copy, the device, torch / CUDA / Triton v
 
     pytest benchmarks/test_bench_kernels.py                      # time it
     pytest benchmarks/ --benchmark-disable                       # smoke run (CI): once each, 10x smaller
+    LISA_FUSED_BENCH_SMALL=1 pytest ...                          # timed, at the smoke size
     LISA_FUSED_BENCH_DEVICES=cpu,cuda pytest ...                 # default: cuda where present, else cpu
 """
 from __future__ import annotations
@@ -66,6 +67,11 @@ def versions() -> dict:
     except ImportError:
         out["triton"] = None
     return out
+
+
+def small(disabled: bool) -> bool:
+    """Smoke size: under --benchmark-disable, or LISA_FUSED_BENCH_SMALL=1 (gpu_check.sh --cpu rehearsal)."""
+    return disabled or os.environ.get("LISA_FUSED_BENCH_SMALL") == "1"
 
 
 def sync(device: str):
@@ -125,7 +131,7 @@ _problems: dict[tuple[str, str, int], Problem] = {}
 
 @pytest.fixture
 def problem(request, device, mode) -> Problem:
-    scale_down = 10 if request.config.getoption("benchmark_disable") else 1
+    scale_down = 10 if small(request.config.getoption("benchmark_disable")) else 1
     key = (device, mode, scale_down)
     if key not in _problems:
         _problems.clear()  # one active set in memory at a time

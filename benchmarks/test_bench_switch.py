@@ -16,6 +16,7 @@ is <= 1.05 where the compute of a step covers the copies.
 
     pytest benchmarks/test_bench_switch.py                 # time it
     pytest benchmarks/ --benchmark-disable                 # smoke run (CI): once each, small
+    LISA_FUSED_BENCH_SMALL=1 pytest ...                    # timed, small
 """
 from __future__ import annotations
 
@@ -74,6 +75,11 @@ def device_name(device: str) -> str:
     return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
 
 
+def small(benchmark) -> bool:
+    """Smoke size: under --benchmark-disable, or LISA_FUSED_BENCH_SMALL=1 (gpu_check.sh --cpu rehearsal)."""
+    return benchmark.disabled or os.environ.get("LISA_FUSED_BENCH_SMALL") == "1"
+
+
 def sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
@@ -119,7 +125,7 @@ def paged_bytes(opt, dtype) -> int:
 @pytest.mark.parametrize("hidden_index", range(3), ids=["small", "medium", "large"])
 @pytest.mark.parametrize("device", DEVICES)
 def test_switch_copies(benchmark, device, hidden_index, policy):
-    hidden = HIDDEN[device][hidden_index] // (4 if benchmark.disabled else 1)
+    hidden = HIDDEN[device][hidden_index] // (4 if small(benchmark) else 1)
     model = Stack(hidden, 2).to(device=device, dtype=DTYPE[device])
     order = itertools.count()
     opt = FusedLISA(model, lr=1e-4, n_active_layers=1, switch_every=1, layers="layers",
@@ -134,7 +140,7 @@ def test_switch_copies(benchmark, device, hidden_index, policy):
         sync(device)  # the copies are what is timed here
 
     before = opt.active_layers
-    rounds, warmup = (1, 0) if benchmark.disabled else (20, 2)
+    rounds, warmup = (1, 0) if benchmark.disabled else ((3, 1) if small(benchmark) else (20, 2))
     benchmark.pedantic(switch, rounds=rounds, warmup_rounds=warmup)
     assert opt.memory_stats() == stats, "the optimizer's memory changed over switches"
     assert opt.active_layers == (before if (rounds + warmup) % 2 == 0 else tuple(1 - b for b in before))
@@ -157,7 +163,7 @@ def test_switch_copies(benchmark, device, hidden_index, policy):
 @pytest.mark.parametrize("device", DEVICES)
 def test_switch_step_in_training(benchmark, device):
     hidden, n_blocks, tokens = TRAIN[device]
-    if benchmark.disabled:
+    if small(benchmark):
         hidden, tokens = hidden // 4, tokens // 4
     dtype, every = DTYPE[device], 2
     torch.manual_seed(0)
@@ -167,7 +173,7 @@ def test_switch_step_in_training(benchmark, device):
     x = torch.randn(tokens, hidden, device=device, dtype=dtype)
     start = [p.detach().clone() for p in model.layers.parameters()]
     visited = set()  # blocks trained by at least one step
-    n_steps = 6 if benchmark.disabled else 2 + 8 * every  # two warm-up steps, then 8 intervals
+    n_steps = 2 + (2 if benchmark.disabled else 8) * every  # two warm-up steps, then 2 or 8 intervals
     marks, switched = [], []
 
     def mark():

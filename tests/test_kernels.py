@@ -32,7 +32,7 @@ def backend_device(backend: str) -> torch.device:
 def backend_param(backend: str):
     """pytest param for `backend`: gpu-marked for cuda, skipped (with the reason) where it cannot run."""
     marks = [pytest.mark.gpu] if backend == "cuda" or backend_device(backend).type == "cuda" else []
-    if not marks:
+    if not marks or torch.cuda.is_available():  # on a GPU: e.g. a driver too old for the static runtime
         reason = backend_unavailable_reason(backend, backend_device(backend))
         if reason is not None:
             marks.append(pytest.mark.skip(reason=reason))
@@ -381,6 +381,36 @@ def test_cuda_backend_without_gpu_says_why():
         native._C.adamw_cuda(param=1, grad=1, exp_avg=1, exp_avg_sq=1, param_lowp=0, grad_scale=0, chunks=1,
                              n_chunks=1, table=1, grad_dtype=0, lowp_dtype=-1, one_minus_beta1=0.1, beta2=0.999,
                              one_minus_beta2=0.001, eps=1e-8, device=0, stream=0)
+
+
+def test_auto_fallback_is_logged_once_per_reason(monkeypatch, caplog):
+    """"auto" passing over a backend it prefers says so (once per device and reason); explicit asks raise."""
+    from lisa_fused.kernels import triton_adamw
+
+    old_driver = "the CUDA driver (12080) is older than the CUDA 13.0 runtime linked into lisa_fused._C (needs >= 580)"
+    reasons = {"cuda": old_driver, "cpu": None}
+    monkeypatch.setattr(native, "unavailable_reason", lambda backend: reasons[backend])
+    monkeypatch.setattr(triton_adamw, "unavailable_reason", lambda device: None)
+    monkeypatch.setattr(kernels, "_warned_fallbacks", set())
+    cuda0 = torch.device("cuda", 0)
+    with caplog.at_level("WARNING", logger="lisa_fused.kernels"):
+        assert kernels.resolve_backend("auto", cuda0) == "triton"
+        assert kernels.resolve_backend("auto", cuda0) == "triton"
+        assert kernels.resolve_backend("auto", "cpu") == "cpu"  # nothing passed over: no warning
+    assert [r.levelname for r in caplog.records] == ["WARNING"]
+    assert old_driver in caplog.text and "'triton'" in caplog.text and "cuda:0" in caplog.text
+    with pytest.raises(RuntimeError, match="backend 'cuda' is not available: the CUDA driver"):
+        kernels.resolve_backend("cuda", cuda0)
+
+    caplog.clear()
+    reasons["cpu"] = "the native extension lisa_fused._C is not built"
+    with caplog.at_level("WARNING", logger="lisa_fused.kernels"):
+        assert kernels.resolve_backend("auto", "cpu") == "torch"
+        assert kernels.resolve_backend("auto", torch.device("cuda", 1)) == "triton"  # another device: logged
+        assert kernels.resolve_backend("auto", "cpu") == "torch"
+    assert len(caplog.records) == 2
+    assert "uses 'torch', not 'cpu': the native extension" in caplog.records[0].getMessage()
+    assert "cuda:1" in caplog.records[1].getMessage()
 
 
 def test_missing_build_is_explained(monkeypatch):

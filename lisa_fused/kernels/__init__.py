@@ -8,12 +8,15 @@ Backends: "triton" (GPU, or CPU under TRITON_INTERPRET=1), "cuda" (CUDA C++ in l
 """
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
 
 from .contract import ALIGN, N_COLS, Segments, host_scalars  # noqa: F401  (re-exported)
 from .reference import adamw_packed_reference_
+
+logger = logging.getLogger(__name__)
 
 BACKENDS = ("triton", "cuda", "cpu", "torch")
 # "auto" tries these in order for the buffers' device type.
@@ -38,14 +41,39 @@ def backend_unavailable_reason(backend: str, device: torch.device) -> str | None
     return f"unknown backend '{backend}'; choose one of {('auto',) + BACKENDS}"
 
 
+_warned_fallbacks: set[tuple[str, str]] = set()
+
+
+def _warn_fallback_once(device: torch.device, preferred: str, chosen: str, reason: str) -> None:
+    """One WARNING per (device, reason): "auto" runs a slower backend than it would prefer."""
+    key = (str(device), reason)
+    if key in _warned_fallbacks:
+        return
+    _warned_fallbacks.add(key)
+    logger.warning("backend='auto' on %s uses %r, not %r: %s", device, chosen, preferred, reason)
+
+
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """Turn "auto" into the best available backend for `device`; raise if `backend` cannot run."""
+    """Turn "auto" into the best available backend for `device`; raise if `backend` cannot run.
+
+    "auto" prefers, on cuda: cuda, triton, torch; on cpu: cpu, torch. Each preferred backend it passes
+    over is logged once per (device, reason) as a WARNING on the "lisa_fused.kernels" logger (e.g. the
+    static CUDA 13 runtime of lisa_fused._C needs an NVIDIA driver >= 580). Raises ValueError for an
+    unknown name, RuntimeError (with the reason) for an explicit backend that cannot run on `device`.
+    """
     device = torch.device(device)
     if backend == "auto":
+        skipped = []
         for name in _AUTO_ORDER.get(device.type, ("torch",)):
-            if backend_unavailable_reason(name, device) is None:
-                return name
-        return "torch"
+            reason = backend_unavailable_reason(name, device)
+            if reason is None:
+                break
+            skipped.append((name, reason))
+        else:
+            name = "torch"
+        for preferred, reason in skipped:
+            _warn_fallback_once(device, preferred, name, reason)
+        return name
     if backend not in BACKENDS:
         raise ValueError(f"Invalid backend: {backend!r}; choose one of {('auto',) + BACKENDS}")
     reason = backend_unavailable_reason(backend, device)

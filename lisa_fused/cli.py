@@ -1,6 +1,7 @@
 """`lisa-fused` command line (also `python -m lisa_fused`).
 
     lisa-fused bench [options]   fine-tune one model with full AdamW, LoRA and FusedLISA; table + JSON + PNG
+    lisa-fused plan MODEL [...]  predicted peak memory per method and state setting; what fits --gpu-mem
 """
 from __future__ import annotations
 
@@ -46,6 +47,107 @@ def _methods(text: str) -> list[str]:
     return names
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Appends "(default: X)" where there is a default to show and the help does not already say it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if ("default" in text or action.default is None or action.default is False
+                or action.default == argparse.SUPPRESS or not action.option_strings):
+            return text
+        default = ",".join(action.default) if isinstance(action.default, (list, tuple)) else action.default
+        return f"{text} (default: {default})"
+
+
+def _plan_methods(text: str) -> list[str]:
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    bad = [n for n in names if n not in ("full", "lora", "lisa")]
+    if bad or not names or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"{text!r}: give distinct methods from full,lora,lisa")
+    return names
+
+
+def _size(text: str) -> int:
+    from .plan.report import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("--gpu-mem ")) from None
+
+
+PLAN_DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16",
+               "fp32": "float32", "float32": "float32"}
+
+
+def _add_plan(sub) -> None:
+    p = sub.add_parser(
+        "plan", help="predict peak memory per method and state setting; what fits --gpu-mem",
+        description="Predict the peak memory of one training step (weights, trainable state, activations "
+                    "and temporaries, logits and loss included) for full AdamW, LoRA and each FusedLISA "
+                    "setting, without downloading or allocating the model: it is built on the meta device, "
+                    "the optimizers run on it and one step is traced with fake tensors.",
+        formatter_class=_HelpFormatter)
+    from .plan.models import preset_names
+
+    p.add_argument("model", metavar="MODEL",
+                   help=f"a preset ({', '.join(preset_names())}), a config.json or a local model folder")
+    p.add_argument("--gpu-mem", type=_size, default=None, metavar="SIZE",
+                   help="device memory to fit, e.g. 24GiB, 80GB (G = GiB); without it no fit columns")
+    p.add_argument("--batch-size", type=_int_at_least(1), default=1, help="sequences per step")
+    p.add_argument("--seq-len", type=_int_at_least(2), default=1024, help="tokens per sequence")
+    p.add_argument("--dtype", choices=sorted(PLAN_DTYPES), default="bf16", help="parameter dtype")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="trace with transformers' gradient checkpointing (non-reentrant)")
+    p.add_argument("--methods", type=_plan_methods, default=["full", "lora", "lisa"],
+                   help="comma list of full,lora,lisa (lisa: one row per FusedLISA setting)")
+    p.add_argument("--lora-rank", type=_int_at_least(1), default=128, help="LoRA rank on every projection")
+    p.add_argument("--gamma", type=_int_at_least(1), default=2, help="FusedLISA active blocks")
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                   help="whose memory to predict (cpu: the host store counts in the peak)")
+    p.add_argument("--json", metavar="PATH", default=None, help="also write the plan as JSON (fields: "
+                   "lisa_fused/plan/__init__.py)")
+    p.set_defaults(subparser=p)
+
+
+def run_plan(args) -> int:
+    import torch
+
+    from . import __version__
+    from .plan import format_table, load_config, plan, to_json
+
+    parser = args.subparser
+    try:
+        config = load_config(args.model)
+        rows, skipped, planner = plan(
+            config, dtype=getattr(torch, PLAN_DTYPES[args.dtype]), batch_size=args.batch_size,
+            seq_len=args.seq_len, target=args.device, gradient_checkpointing=args.gradient_checkpointing,
+            methods=args.methods, lora_rank=args.lora_rank, gamma=args.gamma, gpu_mem=args.gpu_mem)
+    except ValueError as exc:
+        parser.error(str(exc).splitlines()[0])
+    header = {"model": args.model, "model_type": config.model_type, "dtype": PLAN_DTYPES[args.dtype],
+              "batch_size": args.batch_size, "seq_len": args.seq_len,
+              "gradient_checkpointing": args.gradient_checkpointing, "lora_rank": args.lora_rank,
+              "gamma": args.gamma, "target": args.device, "traced_on": planner.trace_device,
+              "gpu_mem_bytes": args.gpu_mem, "n_blocks": planner.n_blocks, "lisa_fused_version": __version__}
+    print(f"{args.model} ({config.model_type}, {planner.n_blocks} blocks), {header['dtype']}, batch "
+          f"{args.batch_size} x seq {args.seq_len}" + (", gradient checkpointing" if args.gradient_checkpointing
+                                                        else "") + f"; predicted for {args.device}")
+    print(format_table(rows, args.gpu_mem))
+    for s in skipped:
+        print(f"skipped lisa {s.setting}: {s.reason}")
+    if planner.trace_device != args.device:
+        print(f"note: traced on {planner.trace_device} fake tensors (this torch has no {args.device}); "
+              f"temporaries follow {planner.trace_device} kernels")
+    print("state: grads + moments + masters (FusedLISA: memory_stats after every block was active once); "
+          "activations: traced peak of forward, backward and step; host: LISA's paged state (pinned)")
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(to_json(header, rows, skipped))
+        print(f"wrote {args.json}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .bench.methods import METHODS
     from .bench.models import DTYPES, PRESETS
@@ -57,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fine-tune one model with each method on identical data, order and seeds, each in its "
                     "own process; print a table and write results.json, results.md and bench.png to --out. "
                     "The default (tiny preset) runs offline on a CPU in about two minutes.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=_HelpFormatter)
     b.add_argument("--preset", choices=sorted(PRESETS), default="tiny",
                    help="Llama-architecture model built from a LlamaConfig (random init, no download); "
                         "llama-1b and llama-2-7b are meant for a GPU")
@@ -68,8 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--steps", type=_int_at_least(1), default=40, help="fine-tuning steps per method")
     b.add_argument("--base-steps", type=_int_at_least(0), default=None,
                    help="base-training steps before fine-tuning (default: 100 for tiny, 0 otherwise)")
-    b.add_argument("--batch-size", type=_int_at_least(1), default=4)
-    b.add_argument("--seq-len", type=_int_at_least(2), default=128)
+    b.add_argument("--batch-size", type=_int_at_least(1), default=4, help="sequences per step")
+    b.add_argument("--seq-len", type=_int_at_least(2), default=128, help="tokens per sequence")
     b.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda if available)")
     b.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="parameter dtype (default: float32 for tiny, bfloat16 for the large presets)")
@@ -79,10 +181,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--lr", type=_positive_float, default=3e-4, help="learning rate of full, lisa, lisa-device")
     b.add_argument("--lora-lr", type=_positive_float, default=1e-3, help="learning rate of lora")
     b.add_argument("--eval-windows", type=_int_at_least(1), default=64, help="held-out windows of --seq-len")
-    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--seed", type=int, default=0, help="seed of the init, the data order and LISA's sampler")
     b.add_argument("--out", default="lisa_fused_bench", help="output folder")
     b.add_argument("--cache-dir", default=None, help="data, base checkpoint and per-method files (default: OUT/cache)")
+    b.add_argument("--force", action="store_true",
+                   help="run even when the planner says a method will not fit or the run will take hours")
     b.set_defaults(subparser=b)
+    _add_plan(sub)
     return parser
 
 
@@ -133,11 +238,17 @@ def resolve_bench_args(args: argparse.Namespace) -> argparse.Namespace:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    args = parser.parse_args(argv)  # "bench" is the only command so far
+    args = parser.parse_args(argv)
+    if args.command == "plan":
+        return run_plan(args)
     args = resolve_bench_args(args)
     from .bench.bench import run_bench
 
-    return run_bench(args, argv)
+    try:
+        return run_bench(args, argv)
+    except KeyboardInterrupt:
+        print("\nlisa-fused bench: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -1,0 +1,169 @@
+"""`lisa-fused plan`: optimizer bytes pinned exactly (torch's documented AdamW state, FusedLISA on a real
+model), the fake-tensor allocation tracker, the JSON, presets, and one-line errors."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from lisa_fused import FusedLISA
+from lisa_fused.cli import main
+from lisa_fused.plan import Planner, load_config, meta_model, parse_size, preset_names
+from lisa_fused.plan.trace import AllocationTracker
+
+MICRO = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+             num_key_value_heads=2, vocab_size=96, max_position_embeddings=64, tie_word_embeddings=False)
+
+
+def micro_planner(dtype=torch.float32, **kw) -> Planner:
+    return Planner(LlamaConfig(**MICRO), dtype, 2, 8, target="cpu", lora_rank=4, gamma=2, **kw)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_full_adamw_state_is_torchs_documented_state(dtype):
+    # torch.optim.AdamW keeps exp_avg and exp_avg_sq like the param and a float32 scalar step per param;
+    # the step also needs each param's grad.
+    row = micro_planner(dtype).full()
+    params = list(LlamaForCausalLM(LlamaConfig(**MICRO)).to(dtype).parameters())
+    param_bytes = sum(p.numel() for p in params) * dtype.itemsize
+    assert row.weights_bytes == param_bytes
+    assert row.state_bytes == 3 * param_bytes + 4 * len(params)
+    assert row.host_bytes == 0 and row.activation_bytes > 0
+
+
+def test_lora_state_counts_only_adapters():
+    row = micro_planner().lora()
+    # rank 4 on q,k,v,o (32x32) and gate,up (32->64), down (64->32): A is r x in, B is out x r.
+    per_layer = 4 * (4 * (32 + 32)) + 2 * 4 * (32 + 64) + 4 * (64 + 32)
+    n_adapter = 3 * per_layer
+    assert row.state_bytes == 3 * 4 * n_adapter + 4 * 2 * 7 * 3
+    base = sum(p.numel() for p in LlamaForCausalLM(LlamaConfig(**MICRO)).parameters()) * 4
+    assert row.weights_bytes == base + 4 * n_adapter
+
+
+@pytest.mark.parametrize("policy", ["host", "device", "drop"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_lisa_state_equals_a_real_fusedlisa_after_every_block_was_active(policy, dtype):
+    planner = micro_planner(dtype)
+    row = planner.lisa({"inactive_moments": policy})
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**MICRO)).to(dtype)
+    opt = FusedLISA(model, n_active_layers=2, switch_every=1, inactive_moments=policy)
+    x = torch.randint(0, MICRO["vocab_size"], (2, 8))
+    seen, left = set(opt.active_layers), set()  # steady state: every block has been active and has left
+    for _ in range(60):
+        model(input_ids=x, labels=x).loss.backward()
+        before = [p.detach().clone() for p in model.parameters()]
+        trainable = [p.requires_grad for p in model.parameters()]
+        opt.step()
+        changed = [not torch.equal(b, p) for b, p in zip(before, model.parameters())]
+        assert any(changed) and not any(c and not t for c, t in zip(changed, trainable))
+        active = set(opt.active_layers)
+        opt.zero_grad()
+        left |= seen - active
+        seen |= active
+        if len(left) == MICRO["num_hidden_layers"]:
+            break
+    stats = opt.memory_stats()
+    assert row.state_bytes == stats["device_bytes"]
+    assert row.host_bytes == stats["host_bytes"]
+    if policy != "drop":
+        assert stats["store_bytes"] > 0
+    own = sum(p.numel() * p.element_size() for p in model.parameters()
+              if p.untyped_storage().nbytes() == p.numel() * p.element_size())
+    assert row.weights_bytes == own
+
+
+def test_tracker_counts_new_storages_once_and_frees_them():
+    a = torch.ones(1000)
+    with AllocationTracker() as tr:
+        tr.preexisting([a])
+        b = a * 2          # +4000
+        v = b.view(10, 100)  # a view: no new bytes
+        c = v + 1          # +4000: peak 8000
+        del b, v           # 4000
+        d = c.sum()        # scalar: 4004
+        del c              # 4
+    assert tr.peak == 8000 and tr.live == 4
+    del d
+
+
+def test_presets_build_on_meta():
+    assert {"llama-2-7b", "llama-3-8b", "qwen2.5-7b", "mistral-7b", "llama-3.2-1b", "gemma-2-9b"} <= set(preset_names())
+    sizes = {n: sum(p.numel() for p in meta_model(load_config(n), torch.bfloat16).parameters()) / 1e9
+             for n in ("llama-2-7b", "llama-3-8b", "gemma-2-9b", "llama-3.2-1b")}
+    assert sizes["llama-2-7b"] == pytest.approx(6.74, abs=0.01)
+    assert sizes["llama-3-8b"] == pytest.approx(8.03, abs=0.01)
+    assert sizes["gemma-2-9b"] == pytest.approx(9.24, abs=0.01)
+    assert sizes["llama-3.2-1b"] == pytest.approx(1.24, abs=0.01)
+
+
+def test_parse_size():
+    assert parse_size("24GiB") == 24 * 2**30 and parse_size("80GB") == 80 * 10**9 and parse_size("16G") == 16 * 2**30
+    for bad in ("-5GiB", "lots", "3 parsecs"):
+        with pytest.raises(ValueError, match=repr(bad)):
+            parse_size(bad)
+
+
+def test_plan_cli_table_and_json(tmp_path, capsys):
+    cfg = tmp_path / "config.json"
+    LlamaConfig(**MICRO).to_json_file(cfg)
+    out = tmp_path / "plan.json"
+    assert main(["plan", str(tmp_path), "--device", "cpu", "--dtype", "fp32", "--batch-size", "2", "--seq-len",
+                 "8", "--methods", "full,lisa", "--gpu-mem", "1GiB", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "| full " in text and "inactive_moments=host" in text
+    plan = json.loads(out.read_text())
+    assert plan["n_blocks"] == 3 and plan["target"] == plan["traced_on"] == "cpu" and plan["gpu_mem_bytes"] == 2**30
+    full, lisa = plan["rows"][0], plan["rows"][1]
+    for row in plan["rows"]:
+        assert row["peak_bytes"] == (row["weights_bytes"] + row["state_bytes"] + row["activation_bytes"]
+                                     + row["host_bytes"])  # a cpu target: the host store is the same RAM
+        assert row["fits"] is True and row["max_batch_size"] > 2
+    assert lisa["max_gamma"] == 3 and full["max_gamma"] is None
+    assert lisa["kwargs"] == {"inactive_moments": "host"}
+
+
+def test_plan_cli_max_gamma_and_batch_respect_the_limit(tmp_path, capsys):
+    # A cuda target (traced on CPU here): the host store is not in the peak, so a larger gamma costs more.
+    LlamaConfig(**MICRO).to_json_file(tmp_path / "config.json")
+    main(["plan", str(tmp_path), "--device", "cuda", "--dtype", "fp32", "--batch-size", "2", "--seq-len", "8",
+          "--methods", "lisa", "--json", str(tmp_path / "a.json")])
+    row = json.loads((tmp_path / "a.json").read_text())["rows"][0]
+    limit = row["peak_bytes"] + 1  # gamma 2 fits, gamma 3 (more state) does not
+    main(["plan", str(tmp_path), "--device", "cuda", "--dtype", "fp32", "--batch-size", "2", "--seq-len", "8",
+          "--methods", "lisa", "--gpu-mem", str(limit), "--json", str(tmp_path / "b.json")])
+    row = json.loads((tmp_path / "b.json").read_text())["rows"][0]
+    assert row["fits"] and row["max_gamma"] == 2 and row["max_batch_size"] == 2
+
+
+BAD = [
+    (["plan", "llama-9000"], "MODEL 'llama-9000': not a preset"),
+    (["plan", "tiny", "--gpu-mem=-5GiB"], "--gpu-mem: '-5GiB': must be > 0"),
+    (["plan", "tiny", "--gpu-mem", "5 parsecs"], "'5 parsecs': not a size"),
+    (["plan", "tiny", "--methods", "full,adam"], "give distinct methods from full,lora,lisa"),
+    (["plan", "tiny", "--gamma", "9"], "--gamma 9: must be in 1..8"),
+    (["plan", "tiny", "--dtype", "int8"], "invalid choice: 'int8'"),
+]
+
+
+@pytest.mark.parametrize("argv,message", BAD, ids=lambda v: " ".join(v) if isinstance(v, list) else None)
+def test_plan_bad_input_is_one_line_naming_it(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_plan_unreadable_config_and_model_without_causal_lm(tmp_path, capsys):
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(SystemExit):
+        main(["plan", str(tmp_path)])
+    assert f"MODEL {str(tmp_path)!r}: cannot read" in capsys.readouterr().err
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "t5"}))
+    with pytest.raises(SystemExit):
+        main(["plan", str(tmp_path / "config.json")])
+    assert "model_type 't5': no causal LM to build" in capsys.readouterr().err

@@ -67,8 +67,11 @@ def main(argv=None):
                     switch_every=args.switch_every, seed=args.seed, backend=args.backend)
     print(opt)
     g = torch.Generator().manual_seed(args.seed)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ever_active = set()
     start, first = time.time(), None
     for step in range(1, args.steps + 1):
+        ever_active.update(opt.active_layers)
         batch = data[torch.randint(0, len(data), (args.batch,), generator=g)]
         loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
@@ -80,7 +83,10 @@ def main(argv=None):
     stats = opt.memory_stats()
     print(f"loss {first:.3f} -> {loss.item():.3f} in {time.time() - start:.1f}s; optimizer holds "
           f"{stats['device_bytes'] / 2**10:.0f} KiB on {opt.device}, {stats['host_bytes'] / 2**10:.0f} KiB paged out")
-    return {"first_loss": first, "last_loss": loss.item(), "active_layers": opt.active_layers}
+    changed = {n: not torch.equal(p.detach(), before[n]) for n, p in model.named_parameters()}
+    print(f"{sum(changed.values())} of {len(changed)} params changed; blocks trained: {sorted(ever_active)}")
+    return {"first_loss": first, "last_loss": loss.item(), "active_layers": opt.active_layers,
+            "changed": changed, "ever_active": ever_active}
 
 
 if __name__ == "__main__":

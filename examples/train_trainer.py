@@ -2,7 +2,8 @@
 
     python examples/train_trainer.py                       # 4 blocks, 1 trained at a time, switch every 10 steps
     python examples/train_trainer.py --grad-accum 2        # K counts optimizer steps, not micro-batches
-    python examples/train_trainer.py --save-steps 15       # checkpoints; resume with --resume PATH
+    python examples/train_trainer.py --save-steps 15 --output-dir out              # checkpoints in out/
+    python examples/train_trainer.py --output-dir out --resume out/checkpoint-15   # or --resume latest
     torchrun --nproc_per_node=2 examples/train_trainer.py  # DDP (gloo on CPU): LISACallback makes it work
 
 The Trainer builds the LR scheduler over FusedLISA's param_groups; LISACallback puts the active layers in
@@ -19,7 +20,7 @@ import logging
 import tempfile
 
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from lisa_fused import FusedLISA
 from lisa_fused.hf import LISACallback
@@ -59,11 +60,26 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     p.add_argument("--logging-steps", type=int, default=10)
-    p.add_argument("--save-steps", type=int, default=0, help="0: no checkpoints")
-    p.add_argument("--resume", default=None, help="checkpoint directory to resume from")
-    p.add_argument("--output-dir", default=None, help="default: a temporary directory")
+    p.add_argument("--save-steps", type=int, default=0, help="0: no checkpoints (needs --output-dir)")
+    p.add_argument("--resume", default=None,
+                   help="checkpoint directory to resume from, or 'latest' (the last one in --output-dir)")
+    p.add_argument("--output-dir", default=None, help="kept; default: a temporary directory, deleted at exit")
     p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if (args.save_steps or args.resume == "latest") and not args.output_dir:
+        p.error("--save-steps and --resume latest need --output-dir: without it the run writes into a "
+                "temporary directory that is deleted at exit, so there would be nothing to resume from")
+    return args
+
+
+class ActiveSets(TrainerCallback):
+    """Records FusedLISA's active blocks before every optimizer step (which blocks a run trained)."""
+
+    def __init__(self, opt):
+        self.opt, self.seen = opt, set()
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.seen.update(self.opt.active_layers)
 
 
 def main(argv=None):
@@ -84,17 +100,24 @@ def main(argv=None):
         model = tiny_llama(args.layers, args.hidden, args.seq, DTYPES[args.dtype], args.seed)
         opt = FusedLISA(model, lr=args.lr, weight_decay=0.01, n_active_layers=args.n_active,
                         switch_every=args.switch_every, seed=args.seed)
+        active = ActiveSets(opt)
         trainer = Trainer(model=model, args=targs, train_dataset=text_windows(args.seq, args.seed),
                           optimizers=(opt, None),  # None: the Trainer makes the scheduler over opt
-                          callbacks=[LISACallback()])  # in the constructor (it acts at the end of __init__)
-        result = trainer.train(resume_from_checkpoint=args.resume)
+                          callbacks=[LISACallback(), active])  # in the constructor (it acts at the end of __init__)
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        resume = True if args.resume == "latest" else args.resume
+        result = trainer.train(resume_from_checkpoint=resume)
+        # (after a resume, `before` is the fresh init, not the checkpoint: every trained param differs)
+        changed = {n: not torch.equal(p.detach(), before[n]) for n, p in model.named_parameters()}
     logs = [e for e in trainer.state.log_history if "loss" in e]
     if targs.process_index == 0:
         for e in logs:
             print(f"step {e['step']:4d}  loss {e['loss']:.3f}  lr {e['learning_rate']:.2e}  "
                   f"training blocks {tuple(e['lisa_active_layers'])} next")
         print(f"train loss {result.training_loss:.3f}; {opt!r}")
-    return {"log_history": trainer.state.log_history, "active_layers": opt.active_layers}
+        print(f"{sum(changed.values())} of {len(changed)} params changed; blocks trained: {sorted(active.seen)}")
+    return {"log_history": trainer.state.log_history, "active_layers": opt.active_layers, "changed": changed,
+            "ever_active": active.seen, "params": {n: p.detach().clone() for n, p in model.named_parameters()}}
 
 
 if __name__ == "__main__":

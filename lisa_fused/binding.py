@@ -231,7 +231,9 @@ class ParamBinding:
 
         Values: the fp32 values the optimizer holds survive the move (masters of a low-precision model
         become the params of an fp32 one; an fp32 model's params become the masters of a low-precision
-        one), and low-precision params are their masters rounded to nearest. Moments move as they are. A
+        one), and low-precision params are their masters rounded to nearest; except a param whose value
+        is not its old value converted (someone wrote it after the move, e.g. DDP's broadcast of rank 0's
+        weights), which keeps its new value (and its master becomes it). Moments move as they are. A
         param's existing `.grad` (converted by Module._apply) is copied into the new grad buffer.
         Returns the old buffers (for the store's conversion)."""
         old = self.bufs
@@ -239,6 +241,11 @@ class ParamBinding:
         new.master.copy_(old.master)
         new.exp_avg.copy_(old.exp_avg)
         new.exp_avg_sq.copy_(old.exp_avg_sq)
+        for i, off in self.offset.items():
+            moved = local(self.params[i]).detach()
+            if not torch.equal(moved, self.view(old.param, i, off).to(device=moved.device, dtype=moved.dtype)):
+                # written after the move (a DDP wrapper's broadcast of rank 0's weights): that value wins
+                self.view(new.master, i, off).copy_(moved)
         if new.lowp is not None:  # the params are their masters rounded to nearest, as after a step
             new.lowp.copy_(new.master)
         self.bufs = new

@@ -308,16 +308,20 @@ class FusedLISA(torch.optim.Optimizer):
         for b in range(len(self._block_params)):
             if b in self._slot_of or not old_store.has(b):
                 continue
-            region, state = self._packed.blocks[b], old_store.get(b)
-            rows = list(state)[:2]  # exp_avg, exp_avg_sq
+            region, state = self._packed.blocks[b], [r.clone() for r in old_store.get(b)]
+            if old.lowp is not None:  # a parked param takes its master (rounded, for a low-precision model)
+                for i, off, n in region.entries:  # unless it was written after the move (see relocate)
+                    p, master = local(self._params[i]).detach(), state[2][off:off + n].view(self._shapes[i])
+                    if torch.equal(p, master.to(old.lowp.dtype).to(device=p.device, dtype=p.dtype)):
+                        p.copy_(master)
+                    else:
+                        master.copy_(p)
+            rows = state[:2]  # exp_avg, exp_avg_sq
             if new.lowp is not None:  # masters: the saved ones, else (fp32 -> low precision) the params
                 own = torch.zeros(region.length)
                 for i, off, n in region.entries:
                     own[off:off + n] = local(self._params[i]).detach().reshape(-1).float().cpu()
                 rows.append(state[2] if old.lowp is not None else own)
-            if old.lowp is not None:  # a parked param takes its master (rounded, for a low-precision model)
-                for i, off, n in region.entries:
-                    local(self._params[i]).detach().copy_(state[2][off:off + n].view(self._shapes[i]))
             self._store.put(b, rows)
         self.device, self.param_dtype, self.backend = dev, dt, backend
         log = logger.warning if dt != was[1] else logger.info

@@ -49,6 +49,19 @@ def flat(model):
     return torch.cat(parts)
 
 
+def snapshot(model):
+    """{name: full fp32 copy} of every param (full tensors for FSDP2's DTensors)."""
+    return {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().float().clone()
+            for n, p in model.named_parameters()}
+
+
+def changed(model, before):
+    """{name: whether the param differs from `before`}: the test checks that exactly the params of blocks
+    that were ever active (and the always-trained ones) moved."""
+    now = snapshot(model)
+    return {n: not torch.equal(now[n], before[n]) for n in before}
+
+
 def make_opt(model, rank, **kw):
     """Rank r passes seed=r: FusedLISA takes rank 0's sampler state, so all ranks draw seed 0's blocks."""
     return FusedLISA(model, lr=LR, weight_decay=0.01, n_active_layers=N_ACTIVE, switch_every=K, seed=rank,
@@ -59,8 +72,9 @@ def scenario_ddp(rank, world, bucket_view=False):
     model = MLPStack(WIDTH, N_LAYERS, seed=rank)  # DDP broadcasts rank 0's params
     ddp = DDP(model, find_unused_parameters=True, gradient_as_bucket_view=bucket_view)  # before FusedLISA
     opt = make_opt(ddp, rank)
+    before = snapshot(model)
     seq = train(ddp, opt, batches(), rank, world)
-    return {"seq": seq, "params": flat(model), "active": opt.active_layers}
+    return {"seq": seq, "params": flat(model), "active": opt.active_layers, "changed": changed(model, before)}
 
 
 def scenario_ddp_optimizer_first(rank, world):
@@ -120,6 +134,7 @@ def scenario_fsdp2(rank, world):
     model = _fsdp2_model(seed=0)
     opt = make_opt(model, rank)
     data = batches()
+    before = snapshot(model)
     seq = train(model, opt, data[:3], rank, world)
     sd = opt.state_dict()
     resumed = _fsdp2_model(seed=1)
@@ -136,6 +151,7 @@ def scenario_fsdp2(rank, world):
     active_grads = [p.grad is not None for b in opt2.active_layers for p in resumed.blocks[b].parameters()]
     opt2.zero_grad()
     return {"seq": seq, "params": flat(resumed), "copy_mode": opt2._binding.copy_mode,
+            "changed": changed(resumed, before),
             "inactive_grads": inactive_grads, "active_grads": active_grads,
             "state_shapes": {i: tuple(e["exp_avg"].shape) for i, e in sd["state"].items()},
             "local_shapes": [tuple(p.to_local().shape) for p in opt2._params],
@@ -146,7 +162,8 @@ def scenario_fsdp2_weight_norm(rank, world):
     """The weight_norm sampler reads block norms from the shards (one all-reduce per param)."""
     model = _fsdp2_model(seed=0)
     opt = make_opt(model, rank, sampler="weight_norm")
-    return {"seq": train(model, opt, batches(), rank, world), "params": flat(model)}
+    before = snapshot(model)
+    return {"seq": train(model, opt, batches(), rank, world), "params": flat(model), "changed": changed(model, before)}
 
 
 def scenario_fsdp2_mixed_precision(rank, world):
@@ -164,9 +181,10 @@ def scenario_fsdp2_mixed_precision(rank, world):
         model(torch.zeros(1, 3))  # lazy init while every block is trainable
     model.reshard()  # the root keeps its params unsharded after forward: back to the DTensor shards
     opt = make_opt(model, rank)
-    before = flat(model)
+    before, named_before = flat(model), snapshot(model)
     seq = train(model, opt, batches(), rank, world)
-    return {"seq": seq, "params": flat(model), "moved": (flat(model) - before).abs().max().item()}
+    return {"seq": seq, "params": flat(model), "moved": (flat(model) - before).abs().max().item(),
+            "changed": changed(model, named_before)}
 
 
 def scenario_trainer_ddp(rank, world):
@@ -194,8 +212,12 @@ def scenario_trainer_ddp(rank, world):
             return super().on_step_begin(args, state, control, **kw)
 
     trainer = Trainer(model=model, args=args, train_dataset=data, optimizers=(opt, None), callbacks=[Record()])
+    before = snapshot(model)  # on rank 0: the weights the Trainer's DDP wrapper broadcasts
+    ptr = model.lm_head.weight.data_ptr()
     trainer.train()
-    return {"seq": seq, "params": flat(model), "wrapped": type(trainer.model_wrapped).__name__}
+    return {"seq": seq, "params": flat(model), "wrapped": type(trainer.model_wrapped).__name__,
+            "changed": changed(model, before), "storage_replaced": model.lm_head.weight.data_ptr() != ptr,
+            "device": str(opt.device)}
 
 
 SCENARIOS = {

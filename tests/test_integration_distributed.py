@@ -4,6 +4,7 @@ scenario of tests/_dist_worker.py (a launch costs far more than a scenario); eac
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -59,6 +60,17 @@ def single_process():
     return {"seq": seq, "params": W.flat(model), "active": opt.active_layers}
 
 
+def assert_trained_changed_frozen_kept(res):
+    """Params of blocks that were active at some step, and every param outside the stack, changed; the
+    params of blocks never active did not. (A run that trains nothing must fail here.)"""
+    ever = set().union(*map(set, res["seq"]))
+    assert ever, "no active blocks recorded"
+    for name, moved in res["changed"].items():
+        m = re.search(r"(?:blocks|layers)\.(\d+)\.", name)
+        should = m is None or int(m.group(1)) in ever
+        assert moved == should, f"{name}: {'unchanged' if should else 'changed'} (blocks ever active: {sorted(ever)})"
+
+
 def assert_matches_single(res, ref):
     assert res["seq"] == ref["seq"]
     assert len(set(res["seq"])) > 1, "the run must span a switch"
@@ -73,6 +85,7 @@ def test_ddp_matches_single_process(results, single_process, name):
     assert r0["seq"] == r1["seq"]
     assert torch.equal(r0["params"], r1["params"])
     assert_matches_single(r0, single_process)
+    assert_trained_changed_frozen_kept(r0)
 
 
 def test_ddp_built_after_fused_lisa_diverges(results):
@@ -115,6 +128,7 @@ def test_fsdp2_matches_single_process(results, single_process):
     assert r0["seq"] == r1["seq"]
     torch.testing.assert_close(r0["params"], r1["params"], rtol=0, atol=0)
     assert_matches_single(r0, single_process)
+    assert_trained_changed_frozen_kept(r0)
     for res in (r0, r1):
         assert not any(res["inactive_grads"]) and all(res["active_grads"])
         assert all(s == tuple(res["local_shapes"][i]) for i, s in res["state_shapes"].items())
@@ -130,6 +144,7 @@ def test_fsdp2_weight_norm_sampler_matches_single_process(results):
     seq = W.train(model, opt, W.batches(), rank=0, world=1)
     assert r0["seq"] == r1["seq"] == seq
     torch.testing.assert_close(r0["params"], W.flat(model), rtol=1e-5, atol=1e-6)
+    assert_trained_changed_frozen_kept(r0)
 
 
 def test_fsdp2_mixed_precision_recipe(results, single_process):
@@ -139,12 +154,18 @@ def test_fsdp2_mixed_precision_recipe(results, single_process):
     assert r0["seq"] == r1["seq"] == single_process["seq"]
     assert torch.equal(r0["params"], r1["params"]) and r0["moved"] > 1e-3
     torch.testing.assert_close(r0["params"], single_process["params"], rtol=0, atol=0.05)
+    assert_trained_changed_frozen_kept(r0)
 
 
 def test_trainer_ddp_with_lisa_callback(results):
     """The HF Trainer wraps the model in DDP itself, after FusedLISA exists; with LISACallback the ranks
-    stay bitwise equal through switches that activate blocks frozen when the wrapper was built."""
+    stay bitwise equal through switches that activate blocks frozen when the wrapper was built. The Trainer
+    also calls model.to(torch.device("cpu", 0)), which gives every param new storage: FusedLISA follows
+    it, so the params really train (before issue 9 nothing changed on either rank)."""
     r0, r1 = scenario(results, "trainer_ddp")
     assert r0["wrapped"] == "DistributedDataParallel"
     assert r0["seq"] == r1["seq"] and len(set(r0["seq"])) > 1
     assert torch.equal(r0["params"], r1["params"])
+    assert r0["storage_replaced"], "the Trainer no longer moves the model: this test lost its point"
+    assert_trained_changed_frozen_kept(r0)  # (rank 1's snapshot predates DDP's broadcast of rank 0's weights;
+    # its params equal rank 0's, checked above)

@@ -88,8 +88,19 @@ def torch_fma() -> bool:
     return torch.backends.cpu.get_cpu_capability() != "DEFAULT"
 
 
-@pytest.mark.parametrize("moments,master", MODES, ids=[f"{m}-{w}" for m, w in MODES])
-@pytest.mark.parametrize("backend", NATIVE)
+# The Triton interpreter costs ~0.4 s per launch here: every moment format and master mode once, 2 steps.
+TRITON_MODES = [("fp32", "kahan"), ("bf16", "stochastic"), ("8bit", "fp32"), ("4bit", "stochastic")]
+
+
+def case(backend: str, moments: str, master: str):
+    bp = backend_param(backend)
+    return pytest.param(backend, moments, master, marks=bp.marks, id=f"{backend}-{moments}-{master}")
+
+
+CASES = [case(b, m, w) for b in ("cpu", "cuda") for m, w in MODES] + [case("triton", m, w) for m, w in TRITON_MODES]
+
+
+@pytest.mark.parametrize("backend,moments,master", CASES)
 def test_native_bitwise_equal_to_reference(backend, moments, master, monkeypatch):
     """Four steps with fresh bf16 grads, several segments with their own step/lr/wd, one disabled: params,
     codes, scales, compensation and the bf16 copy equal the reference bit for bit (the reference with an
@@ -103,7 +114,7 @@ def test_native_bitwise_equal_to_reference(backend, moments, master, monkeypatch
     out = {k: v.clone().to(device) for k, v in ref.items()}
     before = {k: v.clone() for k, v in ref.items()}
     steps = [1, 7, 3, 100]
-    for _ in range(4):
+    for _ in range(2 if backend == "triton" else 4):
         g = (torch.randn(n, generator=gen) * 0.1).to(torch.bfloat16)
         hp = hparams(steps, len(SIZES))
         with monkeypatch.context() as mp:
@@ -130,10 +141,10 @@ def test_native_bitwise_equal_to_reference(backend, moments, master, monkeypatch
         assert ref["exp_avg_sq_scale"][0] > 0
 
 
-@pytest.mark.parametrize("backend", NATIVE)
+@pytest.mark.parametrize("backend", NATIVE + [backend_param("triton")])
 def test_fp32_through_the_lean_loop_equals_the_fast_loop(backend):
-    """grad_sumsq with fp32 state runs the block-wise lean loop: params and moments must equal the
-    original fp32 loop's bit for bit (same element math)."""
+    """grad_sumsq with fp32 state runs the block-wise lean loop (Triton: the lean kernel): params and
+    moments must equal the original fp32 loop's bit for bit (same element math)."""
     device = "cuda" if backend == "cuda" else "cpu"
     segments, n = layout(SIZES)
     gen = torch.Generator().manual_seed(5)

@@ -157,12 +157,15 @@ def adamw_packed_(
     if len(segments) == 0:
         return
     extra = {}
+    impl = _impl(backend)
     if lean:
+        if backend == "triton":  # lean state has its own Triton kernel; the fp32 one stays as it is
+            from .triton_lean import adamw_lean_triton_ as impl
         extra = dict(moments=moments, master_weights=master_weights, exp_avg_scale=exp_avg_scale,
                      exp_avg_sq_scale=exp_avg_sq_scale, compensation=compensation, seed=seed, grad_sumsq=grad_sumsq)
     else:
         hparams = hparams[:, :N_COLS].contiguous()  # the fp32 kernels read [S, N_COLS] tables
-    _impl(backend)(
+    impl(
         param, grad, exp_avg, exp_avg_sq, segments, hparams,
         beta1=beta1, beta2=beta2, eps=eps, param_lowp=param_lowp, grad_scale=grad_scale, **extra,
     )

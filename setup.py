@@ -3,14 +3,26 @@
 No torch at build time: the extension takes raw pointers, so one binary serves every torch version.
 
 Environment:
-  CUDA_HOME                  CUDA toolkit root (default /usr/local/cuda); nvcc is $CUDA_HOME/bin/nvcc
+  CUDA_HOME                  CUDA toolkit root; wins over everything below (an error if it has no bin/nvcc)
   LISA_FUSED_CUDA_ARCHS      SM architectures, e.g. "80;90" (the default); the highest also gets PTX
   LISA_FUSED_SKIP_CUDA=1     build the CPU kernel only
   LISA_FUSED_SKIP_NATIVE=1   build no extension (the "torch" and "triton" backends still work)
+
+Without CUDA_HOME the toolkit is chosen among the `nvcc` on PATH (resolved to the real toolkit when it is a
+wrapper script), /usr/local/cuda and /usr/local/cuda-X.Y: the one whose version matches the CUDA of the
+installed torch (torch/version.py, read without importing torch; visible with --no-build-isolation),
+else the first found. The CUDA runtime is linked statically and needs a driver at least as new as the
+toolkit; torch's CUDA version is one the user's driver already runs.
 """
+import importlib.metadata
+import importlib.util
 import os
 import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
+from typing import NamedTuple
 
 from pybind11.setup_helpers import Pybind11Extension, build_ext
 from setuptools import setup
@@ -27,17 +39,87 @@ def env_flag(name: str) -> bool:
     return os.environ.get(name, "") not in ("", "0")
 
 
-def cuda_home() -> Path | None:
-    """The CUDA toolkit to build against, or None. Not derived from `which nvcc` (may be a wrapper)."""
-    if env_flag("LISA_FUSED_SKIP_CUDA"):
+class Toolkit(NamedTuple):
+    root: Path  # has bin/nvcc
+    version: str | None  # "13.0", from `nvcc --version`
+    why: str  # how it was chosen, printed by the build
+
+
+def nvcc_facts(nvcc: str, run=subprocess.run) -> tuple[Path | None, str | None]:
+    """(toolkit root, "X.Y" version) of an nvcc executable, which may be a wrapper script: the root is
+    nvcc's own TOP from a dry run (the real toolkit), else two levels above the resolved path."""
+    def output(*args):
+        try:
+            done = run([nvcc, *args], capture_output=True, text=True, timeout=60)
+        except (OSError, subprocess.SubprocessError):
+            return ""
+        return (done.stdout or "") + (done.stderr or "")
+
+    version = re.search(r"release (\d+\.\d+)", output("--version"))
+    top = re.search(r"^#\$ TOP=(.+)$", output("--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull), re.M)
+    root = Path(top.group(1).strip()).resolve() if top else Path(nvcc).resolve().parent.parent
+    return (root if (root / "bin" / "nvcc").is_file() else None), (version.group(1) if version else None)
+
+
+def torch_cuda_version() -> str | None:
+    """torch.version.cuda of the installed torch ("12.8"), without importing torch; None for CPU builds
+    or when torch is not installed (as in an isolated build environment)."""
+    spec = importlib.util.find_spec("torch")
+    if spec is not None and spec.submodule_search_locations:
+        version_py = Path(list(spec.submodule_search_locations)[0]) / "version.py"
+        if version_py.is_file():
+            m = re.search(r"^cuda\s*(?::[^=\n]*)?=\s*(None|['\"][^'\"]*['\"])", version_py.read_text(), re.M)
+            if m:
+                return None if m.group(1) == "None" else m.group(1).strip("'\"")
+    try:
+        local = importlib.metadata.version("torch").partition("+")[2]  # "cu128"
+    except importlib.metadata.PackageNotFoundError:
         return None
-    explicit = os.environ.get("CUDA_HOME")
-    home = Path(explicit or "/usr/local/cuda")
-    if (home / "bin" / "nvcc").is_file():
-        return home
+    m = re.fullmatch(r"cu(\d+)(\d)", local)
+    return f"{m.group(1)}.{m.group(2)}" if m else None
+
+
+def select_toolkit(candidates: list[Toolkit], want: str | None) -> Toolkit | None:
+    """The candidate whose version matches `want` ("12.8": same major.minor, else same major), else the
+    first one."""
+    if not candidates:
+        return None
+    if want:
+        for same in (lambda v: v == want, lambda v: v.split(".")[0] == want.split(".")[0]):
+            for tk in candidates:
+                if tk.version and same(tk.version):
+                    return tk._replace(why=f"{tk.why}; matches torch's CUDA {want}")
+        first = candidates[0]
+        return first._replace(why=f"{first.why}; no toolkit matches torch's CUDA {want}, so the "
+                                  f"extension needs a driver for CUDA {first.version}")
+    return candidates[0]
+
+
+def find_cuda_toolkit(environ=os.environ, which=shutil.which, facts=nvcc_facts,
+                      torch_cuda=torch_cuda_version, search=("/usr/local/cuda", "/usr/local/cuda-*")) -> Toolkit | None:
+    """The CUDA toolkit to build against, or None (see the module docstring for the order)."""
+    if environ.get("LISA_FUSED_SKIP_CUDA", "") not in ("", "0"):
+        return None
+    explicit = environ.get("CUDA_HOME")
     if explicit:
-        raise RuntimeError(f"CUDA_HOME={explicit} has no bin/nvcc; fix it or set LISA_FUSED_SKIP_CUDA=1")
-    return None
+        nvcc = Path(explicit) / "bin" / "nvcc"
+        if not nvcc.is_file():
+            raise RuntimeError(f"CUDA_HOME={explicit} has no bin/nvcc; fix it or set LISA_FUSED_SKIP_CUDA=1")
+        return Toolkit(Path(explicit), facts(str(nvcc))[1], "CUDA_HOME")
+    candidates, seen = [], set()
+    nvcc_names = [(which("nvcc"), "nvcc on PATH")]
+    for pattern in search:
+        dirs = sorted(Path(pattern).parent.glob(Path(pattern).name), reverse=True,
+                      key=lambda d: [int(x) for x in re.findall(r"\d+", d.name)])  # newest version first
+        nvcc_names += [(str(d / "bin" / "nvcc"), str(d)) for d in dirs if (d / "bin" / "nvcc").is_file()]
+    for nvcc, why in nvcc_names:
+        if not nvcc:
+            continue
+        root, version = facts(nvcc)
+        if root is not None and root.resolve() not in seen:
+            seen.add(root.resolve())
+            candidates.append(Toolkit(root, version, f"{why} -> {root} (CUDA {version})"))
+    return select_toolkit(candidates, torch_cuda())
 
 
 def gencode_flags(archs: str) -> list[str]:
@@ -56,9 +138,11 @@ class BuildExt(build_ext):
     CUDA runtime, into lisa_fused._C: the wheel needs only the NVIDIA driver at run time."""
 
     def build_extension(self, ext):
-        home = cuda_home()
-        if home is not None:
-            obj = self.compile_cuda(home, CSRC / "adamw_cuda.cu")
+        toolkit = find_cuda_toolkit()
+        print(f"lisa_fused: CUDA toolkit: {toolkit.why if toolkit else 'none (CPU kernel only)'}", file=sys.stderr)
+        if toolkit is not None:
+            obj = self.compile_cuda(toolkit, CSRC / "adamw_cuda.cu")
+            home = toolkit.root
             libdir = home / "lib64" if (home / "lib64").is_dir() else home / "lib"
             ext.extra_objects.append(str(obj))
             ext.define_macros.append(("LISA_FUSED_WITH_CUDA", "1"))
@@ -66,14 +150,15 @@ class BuildExt(build_ext):
             ext.libraries += ["cudart_static", "rt", "pthread", "dl"]
         super().build_extension(ext)
 
-    def compile_cuda(self, home: Path, source: Path) -> Path:
+    def compile_cuda(self, toolkit: Toolkit, source: Path) -> Path:
         archs = os.environ.get("LISA_FUSED_CUDA_ARCHS", DEFAULT_CUDA_ARCHS)
-        obj = Path(self.build_temp) / f"{source.stem}_{re.sub(r'[^0-9a-z]+', '_', archs)}.o"
+        tag = re.sub(r"[^0-9a-z]+", "_", f"{archs}_cuda{toolkit.version}")
+        obj = Path(self.build_temp) / f"{source.stem}_{tag}.o"
         obj.parent.mkdir(parents=True, exist_ok=True)
         inputs = [source, *CSRC.glob("*.h")]
         if not self.force and obj.exists() and all(p.stat().st_mtime <= obj.stat().st_mtime for p in inputs):
             return obj  # up to date for these sources and architectures
-        cmd = [str(home / "bin" / "nvcc"), "-std=c++17", "-O3", "--threads=0", "-Xcompiler=-fPIC",
+        cmd = [str(toolkit.root / "bin" / "nvcc"), "-std=c++17", "-O3", "--threads=0", "-Xcompiler=-fPIC",
                "-DLISA_FUSED_WITH_CUDA", f"-I{CSRC}", *gencode_flags(archs), "-c", str(source), "-o", str(obj)]
         try:
             self.spawn(cmd)
@@ -94,4 +179,5 @@ ext_modules = [] if env_flag("LISA_FUSED_SKIP_NATIVE") else [
     )
 ]
 
-setup(ext_modules=ext_modules, cmdclass={"build_ext": BuildExt})
+if __name__ == "__main__":  # setuptools runs this file as __main__; tests import its functions
+    setup(ext_modules=ext_modules, cmdclass={"build_ext": BuildExt})

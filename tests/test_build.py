@@ -1,22 +1,43 @@
 """The native build: lisa_fused._C imports, holds the CUDA kernel when a CUDA toolkit was there to build
-it, and needs no libcudart at run time (the CUDA runtime is linked statically)."""
+it, and needs no libcudart at run time (the CUDA runtime is linked statically); setup.py's choice of
+toolkit (CUDA_HOME, the nvcc on PATH behind a wrapper, the one matching torch's CUDA) as pure functions."""
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import subprocess
+import types
 from pathlib import Path
 
 import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def env_flag(name: str) -> bool:
     return os.environ.get(name, "") not in ("", "0")
 
 
-def nvcc_path() -> Path:
-    """Where setup.py looks for nvcc (never the `nvcc` on PATH, which may be a wrapper)."""
-    return Path(os.environ.get("CUDA_HOME") or "/usr/local/cuda") / "bin" / "nvcc"
+def load_setup():
+    """setup.py as a module (its setup() call runs only as __main__); needs pybind11 and setuptools."""
+    pytest.importorskip("pybind11", reason="setup.py imports pybind11 (pip install pybind11)")
+    spec = importlib.util.spec_from_file_location("lisa_fused_setup", ROOT / "setup.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def setup_py():
+    return load_setup()
+
+
+def build_toolkit():
+    """The toolkit setup.py would pick in this environment (None: CPU kernel only)."""
+    if env_flag("LISA_FUSED_SKIP_CUDA") or importlib.util.find_spec("pybind11") is None:
+        return None
+    return load_setup().find_cuda_toolkit()
 
 
 @pytest.fixture(scope="module")
@@ -35,10 +56,11 @@ def test_native_module_imports(C):
     assert callable(C.adamw_cpu) and callable(C.adamw_cuda)
 
 
-@pytest.mark.skipif(env_flag("LISA_FUSED_SKIP_CUDA"), reason="LISA_FUSED_SKIP_CUDA=1")
-@pytest.mark.skipif(not nvcc_path().is_file(), reason=f"no CUDA toolkit ({nvcc_path()} missing)")
 def test_built_with_cuda_when_nvcc_exists(C):
-    assert C.has_cuda(), f"{nvcc_path()} exists but lisa_fused._C was built without its CUDA kernel"
+    toolkit = build_toolkit()
+    if toolkit is None:
+        pytest.skip("no CUDA toolkit for setup.py (or LISA_FUSED_SKIP_CUDA=1, or no pybind11 to ask it)")
+    assert C.has_cuda(), f"{toolkit.why}, but lisa_fused._C was built without its CUDA kernel"
 
 
 @pytest.mark.skipif(shutil.which("ldd") is None, reason="needs ldd")
@@ -47,3 +69,72 @@ def test_no_dynamic_cudart(C):
         pytest.skip("built without CUDA")
     deps = subprocess.run(["ldd", C.__file__], capture_output=True, text=True, check=True).stdout
     assert "libcudart" not in deps, deps
+
+
+# ------------------------------------------------------------------------------ toolkit selection
+def fake_toolkit(base: Path, name: str) -> Path:
+    root = base / name
+    (root / "bin").mkdir(parents=True)
+    (root / "bin" / "nvcc").write_text("#!/bin/sh\n")
+    return root
+
+
+def test_nvcc_facts_sees_through_a_wrapper(setup_py, tmp_path):
+    real = fake_toolkit(tmp_path, "cuda-12.8")
+    wrapper = tmp_path / "wrapper" / "nvcc"  # e.g. /usr/local/bin/nvcc: exec /usr/local/cuda-12.8/bin/nvcc "$@"
+    wrapper.parent.mkdir()
+    wrapper.write_text("#!/bin/sh\n")
+
+    def run(cmd, **_):
+        out = {"--version": "Cuda compilation tools, release 12.8, V12.8.93",
+               "--dryrun": f"#$ _HERE_={real}/bin\n#$ TOP={real}/bin/..\n#$ CICC_PATH={real}/nvvm/bin"}[cmd[1]]
+        return types.SimpleNamespace(stdout="", stderr=out)
+
+    assert setup_py.nvcc_facts(str(wrapper), run=run) == (real.resolve(), "12.8")
+
+    def silent(cmd, **_):  # an nvcc that prints no TOP: the toolkit two levels above the resolved path
+        return types.SimpleNamespace(stdout="release 13.0," if cmd[1] == "--version" else "", stderr="")
+
+    assert setup_py.nvcc_facts(str(real / "bin" / "nvcc"), run=silent) == (real.resolve(), "13.0")
+    assert setup_py.nvcc_facts(str(wrapper), run=silent) == (None, "13.0")  # no toolkit around the wrapper
+
+
+def test_torch_cuda_version_without_importing_torch(setup_py, tmp_path, monkeypatch):
+    pkg = tmp_path / "torch"
+    pkg.mkdir()
+    spec = types.SimpleNamespace(submodule_search_locations=[str(pkg)])
+    monkeypatch.setattr(setup_py.importlib.util, "find_spec", lambda name: spec if name == "torch" else None)
+    (pkg / "version.py").write_text("__version__ = '2.11.0+cu128'\ncuda: Optional[str] = '12.8'\nhip = None\n")
+    assert setup_py.torch_cuda_version() == "12.8"
+    (pkg / "version.py").write_text("__version__ = '2.13.0+cpu'\ncuda: Optional[str] = None\n")
+    assert setup_py.torch_cuda_version() is None
+    (pkg / "version.py").unlink()  # no version.py: the wheel's local version tag
+    monkeypatch.setattr(setup_py.importlib.metadata, "version", lambda name: "2.11.0+cu126")
+    assert setup_py.torch_cuda_version() == "12.6"
+
+
+def test_toolkit_choice(setup_py, tmp_path):
+    cu13, cu128 = fake_toolkit(tmp_path, "cuda-13.0"), fake_toolkit(tmp_path, "cuda-12.8")
+    versions = {cu13: "13.0", cu128: "12.8"}
+
+    def facts(nvcc):
+        root = Path(nvcc).parent.parent
+        return root, versions[root]
+
+    def find(environ=None, torch_cuda=None, which=lambda name: str(cu13 / "bin" / "nvcc")):
+        return setup_py.find_cuda_toolkit(environ=environ or {}, which=which, facts=facts,
+                                          torch_cuda=lambda: torch_cuda, search=(str(tmp_path / "cuda-*"),))
+
+    assert find().root == cu13 and "nvcc on PATH" in find().why  # no torch CUDA: PATH first
+    assert find(torch_cuda="12.8").root == cu128  # the toolkit matching torch wins over PATH
+    assert find(torch_cuda="12.6").root == cu128  # same major
+    other = find(torch_cuda="11.8")
+    assert other.root == cu13 and "no toolkit matches torch's CUDA 11.8" in other.why
+    assert find(which=lambda name: None).root == cu13  # no PATH nvcc: newest under the search pattern
+    assert find({"CUDA_HOME": str(cu128)}).root == cu128  # CUDA_HOME wins
+    assert find({"CUDA_HOME": str(cu128)}, torch_cuda="13.0").why == "CUDA_HOME"
+    assert find({"LISA_FUSED_SKIP_CUDA": "1"}) is None
+    with pytest.raises(RuntimeError, match=f"CUDA_HOME={tmp_path / 'nope'} has no bin/nvcc.*LISA_FUSED_SKIP_CUDA"):
+        find({"CUDA_HOME": str(tmp_path / "nope")})
+    assert setup_py.find_cuda_toolkit(environ={}, which=lambda name: None, facts=facts, torch_cuda=lambda: None,
+                                      search=(str(tmp_path / "none-*"),)) is None

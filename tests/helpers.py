@@ -84,3 +84,21 @@ def opt_moments(opt, name_to_index=None):
     """{param index: (exp_avg, exp_avg_sq)} from FusedLISA.state_dict()."""
     sd = opt.state_dict()
     return {i: (e["exp_avg"], e["exp_avg_sq"]) for i, e in sd["state"].items()}
+
+
+def params_of(model) -> dict:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def assert_trained_changed_frozen_kept(model, before: dict, ever_active):
+    """After a training run: every param outside the block stack and every param of a block that was active
+    at some step changed; the params of blocks never active did not. A run that trains nothing fails."""
+    import re
+
+    ever = set(ever_active)
+    assert ever, "no active blocks recorded"
+    for name, p in model.named_parameters():
+        m = re.search(r"(?:blocks|layers)\.(\d+)\.", name)
+        should = m is None or int(m.group(1)) in ever
+        moved = not torch.equal(p.detach(), before[name])
+        assert moved == should, f"{name}: {'unchanged' if should else 'changed'} (blocks ever active: {sorted(ever)})"

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from lisa_fused import FusedLISA
-from helpers import describe, freeze_like, lm_batch, stack_of, tiny_llama
+from helpers import (assert_trained_changed_frozen_kept, describe, freeze_like, lm_batch, params_of, stack_of,
+                     tiny_llama)
 
 pytest.importorskip("transformers")
 
@@ -48,7 +49,9 @@ def test_bf16_model_trains_like_fp32_within_bf16_rounding():
     bf16 = copy.deepcopy(fp32).to(torch.bfloat16)
     o32 = FusedLISA(fp32, lr=1e-3, n_active_layers=N_ACTIVE, switch_every=K, seed=1)
     o16 = FusedLISA(bf16, lr=1e-3, n_active_layers=N_ACTIVE, switch_every=K, seed=1)
+    init16, ever = params_of(bf16), set()
     for t in range(6):
+        ever.update(o16.active_layers)
         for model, opt in ((fp32, o32), (bf16, o16)):
             lm_loss(model, t).backward()
             opt.step()
@@ -75,6 +78,8 @@ def test_bf16_model_trains_like_fp32_within_bf16_rounding():
         # the norm weights would not move at all) agree with fp32 to ~10% per tensor.
         assert (d16 - d32).norm() <= 0.15 * d32.norm(), n
     assert moved == len(sd["state"])
+    assert_trained_changed_frozen_kept(fp32, init, ever)
+    assert_trained_changed_frozen_kept(bf16, init16, ever)
 
 
 def _scaler(scale=2.0 ** 12):
@@ -95,7 +100,9 @@ def test_grad_scaler_step_equals_unscaled(clip, backend):
     if exact:
         opts.append(torch.optim.AdamW(models[2].parameters(), lr=3e-3, weight_decay=0.1))
     scaler = _scaler()
+    init, ever = params_of(scaled), set()
     for t in range(5):
+        ever.update(opts[0].active_layers)
         if exact:
             freeze_like(stack_of(models[2]), opts[1].active_layers)
         scaler.scale(lm_loss(scaled, t)).backward()
@@ -116,6 +123,7 @@ def test_grad_scaler_step_equals_unscaled(clip, backend):
     assert opts[0].active_layers == opts[1].active_layers
     for params in zip(*(m.parameters() for m in models)):
         assert all(torch.equal(params[0], q) for q in params[1:])
+    assert_trained_changed_frozen_kept(scaled, init, ever)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=describe)
@@ -160,7 +168,9 @@ def test_fp16_model_with_grad_scaler_follows_fp32_masters_adamw():
     masters = [p.detach().float().clone() for p in twin.parameters()]
     ropt = torch.optim.AdamW(masters, lr=1e-3, weight_decay=0.1)
     scaler = _scaler(2.0 ** 10)
+    init, ever = params_of(model), set()
     for t in range(5):
+        ever.update(opt.active_layers)
         freeze_like(stack_of(twin), opt.active_layers)
         scale = scaler.get_scale()
         (lm_loss(twin, t) * scale).backward()
@@ -177,3 +187,4 @@ def test_fp16_model_with_grad_scaler_follows_fp32_masters_adamw():
                 p.copy_(m)
     for p, m in zip(model.parameters(), masters):
         assert torch.equal(p.detach(), m.to(torch.float16))
+    assert_trained_changed_frozen_kept(model, init, ever)

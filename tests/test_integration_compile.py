@@ -12,7 +12,7 @@ import torch
 from torch._dynamo.utils import counters, guard_failures
 
 from lisa_fused import FusedLISA
-from helpers import MLPStack, lm_batch, tiny_llama
+from helpers import MLPStack, assert_trained_changed_frozen_kept, lm_batch, params_of, tiny_llama
 
 N_ACTIVE, K, STEPS = 2, 2, 6
 
@@ -43,11 +43,12 @@ def lm_step(model, opt, t):
 
 def run(model, call, step, seed):
     opt = FusedLISA(model, lr=1e-2, n_active_layers=N_ACTIVE, switch_every=K, seed=seed, backend="torch")
-    seen = []
+    seen, before = [], params_of(model)
     for t in range(STEPS):
         if opt.active_layers not in seen:
             seen.append(opt.active_layers)
         step(call, opt, t)
+    assert_trained_changed_frozen_kept(model, before, set().union(*seen))
     return seen
 
 

@@ -12,9 +12,10 @@ import pytest
 import torch
 
 import lisa_fused
-from lisa_fused.bench import data, report
+from lisa_fused.bench import data, preflight, report
 from lisa_fused.bench.memory import RssMeter
-from lisa_fused.cli import main
+from lisa_fused.bench.run import split_switch_steps
+from lisa_fused.cli import build_parser, main
 
 PACKAGE_ROOT = Path(lisa_fused.__file__).resolve().parents[1]  # the child imports this same lisa_fused
 METHODS = ("full", "lora", "lisa", "lisa-device")
@@ -23,6 +24,11 @@ METHODS = ("full", "lora", "lisa", "lisa-device")
 @pytest.fixture(scope="module")
 def bench_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
+    # A decoy package where the method processes run (the cache folder is their working directory):
+    # they must import the parent's lisa_fused, not whatever the working directory holds.
+    decoy = out / "cache" / "lisa_fused"
+    decoy.mkdir(parents=True)
+    (decoy / "__init__.py").write_text("raise ImportError('the decoy lisa_fused was imported')\n")
     cmd = [sys.executable, "-m", "lisa_fused", "bench", "--steps", "3", "--base-steps", "2", "--batch-size", "2",
            "--seq-len", "16", "--eval-windows", "2", "--switch-every", "1", "--lora-rank", "4",
            "--device", "cpu", "--out", str(out)]
@@ -38,7 +44,8 @@ def test_bench_writes_table_json_png(bench_run):
     for method in METHODS:
         assert f"| {method.rjust(11)} |" in proc.stdout, proc.stdout
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert re.search(r"\|\s+method\s+\|.*\|\s+eval loss\s+\|\n\|-+\|", (out / "results.md").read_text())
+    assert re.search(r"\|\s+method\s+\|\s+backend\s+\|.*\|\s+eval loss\s+\|\s+load\s+\|\n\|-+\|",
+                     (out / "results.md").read_text())
     assert "lora" in proc.stderr  # the per-method progress bars go to stderr
 
 
@@ -55,9 +62,19 @@ def test_bench_json_has_every_field_for_every_method(bench_run):
     assert [r["method"] for r in rows] == list(METHODS)
     for row in rows:
         for key in report.FIELDS:
-            assert row.get(key) is not None, f"{row['method']}: {key} is missing"
+            assert key in row, f"{row['method']}: {key} is missing"
+            if key != "switch_step_ms":  # null for methods that never switch
+                assert row[key] is not None, f"{row['method']}: {key} is None"
         assert len(row["loss_curve"]) == len(row["opt_device_bytes_trace"]) == 3
         assert row["peak_mem_bytes"] > 0 and row["opt_step_ms"] > 0 and row["tokens_per_s"] > 0
+        assert row["tokens_per_s"] == pytest.approx(2 * 16 / (row["step_ms"] / 1e3))  # one statistic
+        assert row["lisa_fused_file"] == lisa_fused.__file__
+        assert row["busy"] == "ok" or row["busy"].startswith("BUSY: ")
+        assert 0 < row["cpu_share"] <= 1.5
+    assert {r["backend"] for r in rows} == {"torch", "cpu"}, "the compiled CPU kernel did not run"
+    # switch_every=1 and 3 steps: step 1 switches and is followed by step 2; full/LoRA never switch.
+    assert [r["switches"] for r in rows] == [0, 0, 1, 1]
+    assert rows[2]["switch_step_ms"] > 0 and rows[0]["switch_step_ms"] is None
 
 
 @pytest.mark.slow
@@ -160,3 +177,53 @@ def test_gamma_is_checked_against_a_local_checkpoint(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["bench", "--model", str(tmp_path), "--base-steps", "5"])
     assert "a --model checkpoint is already trained" in capsys.readouterr().err
+
+
+def test_switch_and_normal_steps_are_split():
+    # K=3: steps 2, 5, 8 switch; the next step (3, 6) may wait for the page-in; step 8 has no next.
+    ms = [100, 10, 11, 30, 12, 10, 25, 11, 10]
+    split = split_switch_steps(ms, 3)
+    assert split["normal_step_ms"] == 11  # steps 1, 4, 7: 10, 12, 11 (step 0 excluded)
+    assert split["switch_step_ms"] == 27.5 and split["switches"] == 2  # max(11, 30), max(10, 25)
+    assert split_switch_steps(ms, None) == {"normal_step_ms": 11.0, "switch_step_ms": None, "switches": 0}
+
+
+def test_busy_rows_are_flagged():
+    assert report.busy_reason({"load_avg": [0.2, 0.4], "cpu_share": 0.95}, 2) == "ok"
+    assert report.busy_reason({"load_avg": [1.9, 3.2], "cpu_share": 0.5}, 2) == "BUSY: load 3.2/2 CPUs, got 50% of its CPUs"
+
+
+def test_help_has_text_on_every_option_and_no_doubled_defaults():
+    parser = build_parser()
+    subs = next(a for a in parser._actions if isinstance(a, type(parser._subparsers._group_actions[0])))
+    for name in ("bench", "plan"):
+        sub = subs.choices[name]
+        for action in sub._actions:
+            assert action.help, f"{name} {action.option_strings}: no help text"
+        text = sub.format_help()
+        assert "(default: None)" not in text and "default: [" not in text and "(default: default" not in text
+    assert "(default: full,lora,lisa,lisa-device)" in " ".join(subs.choices["bench"].format_help().split())
+
+
+def test_seq_len_too_long_names_the_built_in_data(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "--seq-len", "100000", "--out", str(tmp_path)])
+    assert "the built-in data (pydoc_data.topics" in capsys.readouterr().err
+
+
+def test_preflight_refuses_what_cannot_fit_unless_forced(monkeypatch, capsys):
+    from transformers import LlamaConfig
+
+    # 2 small blocks and a 128k vocabulary: over the 100M-parameter line, quick to trace.
+    config = LlamaConfig(hidden_size=512, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=4, vocab_size=128256, tie_word_embeddings=False)
+    args = build_parser().parse_args(["bench", "--device", "cpu", "--steps", "1", "--batch-size", "1",
+                                      "--seq-len", "8", "--methods", "full,lisa", "--gamma", "1"])
+    args.dtype = "float32"
+    monkeypatch.setattr(preflight, "_available_bytes", lambda device: 2**30)
+    why = preflight.check(args, config)
+    assert why is not None and "full (torch.optim.AdamW, all parameters) needs about" in why
+    assert "cpu has 1.0 GiB available" in why and "--force" in why
+    args.force = True
+    assert preflight.check(args, config) is None
+    assert "--force: running although" in capsys.readouterr().out

@@ -15,7 +15,9 @@ from pathlib import Path
 
 import torch
 
-from . import data, report
+import lisa_fused
+
+from . import data, report, preflight
 from .models import DTYPES, build_model, load_tokenizer, model_config
 from .run import evaluate, train
 
@@ -34,11 +36,12 @@ def prepare_data(args, cache: Path) -> tuple[Path, dict]:
         ft = data.finetune_corpus(args.data)
     except (ValueError, UnicodeDecodeError) as exc:
         args.subparser.error(f"--data {args.data!r}: {exc}")
+    source = f"--data {args.data!r}" if args.data else f"the built-in data ({ft.name})"
     tokens = {"ft_train": data.encode_documents(ft.train, tokenizer),
               "ft_eval": data.encode_documents(ft.eval, tokenizer)}
     for split, need in (("ft_train", args.seq_len + 1), ("ft_eval", args.seq_len)):
         if len(tokens[split]) < need:
-            args.subparser.error(f"--data {args.data!r}: its {split.removeprefix('ft_')} split has "
+            args.subparser.error(f"{source}: its {split.removeprefix('ft_')} split has "
                                  f"{len(tokens[split])} tokens, fewer than --seq-len {args.seq_len} needs ({need})")
     info = {"finetune_text": ft.name, "tokens": "bytes (vocab 256 + BOS/EOS/PAD)" if tokenizer is None
             else f"tokenizer of {args.model}"}
@@ -92,11 +95,13 @@ def run_one(spec: dict, cache: Path) -> tuple[dict | None, str | None]:
     result_path = cache / f"result-{spec['method']}.json"
     result_path.unlink(missing_ok=True)
     spec_path.write_text(json.dumps(spec))
-    env = dict(os.environ)
-    package_root = str(Path(__file__).resolve().parents[2])  # so the child imports this very lisa_fused
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
-    proc = subprocess.run([sys.executable, "-m", "lisa_fused.bench.run", str(spec_path), str(result_path)],
-                          env=env)
+    # The child must import the lisa_fused this process imported (the installed one, with its compiled
+    # extension), not a source tree in the working directory: `python -m` would put the cwd first on
+    # sys.path. So it runs from the cache folder with the parent's package root first; run.main checks it.
+    package_root = str(Path(lisa_fused.__file__).resolve().parents[1])
+    code = (f"import sys; sys.path.insert(0, {package_root!r}); from lisa_fused.bench.run import main; "
+            f"sys.exit(main([{str(spec_path)!r}, {str(result_path)!r}]))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=cache)
     if proc.returncode != 0 or not result_path.exists():
         return None, f"exit code {proc.returncode} (its traceback is above, on stderr)"
     return json.loads(result_path.read_text()), None
@@ -136,23 +141,34 @@ def run_bench(args, argv: list[str]) -> int:
     cache = Path(args.cache_dir) if args.cache_dir else out / "cache"
     out.mkdir(parents=True, exist_ok=True)
     cache.mkdir(parents=True, exist_ok=True)
+    cache = cache.resolve()  # the method processes run with the cache as their working directory
     load_start = os.getloadavg()[0]
     if load_start > 0.5 * (os.cpu_count() or 1):
         print(f"lisa-fused bench: the machine is busy (load average {load_start:.1f} on {os.cpu_count()} CPUs); "
-              f"step times will be noisy", file=sys.stderr)
+              f"step times will be noisy; rows it affected are flagged in the load column", file=sys.stderr)
     config = model_config(args.preset, args.model)
+    refusal = preflight.check(args, config)
+    if refusal:
+        print(f"lisa-fused bench: {refusal}", file=sys.stderr)
+        return 2
     data_path, data_info = prepare_data(args, cache)
     base_state, base_info = base_checkpoint(args, config, data_path, cache)
 
     common = {k: getattr(args, k) for k in ("preset", "model", "steps", "batch_size", "seq_len", "device",
                                             "dtype", "gamma", "switch_every", "lora_rank", "lr", "lora_lr",
                                             "seed", "eval_windows")}
-    common.update(data_path=str(data_path), base_state=base_state)
+    common.update(data_path=str(data_path), base_state=base_state, lisa_fused_file=lisa_fused.__file__)
+    if torch.device(args.device).type == "cpu":
+        print("lisa-fused bench: on a CPU each method runs its steps twice from the same weights: a memory "
+              "pass (glibc returns freed memory, so the RSS peak is the method's) and a timed pass (glibc's "
+              "fast reuse, so times are not inflated by page faults); their losses must agree",
+              file=sys.stderr, flush=True)
     rows, failures = [], []
     for method in args.methods:
         print(f"== {method} ==", file=sys.stderr, flush=True)
         row, err = run_one(dict(common, method=method), cache)
         if err is None:
+            row["busy"] = report.busy_reason(row, os.cpu_count() or 1)
             rows.append(row)
         else:
             failures.append({"method": method, "error": err})

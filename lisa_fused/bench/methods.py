@@ -21,6 +21,7 @@ class Setup:
     optimizer: torch.optim.Optimizer
     lr: float
     describe: str                       # one line for the report: what exactly this method runs
+    backend: str = "torch"              # the kernel that ran; "<name> FALLBACK (<why>)" when not the best one
 
     def trainable_params(self) -> int:
         """Parameters trained at one time (for LISA: gamma blocks plus the always-trained ones)."""
@@ -41,6 +42,24 @@ class Setup:
         n += sum(p.grad.numel() * p.grad.element_size() for g in opt.param_groups for p in g["params"]
                  if p.grad is not None)
         return n, 0
+
+
+def import_libraries(method: str) -> None:
+    """Import what `build(method, ...)` needs, so a memory baseline taken afterwards excludes imports."""
+    if method == "lora":
+        import peft  # noqa: F401
+    elif method.startswith("lisa"):
+        fused_lisa_class()
+
+
+def lisa_backend(opt) -> str:
+    """FusedLISA's backend, flagged when it is not the first choice of "auto" for the device."""
+    from lisa_fused import kernels
+
+    best = kernels._AUTO_ORDER.get(opt.device.type, ("torch",))[0]
+    if opt.backend == best:
+        return opt.backend
+    return f"{opt.backend} FALLBACK ({kernels.backend_unavailable_reason(best, opt.device)})"
 
 
 def fused_lisa_class():
@@ -72,8 +91,7 @@ def build(method: str, model: torch.nn.Module, cfg: dict) -> Setup:
         policy = "host" if method == "lisa" else "device"
         opt = fused_lisa_class()(model, lr=cfg["lr"], weight_decay=wd, n_active_layers=cfg["gamma"],
                                  switch_every=cfg["switch_every"], seed=cfg["seed"], inactive_moments=policy)
-        backend = getattr(opt, "backend", None)
         return Setup(model, opt, cfg["lr"],
                      f"FusedLISA gamma={cfg['gamma']} K={cfg['switch_every']} inactive_moments={policy!r} "
-                     f"lr={cfg['lr']:g}" + (f" backend={backend}" if backend else ""))
+                     f"lr={cfg['lr']:g}", backend=lisa_backend(opt))
     raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")

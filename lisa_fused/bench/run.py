@@ -1,5 +1,6 @@
-"""Fine-tune with one method and measure it. `python -m lisa_fused.bench.run SPEC.json RESULT.json`
-runs one method in a fresh process, so that its peak memory is its own (see memory.py).
+"""Fine-tune with one method and measure it. bench.py runs `main(SPEC.json, RESULT.json)` for one method
+in a fresh process (importing the parent's lisa_fused, which the child checks), so that its peak memory
+is its own (see memory.py).
 
 On CUDA one pass measures everything. On CPU there are two passes over the same steps, each from a
 fresh copy of the base weights: the first measures peak memory with glibc set to give freed tensors
@@ -10,12 +11,15 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import statistics
 import sys
 import time
 
 import torch
 from tqdm import tqdm
+
+import lisa_fused
 
 from . import methods
 from .data import batch_starts, eval_starts, windows
@@ -25,38 +29,72 @@ from .models import DTYPES, build_model, model_config
 TAIL = 5  # the final train loss is the mean over this many last steps
 
 
-def _sync(device: torch.device):
-    return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+class _Clock:
+    """Step timestamps without synchronizing inside the loop. CUDA: events on the compute stream, read
+    after the loop, so the paging copies on FusedLISA's side stream overlap the next forward as they
+    would in training and show up only where the compute stream waits for them. CPU: perf_counter."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.device = device
+        self.marks: list = []
+
+    def mark(self):
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            self.marks.append(ev)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def elapsed_ms(self) -> list[float]:
+        """Milliseconds between consecutive marks."""
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            return [a.elapsed_time(b) for a, b in zip(self.marks, self.marks[1:])]
+        return [(b - a) * 1e3 for a, b in zip(self.marks, self.marks[1:])]
 
 
 def train(model, optimizer, tokens, starts, seq_len, device, *, desc, scheduler=None, on_step=None) -> dict:
-    """Plain loop: forward, backward, optimizer.step(), zero_grad(). Times the step and the whole."""
-    sync = _sync(device)
+    """Plain loop: forward, backward, optimizer.step(), zero_grad(). Per step: the whole step's time
+    (from one forward's start to the next's) and optimizer.step()'s, with no device sync inside the
+    loop except the loss's .item() (which waits for the compute stream only)."""
+    step_clock, opt_clock = _Clock(device), _Clock(device)
     model.train()
-    losses, opt_ms, step_ms = [], [], []
+    losses = []
     for batch_starts_i in tqdm(starts, desc=desc, file=sys.stderr, mininterval=0.5, unit="step"):
         x = windows(tokens, batch_starts_i, seq_len).to(device)
-        sync()
-        t0 = time.perf_counter()
+        step_clock.mark()
         loss = model(input_ids=x, labels=x).loss
         loss.backward()
-        sync()
-        t1 = time.perf_counter()
+        opt_clock.mark()
         optimizer.step()
-        sync()
-        t2 = time.perf_counter()
+        opt_clock.mark()
         if on_step is not None:
-            on_step()           # reads optimizer memory while the grads are still there
-        t_hook = time.perf_counter() - t2
+            on_step()           # reads optimizer memory while the grads are still there (host-side only)
         optimizer.zero_grad()
         if scheduler is not None:
             scheduler.step()
-        sync()
-        t3 = time.perf_counter()
         losses.append(loss.item())
-        opt_ms.append((t2 - t1) * 1e3)
-        step_ms.append((t3 - t0 - t_hook) * 1e3)
-    return {"loss": losses, "opt_ms": opt_ms, "step_ms": step_ms}
+    step_clock.mark()
+    opt_ms = opt_clock.elapsed_ms()[::2]
+    return {"loss": losses, "opt_ms": opt_ms, "step_ms": step_clock.elapsed_ms()}
+
+
+def split_switch_steps(step_ms: list[float], switch_every: int | None) -> dict:
+    """Normal steps vs switch steps. Step i (0-based) switches inside its step() when (i+1) % K == 0;
+    its copies can land in step i+1 (where the compute stream waits for the page-in), so a switch's
+    step time is the slower of steps i and i+1. Step 0 (lazy state, first-call overheads) is excluded."""
+    n = len(step_ms)
+    if not switch_every:
+        normal = step_ms[1:] if n > 1 else step_ms
+        return {"normal_step_ms": statistics.median(normal), "switch_step_ms": None, "switches": 0}
+    switch_at = [i for i in range(n) if (i + 1) % switch_every == 0]
+    near = {j for i in switch_at for j in (i, i + 1)} | {0}
+    normal = [t for i, t in enumerate(step_ms) if i not in near] or step_ms[1:] or step_ms
+    timed = [max(step_ms[i], step_ms[i + 1]) for i in switch_at if i + 1 < n and i > 0]
+    return {"normal_step_ms": statistics.median(normal),
+            "switch_step_ms": statistics.median(timed) if timed else None, "switches": len(timed)}
 
 
 @torch.no_grad()
@@ -92,7 +130,9 @@ class Run:
         return evaluate(model, self.tokens["ft_eval"], s["seq_len"], s["batch_size"], s["eval_windows"], self.device)
 
     def fine_tune(self, model, meter, desc) -> tuple[methods.Setup, dict]:
-        """Set the method up on `model` and train; the meter's baseline is taken before the setup."""
+        """Set the method up on `model` and train; the meter's baseline is taken before the setup (and
+        after the method's libraries are imported: importing peft alone adds tens of MB of RSS)."""
+        methods.import_libraries(self.spec["method"])
         meter.start()
         setup = methods.build(self.spec["method"], model, self.spec)
         opt_dev, opt_host, mem_now = [], [], []
@@ -103,8 +143,11 @@ class Run:
             opt_host.append(h)
             mem_now.append(meter.current())
 
+        cpu0, wall0 = time.process_time(), time.perf_counter()
         trace = train(setup.model, setup.optimizer, self.tokens["ft_train"], self.starts, self.spec["seq_len"],
                       self.device, desc=desc, on_step=on_step)
+        # Share of the CPUs this process got while training: other processes' load shows as a drop.
+        trace["cpu_share"] = (time.process_time() - cpu0) / ((time.perf_counter() - wall0) * torch.get_num_threads())
         trace.update(opt_dev=opt_dev, opt_host=opt_host, mem=mem_now, peak=meter.peak(),
                      peak_total=meter.peak_total(), baseline=meter.baseline, memory_how=meter.how)
         return setup, trace
@@ -117,8 +160,9 @@ def run_method(spec: dict) -> dict:
     model = run.fresh_model()
     eval_start = run.evaluate(model)  # equal for all methods: they start from the same weights
     meter = meter_for(run.device)
+    load_start = os.getloadavg()[0]
     if cpu:
-        mem = run.fine_tune(model, meter, desc=f"{spec['method']} (memory pass)")[1]
+        mem = run.fine_tune(model, meter, desc=f"{spec['method']}: memory pass 1/2")[1]
         mem["memory_how"] += ("; glibc M_MMAP_THRESHOLD fixed at 64 KiB in this pass, so freed tensors leave "
                               "the RSS" if exact else "; default allocator (RSS includes freed memory it keeps)")
         model = None
@@ -126,9 +170,11 @@ def run_method(spec: dict) -> dict:
         set_mmap_threshold(TIMED_MMAP_THRESHOLD)
         model = run.fresh_model()
     t0 = time.perf_counter()
-    setup, trace = run.fine_tune(model, meter, desc=spec["method"] + (" (timed pass)" if cpu else ""))
+    setup, trace = run.fine_tune(model, meter, desc=spec["method"] + (": timed pass 2/2" if cpu else ": train"))
     wall = time.perf_counter() - t0
+    print(f"{spec['method']}: eval", file=sys.stderr, flush=True)
     eval_loss = run.evaluate(setup.model)
+    load_end = os.getloadavg()[0]
     if not cpu:
         mem = trace
     elif mem["loss"] != trace["loss"]:
@@ -137,9 +183,15 @@ def run_method(spec: dict) -> dict:
 
     timed = slice(1, None) if spec["steps"] > 1 else slice(None)  # step 1 allocates state lazily
     tokens_per_step = spec["batch_size"] * spec["seq_len"]
+    steps = split_switch_steps(trace["step_ms"], getattr(setup.optimizer, "switch_every", None))
+    step_ms = statistics.median(trace["step_ms"][timed])
     return {
         "method": spec["method"],
         "describe": describe,
+        "backend": setup.backend,
+        "lisa_fused_file": lisa_fused.__file__,
+        "load_avg": [load_start, load_end],
+        "cpu_share": trace["cpu_share"] if cpu else None,
         "lr": lr,
         "trainable_params": trainable,
         "peak_mem_bytes": mem["peak"],
@@ -149,8 +201,9 @@ def run_method(spec: dict) -> dict:
         "opt_device_bytes": max(trace["opt_dev"]),
         "opt_host_bytes": max(trace["opt_host"]),
         "opt_step_ms": statistics.median(trace["opt_ms"][timed]),
-        "step_ms": statistics.median(trace["step_ms"][timed]),
-        "tokens_per_s": tokens_per_step * len(trace["step_ms"][timed]) / (sum(trace["step_ms"][timed]) / 1e3),
+        "step_ms": step_ms,
+        "tokens_per_s": tokens_per_step / (step_ms / 1e3),
+        **steps,
         "train_loss": statistics.fmean(trace["loss"][-TAIL:]),
         "eval_loss": eval_loss,
         "eval_loss_start": eval_start,
@@ -170,7 +223,14 @@ def main(argv=None) -> int:
     spec_path, result_path = argv
     with open(spec_path) as f:
         spec = json.load(f)
-    row = run_method(spec)
+    if os.path.realpath(lisa_fused.__file__) != os.path.realpath(spec["lisa_fused_file"]):
+        print(f"lisa-fused bench: this child imported {lisa_fused.__file__}, the parent "
+              f"{spec['lisa_fused_file']}", file=sys.stderr)
+        return 3
+    try:
+        row = run_method(spec)
+    except KeyboardInterrupt:
+        return 130  # the parent says it once
     with open(result_path, "w") as f:
         json.dump(row, f)
     return 0

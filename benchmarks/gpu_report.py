@@ -83,7 +83,7 @@ def main():
           "## AdamW step on the packed active set (benchmarks/test_bench_kernels.py)", "",
           *table(kernels, KERNEL_COLS), "",
           "## Switch (benchmarks/test_bench_switch.py)", "", *table(switch, SWITCH_COLS), "",
-          "## lisa-fused bench (Llama-2-7B shape)", ""]
+          "## lisa-fused bench (end to end; its arguments are in gpu_check.sh)", ""]
     bench_md = load(os.path.join(out, "bench", "results.md"))
     if bench_md is None:
         md.append("(no results: see gpu_check.log)")

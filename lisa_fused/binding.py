@@ -264,6 +264,29 @@ class ParamBinding:
         self._check = None
         return old
 
+    def parked_rows(self, region, state, old: PackedBuffers, new: PackedBuffers) -> list[torch.Tensor]:
+        """A parked block's store rows converted for `new` buffers after a move (see relocate): its
+        params take their masters (rounded, for a low-precision model) unless written after the move;
+        an fp32 -> low-precision move gives it masters from its (converted) params."""
+        state = [r.clone() for r in state]
+        if old.lowp is not None:
+            for i, off, n in region.entries:
+                p, master = local(self.params[i]).detach(), state[2][off:off + n].view(self.shapes[i])
+                if torch.equal(p, master.to(old.lowp.dtype).to(device=p.device, dtype=p.dtype)):
+                    p.copy_(master)
+                else:
+                    master.copy_(p)
+        rows = state[:2]  # exp_avg, exp_avg_sq
+        if new.lowp is not None:
+            if old.lowp is None:
+                own = torch.zeros(region.length)
+                for i, off, n in region.entries:
+                    own[off:off + n] = local(self.params[i]).detach().reshape(-1).float().cpu()
+                rows.append(own)
+            else:
+                rows.append(state[2])
+        return rows
+
     # -- hand the model back ----------------------------------------------------------------------
     def release(self):
         """Every param gets its own storage (and its grad, if any, its own copy), the user's requires_grad

@@ -63,14 +63,7 @@ class FusedLISA(torch.optim.Optimizer):
         backend: str = "auto",
     ):
         _validate_hparams(lr, betas, eps, weight_decay)
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"FusedLISA takes the model (an nn.Module), got {type(model).__name__}")
-        if isinstance(switch_every, bool) or not isinstance(switch_every, int) or switch_every < 1:
-            raise ValueError(f"Invalid switch_every: {switch_every!r} (must be an integer >= 1)")
-        if inactive_moments not in POLICIES:
-            raise ValueError(f"Invalid inactive_moments: {inactive_moments!r}; choose one of {POLICIES}")
-        if not callable(sampler) and sampler not in sampling.SAMPLERS:
-            raise ValueError(f"Invalid sampler: {sampler!r}; choose one of {sampling.SAMPLERS} or pass a callable")
+        _validate_options(model, switch_every, inactive_moments, sampler)
         claim_check(model.named_parameters())  # another live FusedLISA, or flags a dropped one left frozen
 
         layout = find_layout(model, layers)
@@ -83,18 +76,7 @@ class FusedLISA(torch.optim.Optimizer):
 
         named = list(layout.always) + [np for blk in layout.blocks for np in blk]
         params = [p for _, p in named]
-        if not params:
-            raise ValueError("the model has no trainable parameters (all have requires_grad=False)")
-        devices = {p.device for p in params}
-        dtypes = {p.dtype for p in params}
-        if len(devices) > 1:
-            raise ValueError(f"all trainable parameters must be on one device, found {sorted(map(str, devices))}")
-        if len(dtypes) > 1 or not next(iter(dtypes)).is_floating_point:
-            raise ValueError(f"all trainable parameters must share one floating dtype, found {sorted(map(str, dtypes))}")
-        self.device = next(iter(devices))
-        self.param_dtype = next(iter(dtypes))
-        if self.param_dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            raise ValueError(f"unsupported parameter dtype {self.param_dtype}; use float32, bfloat16 or float16")
+        self.device, self.param_dtype = _device_and_dtype(params)
         self.backend = kernels.resolve_backend(backend, self.device)
         self._backend_request = backend
 
@@ -130,13 +112,7 @@ class FusedLISA(torch.optim.Optimizer):
         self._steps = [0] * len(params)  # per-param AdamW step count (bias correction), host ints
         self._global_step = 0  # optimizer steps taken (skipped overflow steps excluded)
         self._generator = torch.Generator().manual_seed(seed)
-        if callable(sampler):
-            self._sampler_name, self._sampler_fn = getattr(sampler, "__name__", "callable"), sampler
-        elif sampler == "uniform":
-            self._sampler_name, self._sampler_fn = "uniform", sampling.uniform
-        else:
-            self._sampler_name = "weight_norm"
-            self._sampler_fn = sampling.weight_norm_sampler(lambda: block_weight_norms(self.model_layout))
+        self._sampler_name, self._sampler_fn = _make_sampler(sampler, layout)
         self._sync_generator_from_rank0()
 
         # Pack the always-trained params once; they stay bound until release().
@@ -255,7 +231,7 @@ class FusedLISA(torch.optim.Optimizer):
         enabled = [collect(i) for i in seg_params]
         for i, on in zip(seg_params, enabled):
             self._steps[i] += on
-        hparams = self._hparams(seg_params, enabled)
+        hparams = _hparams(self.param_groups[0], [self._steps[i] for i in seg_params], enabled)
         self._store.wait_ready()
         g = self.param_groups[0]
         bufs = self._bufs
@@ -306,27 +282,13 @@ class FusedLISA(torch.optim.Optimizer):
         new = binding.bufs
         old_store, self._store = self._store, self._make_store(dev)
         for b in range(len(self._block_params)):
-            if b in self._slot_of or not old_store.has(b):
-                continue
-            region, state = self._packed.blocks[b], [r.clone() for r in old_store.get(b)]
-            if old.lowp is not None:  # a parked param takes its master (rounded, for a low-precision model)
-                for i, off, n in region.entries:  # unless it was written after the move (see relocate)
-                    p, master = local(self._params[i]).detach(), state[2][off:off + n].view(self._shapes[i])
-                    if torch.equal(p, master.to(old.lowp.dtype).to(device=p.device, dtype=p.dtype)):
-                        p.copy_(master)
-                    else:
-                        master.copy_(p)
-            rows = state[:2]  # exp_avg, exp_avg_sq
-            if new.lowp is not None:  # masters: the saved ones, else (fp32 -> low precision) the params
-                own = torch.zeros(region.length)
-                for i, off, n in region.entries:
-                    own[off:off + n] = local(self._params[i]).detach().reshape(-1).float().cpu()
-                rows.append(state[2] if old.lowp is not None else own)
-            self._store.put(b, rows)
+            if b not in self._slot_of and old_store.has(b):
+                self._store.put(b, binding.parked_rows(self._packed.blocks[b], old_store.get(b), old, new))
+        old_store.release()  # (unregisters its pinned memory now, not at garbage collection)
         self.device, self.param_dtype, self.backend = dev, dt, backend
         log = logger.warning if dt != was[1] else logger.info
-        log("FusedLISA: the model moved from %s on %s to %s on %s; the optimizer followed (packed buffers, paged "
-            "state, masters; backend %r)", was[1], was[0], dt, dev, backend)
+        log("FusedLISA: the model's params got new storage (model.to(...): %s on %s -> %s on %s); the optimizer "
+            "followed (packed buffers, paged state, masters; backend %r)", was[1], was[0], dt, dev, backend)
 
     def _segments(self):
         key = tuple(sorted(self._slot_of.items()))
@@ -334,27 +296,6 @@ class FusedLISA(torch.optim.Optimizer):
             self._seg_cache = self._packed.segments(self._slot_of)
             self._seg_key = key
         return self._seg_cache
-
-    def _hparams(self, seg_params, enabled):
-        """[S, 4] float64 host table; bias corrections computed once per distinct step count in Python
-        floats, exactly as torch's AdamW computes them."""
-        g = self.param_groups[0]
-        lr, wd = g["lr"], g["weight_decay"]
-        if isinstance(lr, torch.Tensor):
-            lr = lr.item()
-        beta1, beta2 = g["betas"]
-        rows, memo = [], {}  # columns in contract order: step_size, decay, bc2_sqrt, enabled
-        for i, on in zip(seg_params, enabled):
-            s = self._steps[i]
-            if not on:
-                rows.append((0.0, 1.0, 1.0, 0.0))
-                continue
-            if s not in memo:
-                bc1 = 1 - beta1 ** s
-                bc2 = 1 - beta2 ** s
-                memo[s] = (lr / bc1, 1 - lr * wd, math.sqrt(bc2), 1.0)
-            rows.append(memo[s])
-        return torch.tensor(rows, dtype=torch.float64).reshape(-1, N_COLS)
 
     def _draw(self) -> tuple[int, ...]:
         n = len(self._block_params)
@@ -425,6 +366,62 @@ class FusedLISA(torch.optim.Optimizer):
         state = [self._generator.get_state()]
         torch.distributed.broadcast_object_list(state, src=0)
         self._generator.set_state(state[0])
+
+
+def _validate_options(model, switch_every, inactive_moments, sampler):
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"FusedLISA takes the model (an nn.Module), got {type(model).__name__}")
+    if isinstance(switch_every, bool) or not isinstance(switch_every, int) or switch_every < 1:
+        raise ValueError(f"Invalid switch_every: {switch_every!r} (must be an integer >= 1)")
+    if inactive_moments not in POLICIES:
+        raise ValueError(f"Invalid inactive_moments: {inactive_moments!r}; choose one of {POLICIES}")
+    if not callable(sampler) and sampler not in sampling.SAMPLERS:
+        raise ValueError(f"Invalid sampler: {sampler!r}; choose one of {sampling.SAMPLERS} or pass a callable")
+
+
+def _device_and_dtype(params):
+    """The one device and floating dtype of the trainable params; ValueError naming what was found."""
+    if not params:
+        raise ValueError("the model has no trainable parameters (all have requires_grad=False)")
+    devices = {p.device for p in params}
+    dtypes = {p.dtype for p in params}
+    if len(devices) > 1:
+        raise ValueError(f"all trainable parameters must be on one device, found {sorted(map(str, devices))}")
+    if len(dtypes) > 1 or not next(iter(dtypes)).is_floating_point:
+        raise ValueError(f"all trainable parameters must share one floating dtype, found {sorted(map(str, dtypes))}")
+    dtype = next(iter(dtypes))
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"unsupported parameter dtype {dtype}; use float32, bfloat16 or float16")
+    return next(iter(devices)), dtype
+
+
+def _make_sampler(sampler, layout):
+    """(name, fn(n_layers, n_active, generator)) for a sampler name or callable."""
+    if callable(sampler):
+        return getattr(sampler, "__name__", "callable"), sampler
+    if sampler == "uniform":
+        return "uniform", sampling.uniform
+    return "weight_norm", sampling.weight_norm_sampler(lambda: block_weight_norms(layout))
+
+
+def _hparams(group, steps, enabled):
+    """[S, 4] float64 host table (one row per segment, `steps` its AdamW step count); bias corrections
+    computed once per distinct step count in Python floats, exactly as torch's AdamW computes them."""
+    lr, wd = group["lr"], group["weight_decay"]
+    if isinstance(lr, torch.Tensor):
+        lr = lr.item()
+    beta1, beta2 = group["betas"]
+    rows, memo = [], {}  # columns in contract order: step_size, decay, bc2_sqrt, enabled
+    for s, on in zip(steps, enabled):
+        if not on:
+            rows.append((0.0, 1.0, 1.0, 0.0))
+            continue
+        if s not in memo:
+            bc1 = 1 - beta1 ** s
+            bc2 = 1 - beta2 ** s
+            memo[s] = (lr / bc1, 1 - lr * wd, math.sqrt(bc2), 1.0)
+        rows.append(memo[s])
+    return torch.tensor(rows, dtype=torch.float64).reshape(-1, N_COLS)
 
 
 def _check_ddp(model):

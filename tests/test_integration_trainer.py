@@ -211,3 +211,39 @@ def test_state_dict_moved_to_the_device_by_accelerate_loads():
     opt.load_state_dict(move_to_device(sd, torch.device("cuda")))
     assert torch.equal(opt._generator.get_state(), sd["lisa"]["generator"])
     assert opt.active_layers == tuple(sd["lisa"]["active_layers"])
+
+
+def test_accelerate_prepare_then_train_like_adamw():
+    """accelerate's prepare() places the model (and round-trips the optimizer's state_dict) after FusedLISA
+    exists; the wrapped optimizer then trains exactly like torch's AdamW with the same active sets."""
+    accelerate = pytest.importorskip("accelerate")
+    from accelerate.state import AcceleratorState
+
+    from helpers import assert_trained_changed_frozen_kept, freeze_like, params_of, stack_of
+
+    model = tiny_llama(N_LAYERS, seed=0)
+    ref = copy.deepcopy(model)
+    opt = make_opt(model)
+    ropt = torch.optim.AdamW(ref.parameters(), lr=LR, eps=EPS, weight_decay=WD)
+    acc = accelerate.Accelerator(cpu=True)
+    try:
+        pmodel, popt = acc.prepare(model, opt)
+        assert unwrap_optimizer(popt) is opt
+        init, ever = params_of(model), set()
+        for t, ex in enumerate(dataset(6)):
+            ever.update(opt.active_layers)
+            freeze_like(stack_of(ref), opt.active_layers)
+            x = ex["input_ids"][None]
+            acc.backward(pmodel(input_ids=x, labels=x).loss)
+            popt.step()
+            popt.zero_grad()
+            ref(input_ids=x, labels=x).loss.backward()
+            ropt.step()
+            ropt.zero_grad()
+        assert len(ever) > N_ACTIVE, "the run must span a switch"
+        assert_trained_changed_frozen_kept(model, init, ever)
+        rp = dict(ref.named_parameters())
+        for n, p in model.named_parameters():
+            assert torch.equal(p.detach(), rp[n].detach()), n
+    finally:
+        AcceleratorState._reset_state(True)

@@ -313,3 +313,54 @@ def test_bad_arguments_name_the_value():
     with pytest.raises(ValueError, match="integers"):
         step(bf, g, segments, hp * torch.tensor([1, 1, 1, 1, 1, 0.5], dtype=torch.float64), "bf16", "fp32", "cpu")
     assert all(torch.equal(before[k], st[k]) for k in st)
+
+
+def test_custom_op_opcheck_lean():
+    """The torch.compile path (lisa_fused::adamw_packed) with lean arguments: schema, mutated buffers
+    and fake implementation agree (torch.library.opcheck)."""
+    if backend_unavailable_reason("cpu", "cpu"):
+        pytest.skip(backend_unavailable_reason("cpu", "cpu"))
+    from lisa_fused.kernels._tables import chunk_table
+
+    segments, n = layout([1000, 77])
+    gen = torch.Generator().manual_seed(11)
+    st = make_state(n, "4bit", "kahan", gen)
+    chunks = chunk_table(segments, native.CPU_CHUNK, "cpu")
+    hp = hparams([1, 3], 2)
+    hp[1, 3] = 1.0  # both enabled
+    args = (st["param"], torch.randn(n, generator=gen), st["exp_avg"], st["exp_avg_sq"], None, None, chunks, hp,
+            0.9, 0.999, 1e-8)
+    kwargs = dict(moments="4bit", master_weights="kahan", exp_avg_scale=st["exp_avg_scale"],
+                  exp_avg_sq_scale=st["exp_avg_sq_scale"], compensation=st["compensation"],
+                  grad_sumsq=st["grad_sumsq"][:2].clone(), bounds=segments.tensor(), seed=3)
+    torch.library.opcheck(native.adamw_packed_op, args, kwargs)
+
+
+@pytest.mark.parametrize("master", ["kahan", "stochastic"])
+def test_master_free_bf16_keeps_small_updates(master):
+    """Updates far below half a bf16 ulp: round to nearest loses them all, Kahan's p + c tracks the fp32
+    master closely, stochastic rounding tracks it in the mean (Zamirai et al. 2020). 200 steps."""
+    n, steps, lr = 4096, 200, 1e-5
+    segments = Segments([(0, n)])
+    gen = torch.Generator().manual_seed(12)
+    p0 = (0.02 + 0.01 * torch.rand(n, generator=gen)).to(torch.bfloat16)  # typical weights: bf16 ulp 2^-13
+    fp32 = {"param": p0.float()}
+    lean = {"param": p0.clone()}
+    for st in (fp32, lean):
+        st["exp_avg"], st["exp_avg_sq"] = torch.zeros(n), torch.zeros(n)
+    if master == "kahan":
+        lean["compensation"] = torch.zeros(n, dtype=torch.bfloat16)
+    g = torch.full((n,), 1.0)  # constant gradient: Adam's step is ~lr = ulp / 12 every step
+    for t in range(1, steps + 1):
+        hp = torch.tensor([[lr / (1 - 0.9**t), 1.0, math.sqrt(1 - 0.999**t), 1.0, 0, t]], dtype=torch.float64)
+        step(fp32, g, segments, hp[:, :4], "fp32", "fp32", "cpu")
+        step(lean, g, segments, hp, "fp32", master, "cpu", seed=5)
+    moved = (p0.float() - fp32["param"]).mean().item()
+    assert moved == pytest.approx(steps * lr, rel=0.05)
+    assert torch.equal((p0.float() - lr).to(torch.bfloat16), p0)  # round to nearest drops every step
+    got = lean["param"].float() + (lean["compensation"].float() if master == "kahan" else 0.0)
+    err = (got - fp32["param"]).abs()
+    if master == "kahan":
+        assert err.max().item() < 0.03 * moved  # bf16 compensation: its own rounding, ~1% per step
+    else:
+        assert abs((p0.float() - got).mean().item() - moved) < 0.1 * moved

@@ -174,14 +174,15 @@ class MomentStore:
                 if b not in self._blocks or self._blocks[b].spec != tuple(s)}
         if self.pinner is not None:
             need = sum(sum(torch.empty((), dtype=d).element_size() * n for d, n in s) for s in todo.values())
-            limit = self.max_pinned_bytes
-            if limit is None:
+            if self.max_pinned_bytes is not None:  # a cap on everything this store pins
+                limit, need = self.max_pinned_bytes, need + self.pinned_bytes()
+            else:  # MemAvailable already excludes what is pinned
                 avail = available_host_bytes()
                 limit = None if avail is None else int(0.9 * avail)
-            if limit is not None and need + self.pinned_bytes() > limit:
+            if limit is not None and need > limit:
                 raise MemoryError(
                     f"inactive_moments='host' needs {need / 2**30:.2f} GiB of pinned host memory for "
-                    f"{len(todo)} blocks, over the limit of {limit / 2**30:.2f} GiB (90% of MemAvailable or "
+                    f"{len(specs)} blocks, over the limit of {limit / 2**30:.2f} GiB (90% of MemAvailable or "
                     f"LISA_FUSED_MAX_PINNED_BYTES); use inactive_moments='device' or 'drop', or a host with "
                     f"more free memory")
         for b, spec in todo.items():

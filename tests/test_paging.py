@@ -243,6 +243,9 @@ def test_pinned_limit_is_a_clear_error_and_pins_nothing(pinner):
     assert pinner.live == {} and store.pinned_bytes() == 0
     store.reserve({0: [(torch.float32, 1000), (torch.bfloat16, 333)]})  # fits
     assert store.n_registered() == 1
+    with pytest.raises(MemoryError):  # fits alone, not with what is pinned already: the cap is on the total
+        store.reserve({1: [(torch.float32, (1 << 18) - 100)]})
+    assert store.n_registered() == 1
 
 
 def test_no_pinning_without_a_gpu_or_for_other_policies():

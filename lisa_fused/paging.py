@@ -23,6 +23,10 @@ allocator), marked MADV_DONTFORK and registered with cudaHostRegister. DONTFORK 
 (DataLoader workers) would otherwise mark registered pages copy-on-write: the parent's next CPU write
 then moves to a fresh page while the DMA engine keeps using the old one. The mapping stays registered
 until the block's layout changes or release(); clear() keeps it for reuse, so nothing leaks.
+
+Status: the CUDA path (two streams, events, cudaHostRegister) has not run on a GPU yet; the CPU tests run
+the same bookkeeping with plain copies and a counting fake of the pin calls, and the `gpu` tests in
+tests/test_paging.py (run by benchmarks/gpu_check.sh) check it on real streams.
 """
 from __future__ import annotations
 

@@ -90,6 +90,13 @@ def test_tracker_counts_new_storages_once_and_frees_them():
     del d
 
 
+def test_gradient_checkpointing_lowers_traced_activations():
+    config = LlamaConfig(**dict(MICRO, num_hidden_layers=4))
+    plain = Planner(config, torch.float32, 2, 64, target="cpu", gamma=2).lisa_activations(2)
+    ckpt = Planner(config, torch.float32, 2, 64, target="cpu", gamma=2, gradient_checkpointing=True).lisa_activations(2)
+    assert 0 < ckpt < 0.8 * plain
+
+
 def test_presets_build_on_meta():
     assert {"llama-2-7b", "llama-3-8b", "qwen2.5-7b", "mistral-7b", "llama-3.2-1b", "gemma-2-9b"} <= set(preset_names())
     sizes = {n: sum(p.numel() for p in meta_model(load_config(n), torch.bfloat16).parameters()) / 1e9

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -164,7 +165,9 @@ class Planner:
         model = self._meta()
         cfg = LoraConfig(r=self.lora_rank, lora_alpha=2 * self.lora_rank, lora_dropout=0.0,
                          target_modules=list(LORA_TARGETS), task_type="CAUSAL_LM")
-        model = get_peft_model(model, cfg)  # on meta: peft's own .to() cannot swap fake params
+        with warnings.catch_warnings():  # peft calls a transformers property deprecated in v5
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+            model = get_peft_model(model, cfg)  # on meta: peft's own .to() cannot swap fake params
         with FakeTensorMode():
             fakeify(model, self.trace_device)
             opt = self._adamw([p for p in model.parameters() if p.requires_grad])

@@ -5,8 +5,9 @@ fp32 scalars from device tables and loops over the chunk in BLOCK-element steps.
 flags are tl.constexpr (bf16 grads, param_lowp present and its dtype, grad_scale present, offset alignment,
 BLOCK; other grad dtypes are part of Triton's own signature specialization); lr, betas, eps and the
 per-step scalars are runtime values, so a schedule never recompiles. A new mode is one more constexpr
-flag of `_update_block`, passed through by the kernel for both the unmasked main loop and the masked tail. Runs on CUDA tensors, and on CPU tensors in the Triton
-interpreter (TRITON_INTERPRET=1), where each program costs Python time: chunks and blocks are large there.
+flag of `_update_block`, passed by the kernel to both the unmasked main loop and the masked tail. Runs
+on CUDA tensors, and on CPU tensors in the Triton interpreter (TRITON_INTERPRET=1), where each program
+costs Python time: chunks and blocks are large there.
 """
 from __future__ import annotations
 

@@ -29,11 +29,11 @@ def masters_of(opt):
     out = []
     for i, p in enumerate(opt._params):
         e = sd["state"].get(i, {})
-        out.append(e["master_param"].float() if "master_param" in e else p.detach().float().clone())
+        out.append(e["master_param"].float() if "master_param" in e else p.detach().float().cpu())
     return out
 
 
-def run_with_moves(model, opt, steps, moves):
+def run_with_moves(model, opt, steps, moves, inputs_on=None):
     """Train `steps` LM steps; before step t apply moves[t](model). A reference fp32 AdamW over fp32 copies
     of the optimizer's values gets the same gradients (upcast), so it is what any dtype path must equal:
     fp32 masters are AdamW on the model's own gradients. Returns (reference params, AdamW)."""
@@ -52,10 +52,10 @@ def run_with_moves(model, opt, steps, moves):
         opt.zero_grad()  # (sees a move; from a low-precision to an fp32 model parked params take their masters)
         active = opt.active_layers
         frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
-        x = lm_batch(t)
+        x = lm_batch(t).to(inputs_on or "cpu")
         model(input_ids=x, labels=x).loss.backward()
         for p, r in zip(opt._params, ref):
-            r.grad = None if p.grad is None else p.grad.detach().float().clone()
+            r.grad = None if p.grad is None else p.grad.detach().to(r.device, torch.float32, copy=True)
         opt.step()
         ropt.step()
         for n, p in model.named_parameters():
@@ -67,9 +67,10 @@ def run_with_moves(model, opt, steps, moves):
 
 def assert_follows_reference(opt, ref, tol):
     for name, m, r in zip(opt._names, masters_of(opt), ref):
-        assert_close_rel(m, r, tol, f"fp32 value of {name}")
+        assert_close_rel(m, r.cpu(), tol, f"fp32 value of {name}")
     for p, r in zip(opt._params, ref):
-        assert_close_rel(p, r.detach().to(p.dtype), TOL[p.dtype] if p.dtype != torch.float32 else tol, "param")
+        assert_close_rel(p.cpu(), r.detach().cpu().to(p.dtype), TOL[p.dtype] if p.dtype != torch.float32 else tol,
+                         "param")
 
 
 MOVES = {
@@ -100,6 +101,19 @@ def test_moved_model_keeps_training_like_adamw(case, policy):
     changed = [n for n, p in model.named_parameters() if not torch.equal(p.detach().float(), before[n].float())]
     assert "model.embed_tokens.weight" in changed and "lm_head.weight" in changed
     assert_follows_reference(opt, ref, TOL[torch.float32])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d)[6:])
+def test_model_cuda_after_construction_follows(dtype):
+    """FusedLISA built on the CPU, then model.cuda(): buffers, paged state (host store, now pinned) and
+    masters move to the GPU; the fp32 values follow AdamW (run on the CPU, same gradients)."""
+    model = tiny_llama(dtype=dtype)
+    opt = FusedLISA(model, lr=3e-3, weight_decay=0.1, n_active_layers=2, switch_every=2, seed=1)
+    ref, _ = run_with_moves(model, opt, steps=7, moves={3: lambda m: m.cuda()}, inputs_on="cuda")
+    assert opt.device.type == "cuda" and opt._bufs.param.is_cuda
+    assert_follows_reference(opt, ref, 1e-5)
 
 
 def test_trainer_style_move_before_the_first_step_trains():

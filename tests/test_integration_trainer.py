@@ -165,12 +165,15 @@ def test_trainer_resume_mid_interval_is_bitwise(tmp_path):
     base = dict(gradient_accumulation_steps=1, max_steps=6, save_strategy="steps", save_steps=3)
 
     model = tiny_llama(N_LAYERS, seed=0)
+    init = {n: p.detach().clone() for n, p in model.named_parameters()}
     opt = make_opt(model, backend="auto")  # the default kernel: resume must be exact on any backend
     rec = StepRecorder()
     rec.snapshot_at = {3}
     Trainer(model=model, args=training_args(tmp_path / "a", **base), train_dataset=data, optimizers=(opt, None),
             callbacks=[rec, LISACallback()]).train()
     final_a = {n: p.detach().clone() for n, p in model.named_parameters()}
+    from helpers import assert_trained_changed_frozen_kept
+    assert_trained_changed_frozen_kept(model, init, set().union(*rec.active))  # the run trained
     ckpt = tmp_path / "a" / "checkpoint-3"
 
     # The saved weights are the params at step 3, though every packed param shares one storage.

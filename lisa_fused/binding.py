@@ -71,9 +71,10 @@ def claim_check(named_params) -> None:
 class ParamBinding:
     """Which packed offset each trained parameter views, and the operations that keep it true.
 
-    params:  the trained parameters (param index i = position in this list), names alike.
-    layout:  packing.PackedLayout; bufs: packing.PackedBuffers (replaced by `relocate`).
-    The optimizer decides *where* (offsets); this class does the re-pointing and checking.
+    names, params, shapes: the trained parameters (param index i = position in these lists), their
+    names and their (rank-local) shapes. bufs: packing.PackedBuffers (replaced by `relocate`).
+    copy_mode: FSDP2 DTensor params, bound by copy. The optimizer decides *where* (offsets); this class
+    does the re-pointing and checking, and records each param's requires_grad flag for `release()`.
     """
 
     def __init__(self, names, params, shapes, bufs: PackedBuffers, copy_mode: bool):

@@ -81,7 +81,7 @@ def base_checkpoint(args, config, data_path: Path, cache: Path) -> tuple[str | N
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     starts = data.batch_starts(len(tokens), total, args.batch_size, args.seq_len, args.seed + 1)
-    trace = train(model, opt, tokens, starts, args.seq_len, device, desc="base", scheduler=sched)
+    trace = train(model, opt, tokens, starts, args.seq_len, device, desc="base training (once, cached)", scheduler=sched)
     info["base_final_train_loss"] = sum(trace["loss"][-5:]) / len(trace["loss"][-5:])
     tmp = path.with_suffix(".tmp")
     torch.save(model.state_dict(), tmp)

@@ -134,7 +134,8 @@ def plot(path: Path, rows: list[dict], title: str) -> None:
         same = [m for m, c in curves.items() if c == curve]
         label = f"{r['method']} (lr {r['lr']:g})" + (f", coincides with {same[0]}" if same else "")
         (ln,) = ax_loss.plot(range(1, len(curve) + 1), smooth, marker=markers[j % len(markers)],
-                             markevery=max(1, len(curve) // 8), fillstyle="none" if same else "full",
+                             markevery=(len(curves) % 4, max(4, len(curve) // 8)),  # offset: both marker sets show
+                             fillstyle="none" if same else "full",
                              linestyle="--" if same else "-", label=label)
         ax_loss.scatter([len(curve)], [r["eval_loss"]], color=ln.get_color(), marker="*", s=80, zorder=3)
         curves[r["method"]] = curve

@@ -54,9 +54,10 @@ def hparams(steps, n_segments):
     return torch.tensor(rows, dtype=torch.float64)
 
 
-def make_state(n, moments, master, gen, device="cpu"):
-    """Buffers for one mode, as the optimizer would allocate them (moments start at zero)."""
-    pdtype = torch.float32 if master == "fp32" else torch.bfloat16
+def make_state(n, moments, master, gen, device="cpu", pdtype=torch.bfloat16):
+    """Buffers for one mode, as the optimizer would allocate them (moments start at zero); a 1-element
+    grad_scale of 2 (AMP's unscale in the kernel)."""
+    pdtype = torch.float32 if master == "fp32" else pdtype
     st = {"param": (torch.randn(n, generator=gen) * 0.02).to(pdtype)}
     if moments in quant.BLOCK:
         for name in ("exp_avg", "exp_avg_sq"):
@@ -70,6 +71,7 @@ def make_state(n, moments, master, gen, device="cpu"):
     if master == "fp32":
         st["param_lowp"] = st["param"].to(torch.bfloat16)
     st["grad_sumsq"] = torch.zeros(len(SIZES))
+    st["grad_scale"] = torch.tensor([2.0])
     return {k: v.to(device) for k, v in st.items()}
 
 
@@ -100,8 +102,13 @@ def case(backend: str, moments: str, master: str):
 CASES = [case(b, m, w) for b in ("cpu", "cuda") for m, w in MODES] + [case("triton", m, w) for m, w in TRITON_MODES]
 
 
-@pytest.mark.parametrize("backend,moments,master", CASES)
-def test_native_bitwise_equal_to_reference(backend, moments, master, monkeypatch):
+@pytest.mark.parametrize("backend,moments,master,pdtype", [
+    *[pytest.param(*c.values, torch.bfloat16, marks=c.marks, id=c.id) for c in CASES],
+    pytest.param("cpu", "8bit", "kahan", torch.float16, id="cpu-8bit-kahan-fp16"),
+    pytest.param("triton", "fp32", "kahan", torch.float16, marks=backend_param("triton").marks,
+                 id="triton-fp32-kahan-fp16"),
+])
+def test_native_bitwise_equal_to_reference(backend, moments, master, pdtype, monkeypatch):
     """Four steps with fresh bf16 grads, several segments with their own step/lr/wd, one disabled: params,
     codes, scales, compensation and the bf16 copy equal the reference bit for bit (the reference with an
     IEEE sqrt), the disabled segment is untouched, and grad_sumsq matches to fp32 summation order."""
@@ -110,7 +117,7 @@ def test_native_bitwise_equal_to_reference(backend, moments, master, monkeypatch
     device = "cuda" if backend == "cuda" else "cpu"
     segments, n = layout(SIZES)
     gen = torch.Generator().manual_seed(3)
-    ref = make_state(n, moments, master, gen)
+    ref = make_state(n, moments, master, gen, pdtype=pdtype)
     out = {k: v.clone().to(device) for k, v in ref.items()}
     before = {k: v.clone() for k, v in ref.items()}
     steps = [1, 7, 3, 100]
@@ -157,7 +164,7 @@ def test_fp32_through_the_lean_loop_equals_the_fast_loop(backend):
         hp = hparams([1 + s] * len(SIZES), len(SIZES))
         step(a, g, segments, hp, "fp32", "fp32", backend)
         step(b, g, segments, hp, "fp32", "fp32", backend)
-        want += torch.tensor([0.0 if i == DISABLED else float((g[o:o + c].double() ** 2).sum())
+        want += torch.tensor([0.0 if i == DISABLED else float(((g[o:o + c].double() / 2) ** 2).sum())
                               for i, (o, c) in enumerate(segments.bounds)], dtype=torch.float64)
     for k in b:
         assert torch.equal(a[k], b[k]), k
@@ -264,7 +271,7 @@ def test_trajectory_close_to_torchao(fmt, ao_cls, monkeypatch):
     segments = Segments([(0, n)])
     st = make_state(n, fmt, "fp32", torch.Generator().manual_seed(0))
     st["param"].copy_(p0)
-    del st["param_lowp"], st["grad_sumsq"]
+    del st["param_lowp"], st["grad_sumsq"], st["grad_scale"]
     ref_p = p0.clone()
     ref_m, ref_v = torch.zeros(n), torch.zeros(n)
     for t in range(1, steps + 1):

@@ -63,6 +63,13 @@ lane), index = element index within the parameter (< 2**32); SR adds its top 16 
 pattern and truncates to bf16. Same seed, param id, step and index give the same bits on every backend
 and in a resumed run.
 
+Exactness across backends (tests/test_lean_kernels.py): every lean mode of the C++ (AVX2+FMA copy),
+CUDA and Triton kernels equals the reference bit for bit (params, codes, scales, compensation, bf16
+moments) given a correctly rounded sqrt; the reference's one deviation is torch's CPU sqrt (1 ulp on
+some inputs), which can move a code by one. The C++ baseline copy (no FMA) rounds lerp/addcmul twice,
+as torch does on such CPUs. Buffers are never read past a segment's end except the 4-bit byte holding
+an odd segment's last element, whose high nibble is written as 0.
+
 grad_sumsq (issue 13): fp32 [S] on the buffers' device; each enabled segment's sum of g*g is ADDED
 (the caller zeroes it when it starts a window). Summation order is backend specific: the CPU kernel
 sums per chunk in element order and adds the chunk partials in chunk order (deterministic); the GPU

@@ -29,7 +29,7 @@ Stochastic rounding (SR) to bf16 keeps small updates alive in expectation (Zamir
 arXiv 2010.06192): add 16 random bits to the low half of the fp32 pattern, then truncate. The bits come
 from a counter-based hash of (seed, param id, step, element index within the param, lane), so every
 backend and a resumed run draw the same bits with no RNG state; `sr_bits` is the definition, mirrored
-in csrc/adamw_math.h (sr_bits) and the Triton kernel.
+in csrc/adamw_math.h (sr_bits) and kernels/triton_lean.py (_sr_bf16_bits).
 """
 from __future__ import annotations
 

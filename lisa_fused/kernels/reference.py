@@ -37,6 +37,8 @@ def adamw_packed_reference_(
     seed: int = 0,
     grad_sumsq: torch.Tensor | None = None,
 ) -> None:
+    """AdamW over every enabled segment, in place. Buffers, shapes and dtypes per mode: contract.py
+    (validated by kernels.adamw_packed_ before this runs); the fp32 default takes the fast path below."""
     if moments != "fp32" or master_weights != "fp32" or grad_sumsq is not None:
         _lean(param, grad, exp_avg, exp_avg_sq, segments, hparams, beta1=beta1, beta2=beta2, eps=eps,
               param_lowp=param_lowp, grad_scale=grad_scale, moments=moments, master_weights=master_weights,

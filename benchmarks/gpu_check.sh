@@ -9,8 +9,8 @@
 #   gpu-tests      every test marked `gpu` (paging race test and store round trip on real streams, ...)
 #   bench-kernels  7B-shaped active set: packed CUDA / Triton vs torch AdamW fused / foreach, GB/s, % copy
 #   bench-switch   page-out + page-in vs pinned host<->device bandwidth; switch step vs normal step
-#   bench-7b       lisa-fused bench on Llama-2-7B shape: full vs LoRA r=128 vs FusedLISA (host, device)
 #   kernel-tests   tests/test_kernels.py on CUDA tensors (every backend against the reference)
+#   bench-7b       lisa-fused bench on Llama-2-7B shape: full vs LoRA r=128 vs FusedLISA (host, device)
 #
 # A failing stage is reported and the next one runs; the exit status is non-zero if any stage failed.
 #
@@ -39,8 +39,8 @@ OUT=${OUT:-/tmp/lisa_fused_gpu_check}
 PY=${PYTHON:-python3}
 DEADLINE_S=${GPU_CHECK_DEADLINE_S:-480}  # all stages together; the device call itself is limited to 600 s
 # name:budget_s, in the order they run
-PLAN=(precheck:20 install:120 versions:20 gpu-tests:75 bench-kernels:55 bench-switch:45 bench-7b:105
-      kernel-tests:40)
+PLAN=(precheck:20 install:120 versions:20 gpu-tests:75 bench-kernels:55 bench-switch:45 kernel-tests:40
+      bench-7b:105)
 # --cpu rehearsals run on small shared CPUs, not inside the device call: every limit x SCALE there
 SCALE=1
 [ "$TARGET" = cpu ] && [ "$DRY" = 0 ] && SCALE=${GPU_CHECK_CPU_SCALE:-3}
@@ -148,9 +148,10 @@ stage versions bash -c "versions | tee '$OUT/versions.txt'"
 stage gpu-tests env LISA_FUSED_TEST_DEVICE=$DEV "$PY" -m pytest "$REPO/tests" -m gpu -q -p no:cacheprovider -rs
 stage bench-kernels "${BENCH_PYTEST[@]}" "$REPO/benchmarks/test_bench_kernels.py" --benchmark-json "$OUT/bench-kernels.json"
 stage bench-switch "${BENCH_PYTEST[@]}" "$REPO/benchmarks/test_bench_switch.py" --benchmark-json "$OUT/bench-switch.json"
+stage kernel-tests env LISA_FUSED_TEST_DEVICE=$DEV "$PY" -m pytest "$REPO/tests/test_kernels.py" -m "not gpu" -q -p no:cacheprovider -x
+# last: the most likely to outgrow its budget (four 7B processes; FusedLISA "host" pins ~78 GB at construction)
 stage bench-7b "$PY" -m lisa_fused bench "${BENCH_ARGS[@]}" --methods full,lora,lisa,lisa-device \
   --out "$OUT/bench" --cache-dir "$WORK/bench-cache"
-stage kernel-tests env LISA_FUSED_TEST_DEVICE=$DEV "$PY" -m pytest "$REPO/tests/test_kernels.py" -m "not gpu" -q -p no:cacheprovider -x
 
 if [ "$DRY" = 1 ]; then
   printf '  %-13s %4ss  (deadline %ss)\n' total "$TOTAL" "$DEADLINE_S"

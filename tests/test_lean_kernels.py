@@ -316,6 +316,9 @@ def test_bad_arguments_name_the_value():
     del bf["grad_sumsq"]
     with pytest.raises(ValueError, match=f"{N_COLS_LEAN} columns"):
         step(bf, g, segments, hp[:, :4], "bf16", "fp32", "cpu")
+    with pytest.raises(ValueError, match="6-column hparams"):  # also without the checks
+        adamw_packed_(bf["param"], g, bf["exp_avg"], bf["exp_avg_sq"], segments, hp[:, :4], beta1=0.9, beta2=0.999,
+                      eps=EPS, backend="cpu", moments="bf16", check=False)
     before = {k: v.clone() for k, v in st.items()}
     with pytest.raises(ValueError, match="integers"):
         step(bf, g, segments, hp * torch.tensor([1, 1, 1, 1, 1, 0.5], dtype=torch.float64), "bf16", "fp32", "cpu")

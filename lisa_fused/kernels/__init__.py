@@ -158,6 +158,10 @@ def adamw_packed_(
         return
     extra = {}
     impl = _impl(backend)
+    if lean and hparams.shape[1] < 6 and (moments == "bf16" or master_weights == "stochastic"):
+        # checked even with check=False: without the ids the SR bits would silently repeat every step
+        raise ValueError(f"stochastic rounding (moments={moments!r}, master_weights={master_weights!r}) needs "
+                         f"the 6-column hparams table (contract.COL_PARAM_ID, COL_STEP), got {tuple(hparams.shape)}")
     if lean:
         if backend == "triton":  # lean state has its own Triton kernel; the fp32 one stays as it is
             from .triton_lean import adamw_lean_triton_ as impl

@@ -225,8 +225,3 @@ def round_bf16_stochastic(x: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
 def bf16_from_bits(r: torch.Tensor) -> torch.Tensor:
     """int64 tensor of uint16 bit patterns -> bf16 tensor with those bits."""
     return torch.where(r >= 0x8000, r - 0x10000, r).to(torch.int16).view(torch.bfloat16)
-
-
-def bf16_bits(x: torch.Tensor) -> torch.Tensor:
-    """bf16 tensor -> int64 tensor of its uint16 bit patterns."""
-    return x.view(torch.int16).long() & 0xFFFF

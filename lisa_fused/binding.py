@@ -102,7 +102,7 @@ class ParamBinding:
         p = self.params[i]
         view = self.view(self.bufs.param, i, off)
         view.copy_(local(p).detach())
-        if write_master and self.bufs.lowp is not None:
+        if write_master and self.bufs.lowp is not None and self.bufs.master is not None:
             self.view(self.bufs.master, i, off).copy_(view)
         self.offset[i] = off
         self._check = None
@@ -228,7 +228,7 @@ class ParamBinding:
 
     # -- following a move ---------------------------------------------------------------------------
     @torch.no_grad()
-    def relocate(self, total: int, device, dtype) -> PackedBuffers:
+    def relocate(self, total: int, device, dtype, moments: str = "fp32", master_weights: str = "fp32") -> PackedBuffers:
         """Rebuild the packed buffers on `device` for `dtype` params and re-bind every bound param.
 
         Values: the fp32 values the optimizer holds survive the move (masters of a low-precision model
@@ -237,18 +237,22 @@ class ParamBinding:
         is not its old value converted (someone wrote it after the move, e.g. DDP's broadcast of rank 0's
         weights), which keeps its new value (and its master becomes it). Moments move as they are. A
         param's existing `.grad` (converted by Module._apply) is copied into the new grad buffer.
+        Lean state (moments / master_weights, the same before and after) moves as it is; without an fp32
+        master (kahan / stochastic: the dtype cannot change) the params keep their moved values.
         Returns the old buffers (for the store's conversion)."""
         old = self.bufs
-        new = PackedBuffers(total, device, dtype)
-        new.master.copy_(old.master)
-        new.exp_avg.copy_(old.exp_avg)
-        new.exp_avg_sq.copy_(old.exp_avg_sq)
+        new = PackedBuffers(total, device, dtype, moments, master_weights)
+        for name in ("master", "exp_avg", "exp_avg_sq", "exp_avg_scale", "exp_avg_sq_scale", "compensation"):
+            if getattr(new, name) is not None:
+                getattr(new, name).copy_(getattr(old, name))
         for i, off in self.offset.items():
             moved = local(self.params[i]).detach()
-            if not torch.equal(moved, self.view(old.param, i, off).to(device=moved.device, dtype=moved.dtype)):
+            if new.master is None:
+                self.view(new.lowp, i, off).copy_(moved)
+            elif not torch.equal(moved, self.view(old.param, i, off).to(device=moved.device, dtype=moved.dtype)):
                 # written after the move (a DDP wrapper's broadcast of rank 0's weights): that value wins
                 self.view(new.master, i, off).copy_(moved)
-        if new.lowp is not None:  # the params are their masters rounded to nearest, as after a step
+        if new.lowp is not None and new.master is not None:  # params = masters rounded to nearest, as after a step
             new.lowp.copy_(new.master)
         self.bufs = new
         for i in sorted(self.offset):
@@ -274,14 +278,18 @@ class ParamBinding:
         params take their masters (rounded, for a low-precision model) unless written after the move;
         an fp32 -> low-precision move gives it masters from its (converted) params."""
         state = [r.clone() for r in state]
+        names = old.paged_names()
+        if "master" not in names and "master" not in new.paged_names():
+            return state  # lean state without masters, same dtype: it moves as it is
         if old.lowp is not None:
+            mi = names.index("master")
             for i, off, n in region.entries:
-                p, master = local(self.params[i]).detach(), state[2][off:off + n].view(self.shapes[i])
+                p, master = local(self.params[i]).detach(), state[mi][off:off + n].view(self.shapes[i])
                 if torch.equal(p, master.to(old.lowp.dtype).to(device=p.device, dtype=p.dtype)):
                     p.copy_(master)
                 else:
                     master.copy_(p)
-        rows = state[:2]  # exp_avg, exp_avg_sq
+        rows = [r for name, r in zip(names, state) if name != "master"]  # moments, scales
         if new.lowp is not None:
             if old.lowp is None:
                 own = torch.zeros(region.length)
@@ -289,7 +297,7 @@ class ParamBinding:
                     own[off:off + n] = local(self.params[i]).detach().reshape(-1).float().cpu()
                 rows.append(own)
             else:
-                rows.append(state[2])
+                rows.append(state[names.index("master")])
         return rows
 
     # -- hand the model back ----------------------------------------------------------------------

@@ -61,9 +61,12 @@ class FusedLISA(torch.optim.Optimizer):
         sampler: str | Callable = "uniform",
         inactive_moments: str = "host",
         backend: str = "auto",
+        moments: str = "fp32",
+        master_weights: str | None = None,
     ):
         _validate_hparams(lr, betas, eps, weight_decay)
         _validate_options(model, switch_every, inactive_moments, sampler)
+        master_weights = _validate_state_format(model, moments, master_weights)
         claim_check(model.named_parameters())  # another live FusedLISA, or flags a dropped one left frozen
 
         layout = find_layout(model, layers)
@@ -87,6 +90,8 @@ class FusedLISA(torch.optim.Optimizer):
         self.switch_every = switch_every
         self.inactive_moments = inactive_moments
         self.seed = seed
+        self.moments, self.master_weights = moments, master_weights
+        self._sr_seed = int(seed) % (1 << 32)  # stochastic-rounding key (contract.py: [0, 2**32))
         self._names = [n for n, _ in named]
         self._params = params
         local_params = [local(p) for p in params]
@@ -106,7 +111,8 @@ class FusedLISA(torch.optim.Optimizer):
         # which it all-gathers from: re-pointing .data would be ignored, so they are bound by copy instead
         # (packed buffers hold the rank-local shards; grads are copied in, updated shards copied back).
         self._binding = ParamBinding(self._names, params, self._shapes,
-                                     PackedBuffers(self._packed.total, self.device, self.param_dtype),
+                                     PackedBuffers(self._packed.total, self.device, self.param_dtype,
+                                                   moments, master_weights),
                                      copy_mode=any(isinstance(p, DTensor) for p in params))
         self._store = self._make_store(self.device)
         self._steps = [0] * len(params)  # per-param AdamW step count (bias correction), host ints
@@ -129,7 +135,8 @@ class FusedLISA(torch.optim.Optimizer):
         """The one place the paged store is built (at construction and when the model moves)."""
         store = MomentStore(self.inactive_moments, device)
         if self._binding is not None:  # pin the host store now, not inside step() on a block's first visit
-            store.reserve({b: [(buf.dtype, r.length) for buf in self._binding.bufs.paged()]
+            bufs = self._binding.bufs
+            store.reserve({b: [(v.dtype, v.numel()) for v in bufs.rows(0, r.length)]
                            for b, r in enumerate(self._packed.blocks)})
         return store
 
@@ -144,13 +151,22 @@ class FusedLISA(torch.optim.Optimizer):
         return tuple(sorted(self._slot_of))
 
     def memory_stats(self) -> dict[str, int]:
-        """Bytes the optimizer holds: device_bytes (packed params/masters, grads, moments, plus resident
-        block state under "device"), host_bytes (paged-out block state)."""
+        """Bytes the optimizer holds (ints): device_bytes (packed params/masters, grads, moments, scales,
+        compensation, plus resident block state under "device"), host_bytes (paged-out block state),
+        and the packed buffers by kind: param_bytes (what the trained params view: bf16/fp16, or the
+        fp32 masters of an fp32 model), master_bytes (fp32 masters of a low-precision model), grad_bytes,
+        moment_bytes (exp_avg + exp_avg_sq, codes when quantized), scale_bytes (fp32 block scales),
+        compensation_bytes (Kahan); extra_device_bytes = device_bytes - param_bytes (what the optimizer
+        adds to the model's own weights)."""
         packed = self._bufs.nbytes()
         store = self._store.nbytes()
         on_device = self._store.policy == "device"
+        kinds = self._bufs.nbytes_by_kind()
+        device = packed + (store if on_device else 0)
         return {
-            "device_bytes": packed + (store if on_device else 0),
+            "device_bytes": device,
+            "extra_device_bytes": device - kinds["param"],
+            **{f"{k}_bytes": v for k, v in kinds.items()},
             "host_bytes": 0 if on_device else store,
             "packed_bytes": packed,
             "store_bytes": store,
@@ -177,7 +193,8 @@ class FusedLISA(torch.optim.Optimizer):
                 f"betas={g['betas']}, eps={g['eps']}, weight_decay={g['weight_decay']}, "
                 f"n_active_layers={self.n_active_layers}/{len(self._block_params)}, "
                 f"switch_every={self.switch_every}, sampler={self._sampler_name!r}, "
-                f"inactive_moments={self.inactive_moments!r}, stack={self.model_layout.stack_path!r}, "
+                f"inactive_moments={self.inactive_moments!r}, moments={self.moments!r}, "
+                f"master_weights={self.master_weights!r}, stack={self.model_layout.stack_path!r}, "
                 f"active_layers={self.active_layers}" + (", released" if self._binding is None else "") + ")")
 
     def add_param_group(self, param_group):
@@ -231,14 +248,20 @@ class FusedLISA(torch.optim.Optimizer):
         enabled = [collect(i) for i in seg_params]
         for i, on in zip(seg_params, enabled):
             self._steps[i] += on
-        hparams = _hparams(self.param_groups[0], [self._steps[i] for i in seg_params], enabled)
+        lean = self.moments != "fp32" or self.master_weights != "fp32"
+        hparams = _hparams(self.param_groups[0], [self._steps[i] for i in seg_params], enabled,
+                           ids=seg_params if lean else None)
         self._store.wait_ready()
         g = self.param_groups[0]
         bufs = self._bufs
+        lean_args = dict(moments=self.moments, master_weights=self.master_weights, exp_avg_scale=bufs.exp_avg_scale,
+                         exp_avg_sq_scale=bufs.exp_avg_sq_scale, compensation=bufs.compensation,
+                         seed=self._sr_seed) if lean else {}
         kernels.adamw_packed_(
-            bufs.master, bufs.grad, bufs.exp_avg, bufs.exp_avg_sq, segments, hparams,
-            beta1=g["betas"][0], beta2=g["betas"][1], eps=g["eps"], param_lowp=bufs.lowp,
-            grad_scale=grad_scale, backend=self.backend, check=False,
+            bufs.kernel_param, bufs.grad, bufs.exp_avg, bufs.exp_avg_sq, segments, hparams,
+            beta1=g["betas"][0], beta2=g["betas"][1], eps=g["eps"],
+            param_lowp=bufs.lowp if bufs.master is not None else None,
+            grad_scale=grad_scale, backend=self.backend, check=False, **lean_args,
         )
         if self._binding.copy_mode:
             for i, (off, n), on in zip(seg_params, segments.bounds, enabled):
@@ -275,10 +298,15 @@ class FusedLISA(torch.optim.Optimizer):
     def _follow_move(self):
         binding = self._binding
         dev, dt = binding.target()  # raises where following is impossible
+        if dt != self.param_dtype and self.master_weights != "fp32":
+            raise RuntimeError(
+                f"FusedLISA: the model was converted from {self.param_dtype} to {dt}, but master_weights="
+                f"{self.master_weights!r} keeps no fp32 master to convert from: convert the model back, or "
+                "take state_dict(), release(), and build a new FusedLISA for the converted model")
         backend = kernels.resolve_backend(self._backend_request, dev)
         self._store.synchronize()
         was = (self.device, self.param_dtype)
-        old = binding.relocate(self._packed.total, dev, dt)
+        old = binding.relocate(self._packed.total, dev, dt, self.moments, self.master_weights)
         new = binding.bufs
         old_store, self._store = self._store, self._make_store(dev)
         for b in range(len(self._block_params)):
@@ -352,12 +380,18 @@ class FusedLISA(torch.optim.Optimizer):
                     self._steps[i] = 0
 
     def _slot_views(self, slot, length):
-        off = self._packed.slot_offset(slot)
-        return [buf[off:off + length] for buf in self._bufs.paged()]
+        return self._bufs.rows(self._packed.slot_offset(slot), length)
 
-    def _init_master(self, slot, block, master_view):
-        off = self._packed.slot_offset(slot)
-        master_view.copy_(self._bufs.lowp[off:off + master_view.numel()])
+    def _init_master(self, slot, block, _row2):
+        """A block arriving without saved state: rows past exp_avg/exp_avg_sq start fresh (scales and
+        compensation zero, the fp32 master from the params). The store hands over row 2 only."""
+        bufs, off = self._bufs, self._packed.slot_offset(slot)
+        views = bufs.rows(off, self._packed.blocks[block].length)
+        for name, v in zip(bufs.paged_names()[2:], views[2:]):
+            if name == "master":
+                v.copy_(bufs.lowp[off:off + v.numel()])
+            else:
+                v.zero_()
 
     def _sync_generator_from_rank0(self):
         """Every rank must draw the same blocks: take rank 0's generator state when distributed."""
@@ -377,6 +411,29 @@ def _validate_options(model, switch_every, inactive_moments, sampler):
         raise ValueError(f"Invalid inactive_moments: {inactive_moments!r}; choose one of {POLICIES}")
     if not callable(sampler) and sampler not in sampling.SAMPLERS:
         raise ValueError(f"Invalid sampler: {sampler!r}; choose one of {sampling.SAMPLERS} or pass a callable")
+
+
+def _validate_state_format(model, moments, master_weights) -> str:
+    """Check moments / master_weights before anything about the model changes; returns master_weights
+    with None resolved to "fp32". ValueError naming the bad value and the choices, or the dtype."""
+    from .kernels import quant
+
+    if moments not in quant.FORMATS:
+        raise ValueError(f"Invalid moments: {moments!r}; choose one of {quant.FORMATS}")
+    if master_weights is None:
+        master_weights = "fp32"
+    if master_weights not in quant.MASTER_WEIGHTS:
+        raise ValueError(f"Invalid master_weights: {master_weights!r}; choose one of (None,) + {quant.MASTER_WEIGHTS}")
+    if master_weights != "fp32":
+        dtypes = {p.dtype for p in model.parameters() if p.requires_grad and p.is_floating_point()}
+        allowed = (torch.bfloat16,) if master_weights == "stochastic" else (torch.bfloat16, torch.float16)
+        bad = sorted(str(d) for d in dtypes if d not in allowed)
+        if bad:
+            raise ValueError(
+                f"master_weights={master_weights!r} updates the params in place without an fp32 master, which "
+                f"needs {' or '.join(map(str, allowed))} params; this model's trainable params are {', '.join(bad)}: "
+                "convert the model (e.g. model.to(torch.bfloat16)) or use master_weights='fp32'")
+    return master_weights
 
 
 def _device_and_dtype(params):
@@ -404,9 +461,10 @@ def _make_sampler(sampler, layout):
     return "weight_norm", sampling.weight_norm_sampler(lambda: block_weight_norms(layout))
 
 
-def _hparams(group, steps, enabled):
+def _hparams(group, steps, enabled, ids=None):
     """[S, 4] float64 host table (one row per segment, `steps` its AdamW step count); bias corrections
-    computed once per distinct step count in Python floats, exactly as torch's AdamW computes them."""
+    computed once per distinct step count in Python floats, exactly as torch's AdamW computes them.
+    With `ids` (param index per segment): [S, 6], adding COL_PARAM_ID and COL_STEP (lean state)."""
     lr, wd = group["lr"], group["weight_decay"]
     if isinstance(lr, torch.Tensor):
         lr = lr.item()
@@ -421,7 +479,11 @@ def _hparams(group, steps, enabled):
             bc2 = 1 - beta2 ** s
             memo[s] = (lr / bc1, 1 - lr * wd, math.sqrt(bc2), 1.0)
         rows.append(memo[s])
-    return torch.tensor(rows, dtype=torch.float64).reshape(-1, N_COLS)
+    table = torch.tensor(rows, dtype=torch.float64).reshape(-1, N_COLS)
+    if ids is None:
+        return table
+    extra = torch.tensor([list(ids), list(steps)], dtype=torch.float64).T.reshape(-1, 2)
+    return torch.cat([table, extra], dim=1)
 
 
 def _check_ddp(model):

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .kernels import ALIGN, Segments
+from .kernels import ALIGN, Segments, quant
 
 
 def aligned(n: int) -> int:
@@ -68,26 +68,90 @@ class PackedLayout:
 
 
 class PackedBuffers:
-    """The flat device buffers. `param` is what model parameters view: the fp32 master itself for fp32
-    models, a low-precision copy (written back by the kernel) for bf16/fp16 models."""
+    """The flat device buffers of one state setting (kernels/contract.py defines every format).
 
-    def __init__(self, total: int, device: torch.device, param_dtype: torch.dtype):
+    `param` is what model parameters view: the fp32 master itself for fp32 models, a low-precision copy
+    for bf16/fp16 models (written back by the kernel from the fp32 master, or updated in place by the
+    kernel when master_weights is "kahan" / "stochastic": then there is no fp32 master at all).
+
+        attribute          dtype, elements (total = packed elements, a multiple of ALIGN)
+        master             fp32 [total]                 master_weights="fp32" only
+        lowp               bf16/fp16 [total]            low-precision models only
+        grad               param dtype [total]
+        exp_avg(_sq)       fp32 | bf16 [total], or uint8 codes [total] (8bit) / [total/2] (4bit)
+        exp_avg(_sq)_scale fp32 [total / BLOCK]         8bit (BLOCK 256) / 4bit (BLOCK 128) only
+        compensation       param dtype [total]          master_weights="kahan" only
+
+    A segment at element offset `off` (a multiple of ALIGN, itself a multiple of every BLOCK and of 2)
+    owns codes [off / 2, ...) in 4-bit and scales [off / BLOCK, ...): `rows(off, n)` slices every paged
+    buffer that way, so a block's lean state pages and saves as it is.
+    """
+
+    def __init__(self, total: int, device: torch.device, param_dtype: torch.dtype, moments: str = "fp32",
+                 master_weights: str = "fp32"):
         kw = dict(device=device)
-        self.master = torch.zeros(total, dtype=torch.float32, **kw)
+        self.moments, self.master_weights = moments, master_weights
+        self.master = torch.zeros(total, dtype=torch.float32, **kw) if master_weights == "fp32" else None
         self.lowp = None if param_dtype == torch.float32 else torch.zeros(total, dtype=param_dtype, **kw)
         self.grad = torch.zeros(total, dtype=param_dtype, **kw)
-        self.exp_avg = torch.zeros(total, dtype=torch.float32, **kw)
-        self.exp_avg_sq = torch.zeros(total, dtype=torch.float32, **kw)
+        if moments in quant.BLOCK:
+            codes, blocks = quant.codes_numel(total, moments), quant.n_blocks(total, moments)
+            self.exp_avg = torch.zeros(codes, dtype=torch.uint8, **kw)
+            self.exp_avg_sq = torch.zeros(codes, dtype=torch.uint8, **kw)
+            self.exp_avg_scale = torch.zeros(blocks, dtype=torch.float32, **kw)
+            self.exp_avg_sq_scale = torch.zeros(blocks, dtype=torch.float32, **kw)
+        else:
+            mdt = torch.float32 if moments == "fp32" else torch.bfloat16
+            self.exp_avg = torch.zeros(total, dtype=mdt, **kw)
+            self.exp_avg_sq = torch.zeros(total, dtype=mdt, **kw)
+            self.exp_avg_scale = self.exp_avg_sq_scale = None
+        self.compensation = torch.zeros(total, dtype=param_dtype, **kw) if master_weights == "kahan" else None
 
     @property
     def param(self) -> torch.Tensor:
         return self.master if self.lowp is None else self.lowp
 
+    @property
+    def kernel_param(self) -> torch.Tensor:
+        """The `param` the kernel updates: the fp32 master, or the bf16/fp16 params themselves."""
+        return self.lowp if self.master is None else self.master
+
+    def paged_names(self) -> tuple[str, ...]:
+        """Attribute names of the buffers whose slot contents follow a block when it leaves: moments
+        (with their scales), the Kahan compensation, and masters when the model's own params are low
+        precision (an fp32 model's params go back to the model instead). exp_avg, exp_avg_sq first."""
+        names = ("exp_avg", "exp_avg_sq", "exp_avg_scale", "exp_avg_sq_scale", "compensation")
+        names = tuple(n for n in names if getattr(self, n) is not None)
+        return names + (("master",) if self.lowp is not None and self.master is not None else ())
+
     def paged(self) -> tuple[torch.Tensor, ...]:
-        """The buffers whose slot contents follow a block when it leaves: moments, and masters when the
-        model's own params are low precision (an fp32 model's params go back to the model instead)."""
-        return (self.exp_avg, self.exp_avg_sq) if self.lowp is None else (self.exp_avg, self.exp_avg_sq, self.master)
+        return tuple(getattr(self, n) for n in self.paged_names())
+
+    def divisor(self, name: str) -> int:
+        """Elements per entry of buffer `name`: 1, 2 (4-bit codes) or BLOCK (scales)."""
+        if name.endswith("_scale"):
+            return quant.BLOCK[self.moments]
+        return 2 if self.moments == "4bit" and name in ("exp_avg", "exp_avg_sq") else 1
+
+    def rows(self, off: int, n: int, buffers=None) -> list[torch.Tensor]:
+        """Views of every paged buffer (or of `buffers`, aligned with paged_names()) over the elements
+        [off, off + n) of the packed index space; off must be a multiple of ALIGN."""
+        buffers = self.paged() if buffers is None else buffers
+        out = []
+        for name, buf in zip(self.paged_names(), buffers):
+            d = self.divisor(name)
+            out.append(buf[off // d: off // d + -(-n // d)])
+        return out
+
+    def nbytes_by_kind(self) -> dict[str, int]:
+        """Bytes per kind: param (what the model views), master, grad, moments, scales, compensation."""
+        def b(*ts):
+            return sum(t.numel() * t.element_size() for t in ts if t is not None)
+
+        master = None if self.lowp is None else self.master  # an fp32 model's master is its param
+        return {"param": b(self.param), "master": b(master), "grad": b(self.grad),
+                "moments": b(self.exp_avg, self.exp_avg_sq), "scales": b(self.exp_avg_scale, self.exp_avg_sq_scale),
+                "compensation": b(self.compensation)}
 
     def nbytes(self) -> int:
-        bufs = [self.master, self.grad, self.exp_avg, self.exp_avg_sq] + ([self.lowp] if self.lowp is not None else [])
-        return sum(b.numel() * b.element_size() for b in bufs)
+        return sum(self.nbytes_by_kind().values())

@@ -374,3 +374,17 @@ def test_master_free_bf16_keeps_small_updates(master):
         assert err.max().item() < 0.03 * moved  # bf16 compensation: its own rounding, ~1% per step
     else:
         assert abs((p0.float() - got).mean().item() - moved) < 0.1 * moved
+
+
+@pytest.mark.parametrize("moments,master", MODES, ids=[f"{m}-{w}" for m, w in MODES])
+def test_state_buffers_fit_the_kernel_and_state_bytes(moments, master):
+    """quant.state_buffers allocates what the kernel checks accept; state_bytes counts the same bytes."""
+    segments, n = layout(SIZES)
+    pdtype = torch.float32 if master == "fp32" else torch.bfloat16
+    bufs = quant.state_buffers(n, moments, master, pdtype, "cpu")
+    param = torch.zeros(n, dtype=pdtype)
+    adamw_packed_(param, torch.ones(n), segments=segments, hparams=hparams([1] * len(SIZES), len(SIZES)),
+                  beta1=0.9, beta2=0.999, eps=EPS, backend="torch", moments=moments, master_weights=master, **bufs)
+    nbytes = quant.state_bytes(n, moments, master, pdtype)
+    assert sum(nbytes.values()) == sum(t.numel() * t.element_size() for t in bufs.values())
+    assert nbytes["scales"] == sum(t.nbytes for k, t in bufs.items() if k.endswith("_scale"))

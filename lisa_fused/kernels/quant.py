@@ -136,6 +136,41 @@ def codes_numel(numel: int, fmt: str) -> int:
     return numel if fmt == "8bit" else -(-numel // 2)
 
 
+def state_buffers(numel: int, moments: str, master_weights: str, param_dtype: torch.dtype,
+                  device) -> dict[str, torch.Tensor]:
+    """Zeroed state buffers of one packed buffer of `numel` elements, keyed by the names adamw_packed_
+    takes: exp_avg, exp_avg_sq (fp32 / bf16 [numel], or uint8 codes), exp_avg_scale and exp_avg_sq_scale
+    (fp32 [n_blocks], quantized formats only), compensation (param_dtype [numel], "kahan" only). Zero
+    codes with zero scales decode to 0 in every map. The param itself (fp32 master, or the model's
+    bf16/fp16 storage) is the caller's."""
+    if moments not in FORMATS:
+        raise ValueError(f"Invalid moments format {moments!r}; choose one of {FORMATS}")
+    if master_weights not in MASTER_WEIGHTS:
+        raise ValueError(f"Invalid master_weights {master_weights!r}; choose one of {MASTER_WEIGHTS}")
+    out = {}
+    if moments in BLOCK:
+        for name in ("exp_avg", "exp_avg_sq"):
+            out[name] = torch.zeros(codes_numel(numel, moments), dtype=torch.uint8, device=device)
+            out[name + "_scale"] = torch.zeros(n_blocks(numel, moments), dtype=torch.float32, device=device)
+    else:
+        dtype = torch.float32 if moments == "fp32" else torch.bfloat16
+        out["exp_avg"] = torch.zeros(numel, dtype=dtype, device=device)
+        out["exp_avg_sq"] = torch.zeros(numel, dtype=dtype, device=device)
+    if master_weights == "kahan":
+        out["compensation"] = torch.zeros(numel, dtype=param_dtype, device=device)
+    return out
+
+
+def state_bytes(numel: int, moments: str, master_weights: str, param_dtype: torch.dtype) -> dict[str, int]:
+    """Bytes of state_buffers(...) by kind: {"moments", "scales", "compensation"} (no allocation)."""
+    elt = torch.empty(0, dtype=param_dtype).element_size()
+    if moments in BLOCK:
+        mom, scales = 2 * codes_numel(numel, moments), 2 * 4 * n_blocks(numel, moments)
+    else:
+        mom, scales = 2 * numel * (4 if moments == "fp32" else 2), 0
+    return {"moments": mom, "scales": scales, "compensation": numel * elt if master_weights == "kahan" else 0}
+
+
 def quantize(x: torch.Tensor, fmt: str, which: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize fp32 x (1-D, numel a multiple of BLOCK[fmt]) -> (codes uint8 [numel] or [numel/2],
     scales fp32 [numel / BLOCK]). Every native kernel produces exactly these bits."""

@@ -18,8 +18,8 @@ elements; each element stores the index (code) of the map value nearest to x / s
 - Codes are indices into the *sorted* map (not bnb's code numbering). 8-bit: one uint8 per element.
   4-bit: two per byte, element 2j in the low nibble of byte j, element 2j+1 in the high nibble.
 - Nearest value: code = number of midpoints < x / scale, where MIDPOINTS[k] = fp32((map[k]+map[k+1])/2);
-  a value exactly on a midpoint takes the lower code. Native kernels find it by a branchless binary
-  search over the same fp32 midpoints, so codes agree bit for bit. x / scale is an IEEE fp32 division;
+  a value exactly on a midpoint takes the lower code. Native kernels count the same fp32
+  midpoints (branchless binary search; the CPU's 4-bit loop compares all 15), so codes agree bit for bit. x / scale is an IEEE fp32 division;
   a block whose absmax is 0 stores scale 0 and code(0.0).
 - Scales: one fp32 per block of the packed buffer, index = element offset // BLOCK. Segments start on
   contract.ALIGN (a multiple of every BLOCK), so no block holds two segments; the padding after a

@@ -139,6 +139,26 @@ def test_trainer_style_move_before_the_first_step_trains():
         assert torch.equal(p, q), n
 
 
+def test_move_between_backwards_keeps_accumulated_grads():
+    """No zero_grad around the move: Module._apply converts the existing .grad along with the param, the
+    next backward accumulates onto it, and step() takes the sum, as torch's AdamW does."""
+    model = MLPStack()
+    ref = copy.deepcopy(model)
+    opt = FusedLISA(model, lr=1e-2, weight_decay=0.1, n_active_layers=5, backend="torch")
+    ropt = torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.1)
+    x = torch.randn(8, 3)
+    for m, o in ((model, opt), (ref, ropt)):
+        m(x).square().mean().backward()
+        o.step()
+        m.to(torch.device("cpu", 0))
+        m(x).sin().mean().backward()  # onto the first backward's grads
+        o.step()
+    for (n, p), q in zip(model.named_parameters(), ref.parameters()):
+        assert torch.equal(p, q), n
+        assert torch.equal(p.grad, q.grad), n
+    assert all(in_buffer(opt, p) for p in model.parameters())
+
+
 def test_move_seen_by_zero_grad_too():
     model = MLPStack()
     opt = FusedLISA(model, n_active_layers=5, backend="torch")

@@ -175,7 +175,15 @@ LF_HD float lean_piece(const PackedArgs& a, int64_t b, int64_t e, const LeanSeg&
   }
   float sumsq = 0.0f;
   if (a.grad_sumsq != 0) {
-    for (int i = 0; i < n; ++i) sumsq += G[i] * G[i];  // element order (no reassociation)
+    // 8 interleaved partial sums (one vector register), combined in a fixed order: deterministic, and
+    // the loop vectorizes without reassociation flags
+    float acc[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+    int i = 0;
+    for (; i + 8 <= n; i += 8) {
+      for (int k = 0; k < 8; ++k) acc[k] += G[i + k] * G[i + k];
+    }
+    for (; i < n; ++i) acc[i & 7] += G[i] * G[i];
+    sumsq = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
   }
   // param -> fp32 (kahan: p + compensation)
   if (a.master == kMasterFp32) {

@@ -72,7 +72,7 @@ an odd segment's last element, whose high nibble is written as 0.
 
 grad_sumsq (issue 13): fp32 [S] on the buffers' device; each enabled segment's sum of g*g is ADDED
 (the caller zeroes it when it starts a window). Summation order is backend specific: the CPU kernel
-sums per chunk in element order and adds the chunk partials in chunk order (deterministic); the GPU
+sums each block in 8 interleaved lanes and adds block and chunk partials in order (deterministic); the GPU
 kernels add per-block partials with atomics. Compare with a relative tolerance (~1e-5), not bitwise.
 """
 from __future__ import annotations

@@ -38,7 +38,7 @@ import torch
 
 logger = logging.getLogger("lisa_fused")
 
-SAMPLERS = ("uniform", "weight_norm")  # what FusedLISA's constructor accepts today
+SAMPLERS = ("uniform", "weight_norm")  # the samplers that learn nothing
 ADAPTIVE_SAMPLERS = ("grad_norm", "outlier", "loss_feedback")
 SAMPLER_NAMES = SAMPLERS + ADAPTIVE_SAMPLERS
 
@@ -470,6 +470,17 @@ class GradNormMeter:
         self.sumsq.add_(sumsq)
         self.n_steps += 1
 
+    def kernel_buffer(self) -> torch.Tensor:
+        """Count one step and return the accumulator itself, for a kernel that ADDS each segment's sum of
+        squares into its `grad_sumsq` (kernels/contract.py): no per-step buffer, zeroing or add."""
+        self.n_steps += 1
+        return self.sumsq
+
+    def to(self, device) -> None:
+        """Follow a model moved to `device`, keeping what this interval measured."""
+        self.sumsq = self.sumsq.to(device)
+        self.device = self.sumsq.device
+
     def all_reduce_(self, group=None) -> None:
         """Sum the accumulators over ranks: for sharded params (FSDP2). Under DDP every rank already holds
         the same averaged grads, so skip it (summing would multiply by the world size)."""
@@ -493,10 +504,17 @@ class GradNormMeter:
                 "n_steps": self.n_steps}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        if tuple(state["segment_blocks"]) != self.segment_blocks:
-            raise ValueError(f"GradNormMeter state is for segments {list(state['segment_blocks'])}, "
-                             f"this meter has {list(self.segment_blocks)}")
-        self.sumsq.copy_(state["sumsq"])
+        """Restore a saved interval. The saved segments may come in another block order (a resumed
+        optimizer can put the same blocks in other slots): each block's segments keep their order within
+        the block, so they are matched block by block."""
+        saved = [None if b is None else int(b) for b in state["segment_blocks"]]
+        queues: dict[int | None, list[int]] = {}
+        for j, b in enumerate(saved):
+            queues.setdefault(b, []).append(j)
+        if sorted(map(str, saved)) != sorted(map(str, self.segment_blocks)):
+            raise ValueError(f"GradNormMeter state is for segments {saved}, this meter has {list(self.segment_blocks)}")
+        order = [queues[b].pop(0) for b in self.segment_blocks]
+        self.sumsq.copy_(state["sumsq"].reshape(-1)[order])
         self.n_steps = int(state["n_steps"])
 
 

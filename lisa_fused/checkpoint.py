@@ -8,6 +8,15 @@
 The per-param rows are whatever PackedBuffers.paged() holds (ROWS maps buffer -> state key), so a new
 state row (a Kahan compensation, quantized moments) only needs an entry in ROWS.
 
+Lean state (kernels/contract.py): the "lisa" section records "moments" and "master_weights" (and the
+stochastic-rounding "sr_seed"); per param, 8bit/4bit moments are saved as they are, uint8 codes
+exp_avg / exp_avg_sq [n or ceil(n/2)] plus fp32 exp_avg_scale / exp_avg_sq_scale [ceil(n/BLOCK)] (1-D),
+bf16 moments in the param's shape, and the Kahan "compensation" in the param's shape and dtype.
+* another `moments` setting: converted, per param, by dequantizing and requantizing through quant.py
+  (bf16 targets round to nearest once); a warning names both settings. Not bitwise, by nature.
+* another `master_weights` setting: refused (ValueError naming both): the fp32 value of a master-free
+  param is the model's own weight (+ compensation), which the state_dict does not hold.
+
 Cross-dtype resume (the saved run's param dtype differs from this model's):
 * saved from a bf16/fp16 model (fp32 masters saved) -> fp32 model: the masters become the params, so the
   run continues from the exact fp32 values (a warning names both dtypes).
@@ -18,22 +27,58 @@ Cross-dtype resume (the saved run's param dtype differs from this model's):
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 
 from .binding import local
+from .kernels import quant
 
 logger = logging.getLogger("lisa_fused")
 
 STATE_VERSION = 1
 # PackedBuffers attribute -> state_dict key, in the order PackedBuffers.paged() returns them
-ROWS = {"exp_avg": "exp_avg", "exp_avg_sq": "exp_avg_sq", "master": "master_param"}
+ROWS = {"exp_avg": "exp_avg", "exp_avg_sq": "exp_avg_sq", "exp_avg_scale": "exp_avg_scale",
+        "exp_avg_sq_scale": "exp_avg_sq_scale", "compensation": "compensation", "master": "master_param"}
+MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "exp_avg_scale", "exp_avg_sq_scale")
 
 
 def row_keys(bufs) -> list[str]:
     """The state_dict key of each row of bufs.paged()."""
-    by_id = {id(getattr(bufs, attr)): key for attr, key in ROWS.items()}
-    return [by_id[id(t)] for t in bufs.paged()]
+    return [ROWS[name] for name in bufs.paged_names()]
+
+
+def _expected(bufs, key, shape, numel):
+    """(shape, dtype or None) a saved row `key` of a param of `shape` must have in these buffers' format."""
+    name = {v: k for k, v in ROWS.items()}[key]
+    if key in MOMENT_KEYS and bufs.moments in quant.BLOCK:
+        t = getattr(bufs, name)
+        return (-(-numel // bufs.divisor(name)),), t.dtype
+    return shape, (getattr(bufs, name).dtype if key in MOMENT_KEYS else None)
+
+
+def convert_moments(entry: dict, src: str, dst: str, shape) -> dict:
+    """entry's exp_avg/exp_avg_sq (+ scales) in format `src` -> format `dst` (quant.py), other keys kept.
+    Dequantize to fp32, then requantize (block-wise) or round to nearest (bf16)."""
+    n = 1
+    for d in shape:
+        n *= d
+    out = {k: v for k, v in entry.items() if k not in MOMENT_KEYS}
+    for which in ("exp_avg", "exp_avg_sq"):
+        if src in quant.BLOCK:
+            x = quant.dequantize(entry[which].reshape(-1), entry[which + "_scale"].reshape(-1), src, which, n)
+        else:
+            x = entry[which].reshape(-1).float()
+        if dst in quant.BLOCK:
+            blk = quant.BLOCK[dst]
+            codes, scales = quant.quantize(torch.cat([x, x.new_zeros(-n % blk)]), dst, which)
+            codes = codes[:quant.codes_numel(n, dst)].clone()
+            if dst == "4bit" and n % 2:  # the kernels write the unused high nibble as 0
+                codes[-1] &= 0xF
+            out[which], out[which + "_scale"] = codes, scales[:quant.n_blocks(n, dst)].clone()
+        else:
+            out[which] = x.to(torch.float32 if dst == "fp32" else torch.bfloat16).view(shape)
+    return out
 
 
 @torch.no_grad()
@@ -51,15 +96,17 @@ def state_dict(opt) -> dict:
         if opt._steps[i] == 0 and i not in packed_at:
             continue
         if i in packed_at:
-            off = packed_at[i]
-            rows = [r[off:off + p.numel()] for r in opt._bufs.paged()]
+            rows = opt._bufs.rows(packed_at[i], p.numel())
         elif i in saved_blocks:
             b, off = saved_blocks[i]
-            rows = [r[off:off + p.numel()] for r in opt._store.get(b)]
+            rows = opt._bufs.rows(off, p.numel(), buffers=list(opt._store.get(b)))
         else:  # "drop": an inactive block keeps no state
             continue
         entry = {"step": torch.tensor(float(opt._steps[i]))}
-        entry.update({k: r.to("cpu", copy=True).view(p.shape) for k, r in zip(keys, rows)})
+        # codes and scales stay 1-D; element-wise rows take the param's shape, as torch.optim saves them
+        flat = opt.moments in quant.BLOCK
+        entry.update({k: r.to("cpu", copy=True).view(-1 if flat and k in MOMENT_KEYS else p.shape)
+                      for k, r in zip(keys, rows)})
         state[i] = entry
     groups = [{k: v for k, v in g.items() if k != "params"} | {"params": list(range(len(opt._params)))}
               for g in opt.param_groups]
@@ -74,6 +121,9 @@ def state_dict(opt) -> dict:
         "sampler": opt._sampler_name,
         "params": [(n, tuple(p.shape)) for n, p in zip(opt._names, opt._params)],
         "param_dtype": str(opt.param_dtype).removeprefix("torch."),
+        "moments": opt.moments,
+        "master_weights": opt.master_weights,
+        "sr_seed": opt._sr_seed,
     }}
 
 
@@ -107,6 +157,24 @@ def _validate(opt, state_dict):
         raise ValueError(f"state_dict has {len(state_dict['param_groups'])} param groups, expected {len(opt.param_groups)}")
 
     saved_state = {int(k): v for k, v in state_dict["state"].items()}
+    saved_mw, saved_fmt = lisa.get("master_weights", "fp32"), lisa.get("moments", "fp32")
+    if saved_mw != opt.master_weights:
+        raise ValueError(
+            f"state_dict was saved with master_weights={saved_mw!r}, this optimizer has master_weights="
+            f"{opt.master_weights!r}: a master-free param's fp32 value is the model weight itself, which the "
+            f"state_dict does not hold; build the FusedLISA with master_weights={saved_mw!r} to resume")
+    if saved_fmt != opt.moments:
+        if saved_fmt not in quant.FORMATS:
+            raise ValueError(f"state_dict has moments={saved_fmt!r}, not one of {quant.FORMATS}")
+        logger.warning("FusedLISA.load_state_dict: the state_dict was saved with moments=%r, this optimizer has "
+                       "moments=%r: the moments are converted (dequantized and requantized)", saved_fmt, opt.moments)
+        need_saved = ("exp_avg", "exp_avg_sq") + (("exp_avg_scale", "exp_avg_sq_scale") if saved_fmt in quant.BLOCK else ())
+        for i, e in saved_state.items():
+            miss = [k for k in need_saved if k not in e]
+            if miss or not 0 <= i < len(opt._params):
+                raise ValueError(f"state_dict state for param index {i} cannot be converted from moments="
+                                 f"{saved_fmt!r}: missing {miss or 'the param'}")
+        saved_state = {i: convert_moments(e, saved_fmt, opt.moments, opt._shapes[i]) for i, e in saved_state.items()}
     keys = row_keys(opt._bufs)
     here = str(opt.param_dtype).removeprefix("torch.")
     saved_dtype = _saved_dtype(lisa, saved_state)
@@ -120,17 +188,19 @@ def _validate(opt, state_dict):
             raise ValueError(f"state_dict of a {here} model has no 'master_param' for some params: it is damaged")
         logger.warning("FusedLISA.load_state_dict: the state_dict was saved from a %s model (no fp32 masters); this "
                        "model is %s: its fp32 masters start from its current params", saved_dtype, here)
-    need = ["step", "exp_avg", "exp_avg_sq"] + (["master_param"] if masters_to_params else [])
+    need = ["step"] + [k for k in keys if k in MOMENT_KEYS] + (["master_param"] if masters_to_params else [])
     for i, entry in saved_state.items():
         if not 0 <= i < len(opt._params):
             raise ValueError(f"state_dict has state for param index {i}; this model has {len(opt._params)} params")
         for key in need:
             if key not in entry:
                 raise ValueError(f"state_dict state for param {opt._names[i]!r} has no {key!r}")
-        for key in need[1:] + [k for k in keys if k in entry]:
-            if tuple(entry[key].shape) != opt._shapes[i]:
-                raise ValueError(f"state_dict {key} of {opt._names[i]!r} has shape {tuple(entry[key].shape)}, "
-                                 f"expected {opt._shapes[i]}")
+        for key in dict.fromkeys(need[1:] + [k for k in keys if k in entry]):
+            shape, dtype = _expected(opt._bufs, key, opt._shapes[i], math.prod(opt._shapes[i]))
+            if tuple(entry[key].shape) != tuple(shape) or (dtype is not None and entry[key].dtype != dtype):
+                raise ValueError(f"state_dict {key} of {opt._names[i]!r} is {entry[key].dtype} "
+                                 f"{tuple(entry[key].shape)}, expected {dtype or ''} {tuple(shape)} "
+                                 f"(moments={opt.moments!r})")
     target = tuple(sorted(int(b) for b in lisa["active_layers"]))
     n_blocks = len(opt._block_params)
     if len(set(target)) != opt.n_active_layers or any(not 0 <= b < n_blocks for b in target):
@@ -154,6 +224,7 @@ def load_state_dict(opt, state_dict) -> None:
     # .cpu(): accelerate's AcceleratedOptimizer moves every tensor of a state_dict to the device before
     # loading it (a CUDA ByteTensor here); Generator.set_state takes a CPU ByteTensor only.
     opt._generator.set_state(lisa["generator"].cpu())
+    opt._sr_seed = int(lisa.get("sr_seed", opt._sr_seed))  # the saved run's stochastic-rounding bits
     opt._sync_generator_from_rank0()
 
     def fill(rows, i, own_value):
@@ -169,14 +240,15 @@ def load_state_dict(opt, state_dict) -> None:
 
     packed = opt._packed.placements(opt._slot_of)
     for i, off, n in packed:
-        fill([buf[off:off + n] for buf in opt._bufs.paged()], i, opt._bufs.param[off:off + n])
+        fill(opt._bufs.rows(off, n), i, opt._bufs.param[off:off + n])
     for b, idx in enumerate(opt._block_params):
         if b in opt._slot_of or not any(i in saved_state for i in idx):
             continue
         region = opt._packed.blocks[b]
-        block_state = torch.zeros(len(keys), region.length)
+        block_state = [torch.zeros(v.numel(), dtype=v.dtype) for v in opt._bufs.rows(0, region.length)]
         for i, off, n in region.entries:
-            fill(list(block_state[:, off:off + n]), i, local(opt._params[i]).detach().reshape(-1).float().cpu())
+            fill(opt._bufs.rows(off, n, buffers=block_state), i,
+                 local(opt._params[i]).detach().reshape(-1).float().cpu())
         opt._store.put(b, block_state)
     if masters_to_params:  # an fp32 model continues from the saved fp32 masters
         packed_at = {i: (off, n) for i, off, n in packed}

@@ -144,13 +144,13 @@ class PackedBuffers:
         return out
 
     def nbytes_by_kind(self) -> dict[str, int]:
-        """Bytes per kind: param (what the model views), master, grad, moments, scales, compensation."""
+        """Bytes per kind: param (what the model views), master, grad, moment, scale, compensation."""
         def b(*ts):
             return sum(t.numel() * t.element_size() for t in ts if t is not None)
 
         master = None if self.lowp is None else self.master  # an fp32 model's master is its param
         return {"param": b(self.param), "master": b(master), "grad": b(self.grad),
-                "moments": b(self.exp_avg, self.exp_avg_sq), "scales": b(self.exp_avg_scale, self.exp_avg_sq_scale),
+                "moment": b(self.exp_avg, self.exp_avg_sq), "scale": b(self.exp_avg_scale, self.exp_avg_sq_scale),
                 "compensation": b(self.compensation)}
 
     def nbytes(self) -> int:

@@ -330,3 +330,26 @@ def test_leanest_setting_meets_lora_budget_at_llama3_8b(meta_models):
     opt.release()
     assert 16 * lora / 2**30 == pytest.approx(5.0, abs=0.05)
     assert extra <= 16 * lora, (extra / 2**30, 16 * lora / 2**30)
+
+
+def test_model_conversion_with_master_free_state_is_refused():
+    model, opt = _trained("8bit", "kahan", steps=2)
+    model.float()
+    with pytest.raises(RuntimeError, match="bfloat16 to torch.float32.*master_weights='kahan'"):
+        opt.step()
+
+
+def test_model_conversion_with_lean_moments_and_masters_is_followed():
+    """bf16 -> fp32 with 8-bit moments: the codes and scales move as they are (paged ones too), the
+    fp32 masters become the params, and training goes on from them."""
+    model, opt = _trained("8bit", "fp32", steps=4)
+    before = opt.state_dict()
+    model.float()
+    lm_step(model, opt, 4)  # follows the move, then steps
+    assert opt.param_dtype == torch.float32 and opt._bufs.exp_avg.dtype == torch.uint8
+    after = opt.state_dict()
+    moved = [i for i in before["state"] if opt._steps[i] == int(before["state"][i]["step"])]
+    assert moved, "some params (parked blocks) did not step after the move"
+    for i in moved:  # untouched state moved as it is
+        for key in ("exp_avg", "exp_avg_sq", "exp_avg_scale", "exp_avg_sq_scale"):
+            assert torch.equal(after["state"][i][key], before["state"][i][key]), (opt._names[i], key)

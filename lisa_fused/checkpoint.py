@@ -3,7 +3,13 @@
     {"state": {param index: {"step", "exp_avg", "exp_avg_sq"[, "master_param"]}},   CPU tensors, param shape
      "param_groups": [...],                                                         as torch.optim
      "lisa": {"version", "global_step", "active_layers", "generator", "inactive_moments",
-              "n_active_layers", "switch_every", "sampler", "params": [(name, shape)], "param_dtype"}}
+              "n_active_layers", "switch_every", "sampler", "grad_meter", "params": [(name, shape)],
+              "param_dtype"}}
+
+"sampler" is the sampler's state_dict (its name and what it learned; a name string in files written
+before the adaptive samplers, which is accepted and restores nothing); "grad_meter" the grad_norm
+sampler's per-segment sums of squares of the interval in progress (None for the other samplers), so a
+resume in the middle of an interval draws what the uninterrupted run draws.
 
 The per-param rows are whatever PackedBuffers.paged() holds (ROWS maps buffer -> state key), so a new
 state row (a Kahan compensation, quantized moments) only needs an entry in ROWS.
@@ -118,7 +124,8 @@ def state_dict(opt) -> dict:
         "inactive_moments": opt.inactive_moments,
         "n_active_layers": opt.n_active_layers,
         "switch_every": opt.switch_every,
-        "sampler": opt._sampler_name,
+        "sampler": opt._sampler.state_dict(),  # {"name", "n_blocks", what it learned}: plain values
+        "grad_meter": None if opt._meter is None else opt._meter.state_dict(),  # grad_norm: this interval so far
         "params": [(n, tuple(p.shape)) for n, p in zip(opt._names, opt._params)],
         "param_dtype": str(opt.param_dtype).removeprefix("torch."),
         "moments": opt.moments,
@@ -153,6 +160,10 @@ def _validate(opt, state_dict):
     for key in ("n_active_layers", "inactive_moments"):
         if lisa[key] != getattr(opt, key):
             raise ValueError(f"state_dict has {key}={lisa[key]!r}, this optimizer {getattr(opt, key)!r}")
+    saved_sampler = lisa.get("sampler")
+    if isinstance(saved_sampler, dict) and saved_sampler.get("name") != opt._sampler.name:
+        raise ValueError(f"state_dict was saved with sampler={saved_sampler.get('name')!r}, this optimizer uses "
+                         f"{opt._sampler.name!r}: build the FusedLISA with the saved sampler to resume")
     if len(state_dict["param_groups"]) != len(opt.param_groups):
         raise ValueError(f"state_dict has {len(state_dict['param_groups'])} param groups, expected {len(opt.param_groups)}")
 
@@ -226,6 +237,12 @@ def load_state_dict(opt, state_dict) -> None:
     opt._generator.set_state(lisa["generator"].cpu())
     opt._sr_seed = int(lisa.get("sr_seed", opt._sr_seed))  # the saved run's stochastic-rounding bits
     opt._sync_generator_from_rank0()
+    if isinstance(lisa.get("sampler"), dict):  # (draw() takes rank 0's state under torch.distributed)
+        opt._sampler.load_state_dict(lisa["sampler"])
+    if opt._meter is not None:  # the restored slots give a new segment order
+        opt._meter.reset(opt._meter_blocks())
+        if lisa.get("grad_meter") is not None:
+            opt._meter.load_state_dict(lisa["grad_meter"])
 
     def fill(rows, i, own_value):
         """rows: per-key flat views of param i's state; own_value: its current value (flat)."""

@@ -20,6 +20,12 @@ The Trainer works with FusedLISA without this callback on one process; the callb
   blocks that become active later would never be all-reduced and the ranks would drift apart, silently.
   The callback makes every block trainable at the end of Trainer.__init__ (so the wrapper registers them
   all) and freezes the inactive ones again when training begins.
+* Samplers: the Trainer's logged training loss ("loss") goes to `opt.observe_loss` (what the
+  "loss_feedback" sampler learns from), and `lisa_sampler_probabilities` (each block's first-pick
+  probability for the next draw) joins the logs. A logged loss is the mean over the steps since the
+  previous log; it is fed only when all those steps trained the blocks active now (one that spans a
+  switch belongs to an interval already scored), so keep `logging_steps` well below `switch_every`
+  (e.g. logging_steps=1): with logging_steps >= switch_every no loss is ever fed (warned at train begin).
 * `keep_grad_views=True`: calls `opt.zero_grad()` at the start of each step. Backward accumulates into
   FusedLISA's packed gradient buffer after the Trainer's `model.zero_grad()` anyway (the views are
   re-pointed just before autograd writes a gradient); this only makes FusedLISA see a model the Trainer
@@ -79,6 +85,11 @@ class LISACallback(TrainerCallback):
             return
         _set_blocks_trainable(opt, opt.active_layers)
         self._seen_step = opt._global_step
+        self._loss_from = opt._global_step  # optimizer steps taken at the last log
+        if opt._sampler.name == "loss_feedback" and getattr(args, "logging_steps", 1) >= opt.switch_every:
+            logger.warning("LISACallback: sampler='loss_feedback' learns from the logged loss, but logging_steps=%s "
+                           ">= switch_every=%d: every logged loss spans a switch and none is fed; set "
+                           "logging_steps well below switch_every (e.g. 1)", args.logging_steps, opt.switch_every)
 
     def on_step_begin(self, args, state, control, **kwargs):
         opt = self._opt(kwargs)
@@ -100,11 +111,20 @@ class LISACallback(TrainerCallback):
         opt = self._opt(kwargs)
         if opt is None or logs is None:
             return
-        active = list(opt.active_layers)
-        logs["lisa_active_layers"] = active
+        step = opt._global_step
+        start = step - step % opt.switch_every  # the current blocks train from the step after `start`
+        if "loss" in logs and step > getattr(self, "_loss_from", step) >= start:
+            opt.observe_loss(float(logs["loss"]))
+        if "loss" in logs:
+            self._loss_from = step
+        extra = {"lisa_active_layers": list(opt.active_layers)}
+        probs = opt.sampler_probabilities()
+        if probs is not None:
+            extra["lisa_sampler_probabilities"] = [round(p, 4) for p in probs]
+        logs.update(extra)
         # The Trainer appended a copy of `logs` to log_history just before calling us.
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
-            state.log_history[-1]["lisa_active_layers"] = active
+            state.log_history[-1].update(extra)
 
 
 def _set_blocks_trainable(opt: FusedLISA, trainable) -> None:

@@ -17,7 +17,7 @@ from torch import nn
 from . import checkpoint, kernels, sampling
 from .binding import ParamBinding, claim_check, local
 from .kernels.contract import N_COLS
-from .layers import block_weight_norms, find_layout
+from .layers import find_layout
 from .packing import PackedBuffers, PackedLayout, Region
 from .paging import POLICIES, MomentStore
 
@@ -40,7 +40,10 @@ class FusedLISA(torch.optim.Optimizer):
     frozen blocks simply have no gradient; with "drop" a re-activated block restarts from step 1.
     A param steps iff its `.grad` is not None at step(), as in torch. If the model is moved or converted
     after construction (model.to(...), .half(), .cuda()), the next step()/zero_grad() follows it (see
-    binding.py); `release()` hands the model back. The optimizer cannot be copied or pickled: save
+    binding.py); `release()` hands the model back. `sampler` picks the blocks: "uniform" (the paper),
+    "weight_norm", "grad_norm" (GRASS-style; grad norms come out of the update kernel's pass), "outlier"
+    (OwLore-style), "loss_feedback" (IST-style, fed by `observe_loss` or `step(closure)`) or a callable;
+    `sampler_options` (dict or sampling.SamplerOptions) tunes the adaptive ones (sampling.py). The optimizer cannot be copied or pickled: save
     `state_dict()` instead.
     """
 
@@ -59,6 +62,7 @@ class FusedLISA(torch.optim.Optimizer):
         seed: int = 0,
         layers: str | nn.Module | None = None,
         sampler: str | Callable = "uniform",
+        sampler_options: sampling.SamplerOptions | dict | None = None,
         inactive_moments: str = "host",
         backend: str = "auto",
         moments: str = "fp32",
@@ -71,6 +75,7 @@ class FusedLISA(torch.optim.Optimizer):
 
         layout = find_layout(model, layers)
         n_blocks = layout.num_blocks
+        sampler = sampling.build_sampler(sampler, layout, sampler_options)  # validates the options
         if isinstance(n_active_layers, bool) or not isinstance(n_active_layers, int) or not 1 <= n_active_layers <= n_blocks:
             raise ValueError(f"Invalid n_active_layers: {n_active_layers!r} (must be an integer in 1..{n_blocks}, "
                              f"the number of blocks in {layout.stack_path or 'the stack'})")
@@ -118,7 +123,7 @@ class FusedLISA(torch.optim.Optimizer):
         self._steps = [0] * len(params)  # per-param AdamW step count (bias correction), host ints
         self._global_step = 0  # optimizer steps taken (skipped overflow steps excluded)
         self._generator = torch.Generator().manual_seed(seed)
-        self._sampler_name, self._sampler_fn = _make_sampler(sampler, layout)
+        self._sampler = sampler
         self._sync_generator_from_rank0()
 
         # Pack the always-trained params once; they stay bound until release().
@@ -130,6 +135,9 @@ class FusedLISA(torch.optim.Optimizer):
             if b not in first:
                 self._set_trainable(b, False)
         self._activate(leaving=[], arriving=first)
+        # grad_norm: the kernel adds each segment's ||g||^2 into this meter's device buffer (no second pass).
+        self._meter = sampling.GradNormMeter(self._meter_blocks(), self.device) \
+            if isinstance(sampler, sampling.GradNormSampler) else None
 
     def _make_store(self, device) -> MomentStore:
         """The one place the paged store is built (at construction and when the model moves)."""
@@ -192,7 +200,7 @@ class FusedLISA(torch.optim.Optimizer):
         return (f"FusedLISA(backend={self.backend!r} (asked {self._backend_request!r}), lr={g['lr']}, "
                 f"betas={g['betas']}, eps={g['eps']}, weight_decay={g['weight_decay']}, "
                 f"n_active_layers={self.n_active_layers}/{len(self._block_params)}, "
-                f"switch_every={self.switch_every}, sampler={self._sampler_name!r}, "
+                f"switch_every={self.switch_every}, sampler={self._sampler.describe()}, "
                 f"inactive_moments={self.inactive_moments!r}, moments={self.moments!r}, "
                 f"master_weights={self.master_weights!r}, stack={self.model_layout.stack_path!r}, "
                 f"active_layers={self.active_layers}" + (", released" if self._binding is None else "") + ")")
@@ -233,6 +241,8 @@ class FusedLISA(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._check_binding()
+        if loss is not None:
+            self.observe_loss(loss)
         if (self._global_step + 1) % self.switch_every == 0:  # this step switches: parked params must fit too
             self._binding.check_unbound()
         found_inf = getattr(self, "found_inf", None)
@@ -262,6 +272,7 @@ class FusedLISA(torch.optim.Optimizer):
             beta1=g["betas"][0], beta2=g["betas"][1], eps=g["eps"],
             param_lowp=bufs.lowp if bufs.master is not None else None,
             grad_scale=grad_scale, backend=self.backend, check=False, **lean_args,
+            grad_sumsq=None if self._meter is None else self._meter.kernel_buffer(),
         )
         if self._binding.copy_mode:
             for i, (off, n), on in zip(seg_params, segments.bounds, enabled):
@@ -271,6 +282,24 @@ class FusedLISA(torch.optim.Optimizer):
         if self._global_step % self.switch_every == 0:
             self._switch()
         return loss
+
+    def observe_loss(self, loss) -> None:
+        """Hand this step's training loss (a float or a 1-element tensor, kept on its device: no host
+        sync) to the sampler; "loss_feedback" learns from it, the others ignore it. Call it once per
+        step before step() (the loss belongs to the blocks active now), or pass step(closure), which
+        calls it; LISACallback does it from the Trainer's logs. ValueError/TypeError for a non-scalar."""
+        self._live()
+        if isinstance(loss, torch.Tensor):
+            if loss.numel() != 1:
+                raise ValueError(f"observe_loss takes a scalar loss, got a tensor of shape {tuple(loss.shape)}")
+        elif isinstance(loss, bool) or not isinstance(loss, (int, float)):
+            raise TypeError(f"observe_loss takes a float or a 1-element tensor, got {type(loss).__name__}")
+        self._sampler.observe_loss(loss, self.active_layers)
+
+    def sampler_probabilities(self) -> list[float] | None:
+        """Each block's probability of being the first pick at the next switch (sums to 1; None for a
+        callable sampler). The n_active_layers blocks are drawn without replacement."""
+        return self._sampler.probabilities()
 
     def state_dict(self):
         """torch's optimizer format plus a "lisa" section; see checkpoint.py."""
@@ -314,6 +343,8 @@ class FusedLISA(torch.optim.Optimizer):
                 self._store.put(b, binding.parked_rows(self._packed.blocks[b], old_store.get(b), old, new))
         old_store.release()  # (unregisters its pinned memory now, not at garbage collection)
         self.device, self.param_dtype, self.backend = dev, dt, backend
+        if self._meter is not None:
+            self._meter.to(dev)
         log = logger.warning if dt != was[1] else logger.info
         log("FusedLISA: the model's params got new storage (model.to(...): %s on %s -> %s on %s); the optimizer "
             "followed (packed buffers, paged state, masters; backend %r)", was[1], was[0], dt, dev, backend)
@@ -329,12 +360,27 @@ class FusedLISA(torch.optim.Optimizer):
         n = len(self._block_params)
         if self.n_active_layers == n:
             return tuple(range(n))
-        return sampling.checked_draw(self._sampler_fn, n, self.n_active_layers, self._generator)
+        return self._sampler.draw(n, self.n_active_layers, self._generator)  # every rank: it may broadcast
 
     def _switch(self):
+        meter = self._meter
+        if meter is not None:  # the interval's grad norms, read once (one host transfer)
+            if self._binding.copy_mode and torch.distributed.is_initialized():
+                meter.all_reduce_()  # FSDP2: each rank summed its shards' squares
+            self._sampler.observe_grad_norms(*meter.read(self.active_layers))
         new = self._draw()
         self._move(new, page=True)
+        if meter is not None:
+            meter.reset(self._meter_blocks())
         logger.info("FusedLISA step %d: active layers %s", self._global_step, self.active_layers)
+        if self._sampler.name in sampling.ADAPTIVE_SAMPLERS:
+            logger.info("FusedLISA sampler after step %d: %s", self._global_step, self._sampler.describe())
+
+    def _meter_blocks(self) -> list[int | None]:
+        """The block of each kernel segment (None: always trained), in the current segment order."""
+        _, seg_params = self._segments()
+        block_of = {i: b for b, ix in enumerate(self._block_params) for i in ix}
+        return [block_of.get(i) for i in seg_params]
 
     def _set_trainable(self, b, flag):
         for i in self._block_params[b]:
@@ -409,8 +455,8 @@ def _validate_options(model, switch_every, inactive_moments, sampler):
         raise ValueError(f"Invalid switch_every: {switch_every!r} (must be an integer >= 1)")
     if inactive_moments not in POLICIES:
         raise ValueError(f"Invalid inactive_moments: {inactive_moments!r}; choose one of {POLICIES}")
-    if not callable(sampler) and sampler not in sampling.SAMPLERS:
-        raise ValueError(f"Invalid sampler: {sampler!r}; choose one of {sampling.SAMPLERS} or pass a callable")
+    if not callable(sampler) and sampler not in sampling.SAMPLER_NAMES:
+        raise ValueError(f"Invalid sampler: {sampler!r}; choose one of {sampling.SAMPLER_NAMES} or pass a callable")
 
 
 def _validate_state_format(model, moments, master_weights) -> str:
@@ -450,15 +496,6 @@ def _device_and_dtype(params):
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"unsupported parameter dtype {dtype}; use float32, bfloat16 or float16")
     return next(iter(devices)), dtype
-
-
-def _make_sampler(sampler, layout):
-    """(name, fn(n_layers, n_active, generator)) for a sampler name or callable."""
-    if callable(sampler):
-        return getattr(sampler, "__name__", "callable"), sampler
-    if sampler == "uniform":
-        return "uniform", sampling.uniform
-    return "weight_norm", sampling.weight_norm_sampler(lambda: block_weight_norms(layout))
 
 
 def _hparams(group, steps, enabled, ids=None):

@@ -27,14 +27,18 @@ def batches(steps=STEPS, batch=BATCH, seed=123):
     return [(torch.randn(batch, 3, generator=g), torch.randn(batch, 1, generator=g)) for _ in range(steps)]
 
 
-def train(model, opt, data, rank, world):
-    """Each rank takes its contiguous share of every batch; returns the active set before each step."""
+def train(model, opt, data, rank, world, observe=False):
+    """Each rank takes its contiguous share of every batch; returns the active set before each step.
+    observe: hand each rank's own loss (they differ) to opt.observe_loss."""
     seq = []
     for x, y in data:
         n = x.shape[0] // world
         xs, ys = x[rank * n:(rank + 1) * n], y[rank * n:(rank + 1) * n]
         seq.append(opt.active_layers)
-        torch.nn.functional.mse_loss(model(xs), ys).backward()
+        loss = torch.nn.functional.mse_loss(model(xs), ys)
+        loss.backward()
+        if observe:
+            opt.observe_loss(loss)
         opt.step()
         opt.zero_grad()
     return seq
@@ -166,6 +170,29 @@ def scenario_fsdp2_weight_norm(rank, world):
     return {"seq": train(model, opt, batches(), rank, world), "params": flat(model), "changed": changed(model, before)}
 
 
+def scenario_ddp_adaptive(rank, world, sampler):
+    """grad_norm / loss_feedback under DDP, model init and seed different per rank, each rank observing
+    its own loss: draw() takes rank 0's sampler state, so every rank draws the same blocks."""
+    model = MLPStack(WIDTH, N_LAYERS, seed=rank)
+    ddp = DDP(model, find_unused_parameters=True)
+    opt = make_opt(ddp, rank, sampler=sampler)
+    before = snapshot(model)
+    seq = train(ddp, opt, batches(steps=4 * STEPS), rank, world, observe=True)
+    return {"seq": seq, "params": flat(model), "changed": changed(model, before),
+            "sampler": opt.state_dict()["lisa"]["sampler"]}
+
+
+def scenario_fsdp2_grad_norm(rank, world):
+    """grad_norm under FSDP2: each rank's kernel sums its shards' squares, all-reduced at the switch, so
+    the scores are the full gradients' (the single-process run's)."""
+    model = _fsdp2_model(seed=0)
+    opt = make_opt(model, rank, sampler="grad_norm")
+    before = snapshot(model)
+    seq = train(model, opt, batches(steps=4 * STEPS), rank, world)
+    return {"seq": seq, "params": flat(model), "changed": changed(model, before),
+            "sampler": opt.state_dict()["lisa"]["sampler"]}
+
+
 def scenario_fsdp2_mixed_precision(rank, world):
     """MixedPrecisionPolicy(param_dtype=bf16): FSDP2 fixes each group's gradient dtypes at its lazy init from
     the params trainable *then*, so a block frozen at that point fails when it becomes active (bf16 grad
@@ -228,6 +255,9 @@ SCENARIOS = {
     "generator_sync": scenario_generator_sync,
     "fsdp2": scenario_fsdp2,
     "fsdp2_weight_norm": scenario_fsdp2_weight_norm,
+    "ddp_grad_norm": lambda r, w: scenario_ddp_adaptive(r, w, "grad_norm"),
+    "ddp_loss_feedback": lambda r, w: scenario_ddp_adaptive(r, w, "loss_feedback"),
+    "fsdp2_grad_norm": scenario_fsdp2_grad_norm,
     "fsdp2_mixed_precision": scenario_fsdp2_mixed_precision,
     "trainer_ddp": scenario_trainer_ddp,
 }

@@ -3,6 +3,7 @@ switches the params equal a single-process run over the combined batch. One torc
 scenario of tests/_dist_worker.py (a launch costs far more than a scenario); each test checks one."""
 from __future__ import annotations
 
+import math
 import os
 import re
 import signal
@@ -144,6 +145,38 @@ def test_fsdp2_weight_norm_sampler_matches_single_process(results):
     seq = W.train(model, opt, W.batches(), rank=0, world=1)
     assert r0["seq"] == r1["seq"] == seq
     torch.testing.assert_close(r0["params"], W.flat(model), rtol=1e-5, atol=1e-6)
+    assert_trained_changed_frozen_kept(r0)
+
+
+@pytest.mark.parametrize("sampler", ["grad_norm", "loss_feedback"])
+def test_ddp_adaptive_samplers_draw_the_same_blocks_on_every_rank(results, sampler):
+    """Per-rank losses and seeds differ; both ranks hold rank 0's learned state and draw the same blocks;
+    grad_norm (gradients all-reduced by DDP) draws what one process over the whole batches draws."""
+    r0, r1 = scenario(results, f"ddp_{sampler}")
+    assert r0["seq"] == r1["seq"] and len(set(r0["seq"])) > 2, r0["seq"]
+    assert r0["sampler"] == r1["sampler"]
+    assert torch.equal(r0["params"], r1["params"])
+    assert_trained_changed_frozen_kept(r0)
+    learned = r0["sampler"]["scores"]
+    assert any(s is not None and s != 0 for s in learned), learned
+    if sampler == "grad_norm":
+        model = MLPStack(W.WIDTH, W.N_LAYERS, seed=0)
+        opt = W.make_opt(model, rank=0, sampler=sampler)
+        assert r0["seq"] == W.train(model, opt, W.batches(steps=4 * W.STEPS), rank=0, world=1)
+
+
+def test_fsdp2_grad_norm_scores_are_the_full_gradients(results):
+    """Shards' sums of squares all-reduced at the switch: the scores and draws equal the single-process
+    run's (the grads themselves differ by reduction order only)."""
+    r0, r1 = scenario(results, "fsdp2_grad_norm")
+    model = MLPStack(W.WIDTH, W.N_LAYERS, seed=0)
+    opt = W.make_opt(model, rank=0, sampler="grad_norm")
+    seq = W.train(model, opt, W.batches(steps=4 * W.STEPS), rank=0, world=1)
+    assert r0["seq"] == r1["seq"] == seq and len(set(seq)) > 2
+    assert r0["sampler"] == r1["sampler"]
+    want = opt.state_dict()["lisa"]["sampler"]["scores"]
+    for a, b in zip(r0["sampler"]["scores"], want):
+        assert (a is None) == (b is None) and (a is None or math.isclose(a, b, rel_tol=1e-4)), (a, b)
     assert_trained_changed_frozen_kept(r0)
 
 

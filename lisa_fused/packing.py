@@ -136,6 +136,8 @@ class PackedBuffers:
     def rows(self, off: int, n: int, buffers=None) -> list[torch.Tensor]:
         """Views of every paged buffer (or of `buffers`, aligned with paged_names()) over the elements
         [off, off + n) of the packed index space; off must be a multiple of ALIGN."""
+        if off % ALIGN:
+            raise ValueError(f"packed offset {off} is not a multiple of ALIGN={ALIGN}: codes and scales would not line up")
         buffers = self.paged() if buffers is None else buffers
         out = []
         for name, buf in zip(self.paged_names(), buffers):

@@ -74,11 +74,11 @@ class Oracle:
         return self.lowp[i] if self.lowp[i] is not None else self.param[i]
 
 
-def run_with_oracle(moments, master, backend, dtype=torch.bfloat16, steps=7, device="cpu"):
+def run_with_oracle(moments, master, backend, dtype=torch.bfloat16, steps=7, device="cpu", policy="host"):
     model = tiny_llama(dtype=dtype).to(device)
     init = {n: p.detach().clone() for n, p in model.named_parameters()}
     opt = FusedLISA(model, lr=LR, betas=BETAS, eps=EPS, weight_decay=WD, n_active_layers=2, switch_every=3,
-                    seed=5, moments=moments, master_weights=master, backend=backend)
+                    seed=5, moments=moments, master_weights=master, backend=backend, inactive_moments=policy)
     oracle = Oracle(opt, backend, device)
     ever_active = set(opt.active_layers)
     for t in range(steps):
@@ -129,6 +129,14 @@ def test_every_mode_equals_per_param_oracle(mode, backend, device):
     for i, entry in sd["state"].items():
         for key, ref in oracle.state[i].items():
             assert torch.equal(entry[key].reshape(-1), ref.cpu()), (opt._names[i], key)
+
+
+@pytest.mark.parametrize("mode", [("4bit", "kahan"), ("8bit", "fp32")], ids=mode_id)
+def test_device_policy_keeps_lean_rows_resident_and_exact(mode):
+    model, opt, _, init, ever_active = run_with_oracle(*mode, "cpu", steps=7, policy="device")
+    check_trained_and_frozen(model, opt, init, ever_active)
+    st = opt.memory_stats()
+    assert st["host_bytes"] == 0 and st["device_bytes"] > st["packed_bytes"]
 
 
 @pytest.mark.parametrize("moments", quant.FORMATS)

@@ -33,6 +33,20 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _samplers(text: str) -> list[str]:
+    from .sampling import SAMPLER_NAMES
+
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    for name in names:
+        if name not in SAMPLER_NAMES:
+            raise argparse.ArgumentTypeError(f"unknown sampler {name!r}; choose from {','.join(SAMPLER_NAMES)}")
+    if not names:
+        raise argparse.ArgumentTypeError("no sampler given")
+    if len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"a sampler is listed twice: {text!r}")
+    return names
+
+
 def _methods(text: str) -> list[str]:
     from .bench.methods import METHODS
 
@@ -149,7 +163,7 @@ def run_plan(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .bench.methods import METHODS
+    from .bench.methods import DEFAULT_METHODS, METHODS
     from .bench.models import DTYPES, PRESETS
 
     parser = argparse.ArgumentParser(prog="lisa-fused", description="FusedLISA tools.")
@@ -166,7 +180,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--model", metavar="PATH", help="local Hugging Face checkpoint directory (overrides --preset)")
     b.add_argument("--data", metavar="PATH", help="fine-tuning text: a .txt file, or .jsonl with a \"text\" field "
                    "(default: the Python reference docs in pydoc_data, part of the standard library)")
-    b.add_argument("--methods", type=_methods, default=list(METHODS), help="comma list of " + ",".join(METHODS))
+    b.add_argument("--methods", type=_methods, default=list(DEFAULT_METHODS),
+                   help="comma list of " + ",".join(METHODS) + " (lora-fa: LoRA with A frozen, peft's LoRA-FA optimizer)")
+    b.add_argument("--samplers", type=_samplers, default=["uniform"],
+                   help="comma list of FusedLISA samplers (uniform,weight_norm,grad_norm,outlier,loss_feedback): "
+                        "each lisa method runs once per sampler")
+    b.add_argument("--seeds", type=_int_at_least(1), default=1,
+                   help="repeat each method (but full, which is deterministic) with seeds seed..seed+N-1 of the "
+                        "LISA draws and the LoRA init, on the same data; the report adds eval loss mean ± std")
     b.add_argument("--steps", type=_int_at_least(1), default=40, help="fine-tuning steps per method")
     b.add_argument("--base-steps", type=_int_at_least(0), default=None,
                    help="base-training steps before fine-tuning (default: 100 for tiny, 0 otherwise)")

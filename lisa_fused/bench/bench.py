@@ -91,8 +91,9 @@ def base_checkpoint(args, config, data_path: Path, cache: Path) -> tuple[str | N
 
 def run_one(spec: dict, cache: Path) -> tuple[dict | None, str | None]:
     """Run one method in a fresh Python process; (row, None) or (None, why it failed)."""
-    spec_path = cache / f"spec-{spec['method']}.json"
-    result_path = cache / f"result-{spec['method']}.json"
+    name = spec.get("label", spec["method"]).replace(" ", "_").replace(":", "-")
+    spec_path = cache / f"spec-{name}.json"
+    result_path = cache / f"result-{name}.json"
     result_path.unlink(missing_ok=True)
     spec_path.write_text(json.dumps(spec))
     # The child must import the lisa_fused this process imported (the installed one, with its compiled
@@ -136,6 +137,30 @@ def versions() -> dict:
             "lisa_fused": f"{lisa_fused.__version__} ({commit})"}
 
 
+def run_specs(args, common: dict) -> list[dict]:
+    """One spec per row: each method; the FusedLISA ones once per --samplers entry; every method but
+    full (deterministic on fixed data) once per seed of --seeds (run_seed = seed + k, data and base
+    weights fixed). Repeats of a method skip the CPU memory pass (their memory is the first's)."""
+    specs, seen = [], set()
+    for method in args.methods:
+        samplers = args.samplers if method.startswith("lisa") else [None]
+        seeds = 1 if method == "full" else args.seeds
+        for sampler in samplers:
+            for k in range(seeds):
+                label = method
+                if sampler is not None and args.samplers != ["uniform"]:
+                    label += f":{sampler}"
+                if seeds > 1:
+                    label += f" s{args.seed + k}"
+                spec = dict(common, method=method, label=label, run_seed=args.seed + k,
+                            memory_pass=method not in seen)
+                if sampler is not None:
+                    spec["sampler"] = sampler
+                specs.append(spec)
+                seen.add(method)
+    return specs
+
+
 def run_bench(args, argv: list[str]) -> int:
     out = Path(args.out)
     cache = Path(args.cache_dir) if args.cache_dir else out / "cache"
@@ -158,21 +183,23 @@ def run_bench(args, argv: list[str]) -> int:
                                             "dtype", "gamma", "switch_every", "lora_rank", "lr", "lora_lr",
                                             "seed", "eval_windows")}
     common.update(data_path=str(data_path), base_state=base_state, lisa_fused_file=lisa_fused.__file__)
+    common.update(samplers=args.samplers, seeds=args.seeds)
     if torch.device(args.device).type == "cpu":
         print("lisa-fused bench: on a CPU each method runs its steps twice from the same weights: a memory "
               "pass (glibc returns freed memory, so the RSS peak is the method's) and a timed pass (glibc's "
               "fast reuse, so times are not inflated by page faults); their losses must agree",
               file=sys.stderr, flush=True)
     rows, failures = [], []
-    for method in args.methods:
-        print(f"== {method} ==", file=sys.stderr, flush=True)
-        row, err = run_one(dict(common, method=method), cache)
+    for spec in run_specs(args, common):
+        label = spec["label"]
+        print(f"== {label} ==", file=sys.stderr, flush=True)
+        row, err = run_one(spec, cache)
         if err is None:
             row["busy"] = report.busy_reason(row, os.cpu_count() or 1)
             rows.append(row)
         else:
-            failures.append({"method": method, "error": err})
-            print(f"lisa-fused bench: method {method} failed: {err}", file=sys.stderr)
+            failures.append({"method": label, "error": err})
+            print(f"lisa-fused bench: method {label} failed: {err}", file=sys.stderr)
 
     header = {
         "device": device_name(torch.device(args.device)),
@@ -186,7 +213,7 @@ def run_bench(args, argv: list[str]) -> int:
                        "model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
                        "num_attention_heads", "num_key_value_heads", "vocab_size", "tie_word_embeddings")},
                    **data_info, **base_info},
-        "fields": report.FIELDS,
+        "fields": {**report.FIELDS, **report.OPTIONAL_FIELDS},
     }
     paths = report.write_all(out, header, rows, failures)
     for p in paths:

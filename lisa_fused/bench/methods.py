@@ -2,8 +2,14 @@
 
     full         torch.optim.AdamW over every parameter (torch's default implementation)
     lora         peft LoRA on every attention and MLP projection, torch.optim.AdamW over the adapters
+    lora-fa      the same adapters with A frozen, peft's LoRA-FA optimizer (Zhang et al. 2023,
+                 peft.optimizers.create_lorafa_optimizer: AdamW on B with projected gradients)
     lisa         FusedLISA, inactive_moments="host" (moments of inactive layers paged off the device)
     lisa-device  FusedLISA, inactive_moments="device" (the published behaviour: every moment stays)
+
+The FusedLISA methods take cfg["sampler"] (default "uniform"); `run_seed` (default `seed`) seeds what a
+repeat with another seed changes: the LISA draws and the LoRA init (the data order and the base weights
+stay those of `seed`, so every repeat sees the same data).
 """
 from __future__ import annotations
 
@@ -11,7 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-METHODS = ("full", "lora", "lisa", "lisa-device")
+METHODS = ("full", "lora", "lora-fa", "lisa", "lisa-device")
+DEFAULT_METHODS = ("full", "lora", "lisa", "lisa-device")  # what `lisa-fused bench` runs without --methods
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -46,7 +53,7 @@ class Setup:
 
 def import_libraries(method: str) -> None:
     """Import what `build(method, ...)` needs, so a memory baseline taken afterwards excludes imports."""
-    if method == "lora":
+    if method.startswith("lora"):
         import peft  # noqa: F401
     elif method.startswith("lisa"):
         fused_lisa_class()
@@ -70,28 +77,36 @@ def fused_lisa_class():
 
 
 def build(method: str, model: torch.nn.Module, cfg: dict) -> Setup:
-    """cfg keys: lr, lora_lr, lora_rank, gamma, switch_every, seed, weight_decay."""
+    """cfg keys: lr, lora_lr, lora_rank, gamma, switch_every, seed, weight_decay; optional sampler, run_seed."""
     wd = cfg.get("weight_decay", 0.0)
+    seed = cfg.get("run_seed", cfg["seed"])
     if method == "full":
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg["lr"], weight_decay=wd)
         return Setup(model, opt, cfg["lr"], f"torch.optim.AdamW, all parameters, lr={cfg['lr']:g}")
-    if method == "lora":
+    if method in ("lora", "lora-fa"):
         from peft import LoraConfig, get_peft_model
 
         rank = cfg["lora_rank"]
-        torch.manual_seed(cfg["seed"])
+        torch.manual_seed(seed)
         lcfg = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=list(LORA_TARGETS),
                           task_type="CAUSAL_LM")
         model = get_peft_model(model, lcfg)
+        adapters = f"peft LoRA r={rank} alpha={2 * rank} on {','.join(LORA_TARGETS)}"
+        if method == "lora-fa":
+            from peft.optimizers import create_lorafa_optimizer  # freezes every lora_A
+
+            opt = create_lorafa_optimizer(model, r=rank, lora_alpha=2 * rank, lr=cfg["lora_lr"], weight_decay=wd)
+            return Setup(model, opt, cfg["lora_lr"], f"{adapters}, A frozen; peft create_lorafa_optimizer "
+                                                     f"lr={cfg['lora_lr']:g}")
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg["lora_lr"], weight_decay=wd)
-        return Setup(model, opt, cfg["lora_lr"],
-                     f"peft LoRA r={rank} alpha={2 * rank} on {','.join(LORA_TARGETS)}; torch.optim.AdamW "
-                     f"lr={cfg['lora_lr']:g}")
+        return Setup(model, opt, cfg["lora_lr"], f"{adapters}; torch.optim.AdamW lr={cfg['lora_lr']:g}")
     if method in ("lisa", "lisa-device"):
         policy = "host" if method == "lisa" else "device"
+        sampler = cfg.get("sampler", "uniform")
         opt = fused_lisa_class()(model, lr=cfg["lr"], weight_decay=wd, n_active_layers=cfg["gamma"],
-                                 switch_every=cfg["switch_every"], seed=cfg["seed"], inactive_moments=policy)
+                                 switch_every=cfg["switch_every"], seed=seed, inactive_moments=policy,
+                                 sampler=sampler)
         return Setup(model, opt, cfg["lr"],
                      f"FusedLISA gamma={cfg['gamma']} K={cfg['switch_every']} inactive_moments={policy!r} "
-                     f"lr={cfg['lr']:g}", backend=lisa_backend(opt))
+                     f"sampler={sampler!r} seed={seed} lr={cfg['lr']:g}", backend=lisa_backend(opt))
     raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")

@@ -7,7 +7,10 @@ from pathlib import Path
 
 # Row fields every method fills; written into the JSON header so the file explains itself.
 FIELDS = {
-    "method": "full | lora | lisa | lisa-device",
+    "method": "the row's label: full | lora | lora-fa | lisa | lisa-device, with ':sampler' when --samplers "
+              "was given and ' sN' (run seed) with --seeds > 1",
+    "base_method": "full | lora | lora-fa | lisa | lisa-device",
+    "run_seed": "seed of the LISA draws and the LoRA init (data order and base weights use --seed)",
     "describe": "what exactly ran: optimizer, rank/targets or gamma/K/policy, lr",
     "backend": "kernel that ran the update (torch for torch.optim); 'X FALLBACK (why)' when FusedLISA could not "
                "use the first choice for the device",
@@ -40,6 +43,11 @@ FIELDS = {
     "loss_curve": "train loss per step", "opt_step_ms_trace": "per step", "step_ms_trace": "per step",
     "opt_device_bytes_trace": "per step", "opt_host_bytes_trace": "per step",
     "mem_trace": "memory above baseline after each step (RSS on CPU, allocated on CUDA)",
+}
+# Filled only where they apply (null otherwise).
+OPTIONAL_FIELDS = {
+    "sampler": "FusedLISA's sampler (lisa methods)",
+    "sampler_probabilities": "FusedLISA's first-pick probability per block after the last step",
 }
 
 MIB = 1024 * 1024
@@ -88,6 +96,31 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join([line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, body)])
 
 
+def format_seed_summary(rows: list[dict]) -> str:
+    """Eval and train loss mean ± sample std over the seeds of each method / sampler ('' when every
+    method ran once with one sampler)."""
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(r["method"].removesuffix(f" s{r.get('run_seed')}"), []).append(r)
+    if all(len(g) == 1 for g in groups.values()) and not any(":" in k for k in groups):
+        return ""
+
+    def mean_std(xs):
+        m = sum(xs) / len(xs)
+        sd = (sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5 if len(xs) > 1 else 0.0
+        return f"{m:.4f} ± {sd:.4f}"
+
+    out = ["| method | seeds | eval loss (mean ± std) | train loss (mean ± std) | peak mem MiB | opt dev MiB |",
+           "|---|---|---|---|---|---|"]
+    for name, g in groups.items():
+        peak = next((r["peak_mem_bytes"] for r in rows if r["base_method"] == g[0]["base_method"]
+                     and r["peak_mem_bytes"] is not None), None)
+        out.append(f"| {name} | {len(g)} | {mean_std([r['eval_loss'] for r in g])} | "
+                   f"{mean_std([r['train_loss'] for r in g])} | {'-' if peak is None else f'{peak / MIB:.1f}'} | "
+                   f"{g[0]['opt_device_bytes'] / MIB:.2f} |")
+    return "\n".join(out)
+
+
 def format_markdown(header: dict, rows: list[dict], failures: list[dict]) -> str:
     cfg = header["config"]
     lines = [f"# lisa-fused bench, {header['date']}", "",
@@ -107,6 +140,9 @@ def format_markdown(header: dict, rows: list[dict], failures: list[dict]) -> str
                   f"- eval loss before fine-tuning: {rows[0]['eval_loss_start']:.4f}", ""]
         lines += [f"- {r['method']}: {r['describe']}" for r in rows]
         lines += ["", format_table(rows)]
+    summary = format_seed_summary(rows)
+    if summary:
+        lines += ["", summary]
     if any(r.get("busy", "ok") != "ok" for r in rows):
         lines += ["", "Rows marked BUSY ran while other processes used the CPUs: their times are not the "
                       "method's own (memory and losses are unaffected)."]
@@ -147,7 +183,7 @@ def plot(path: Path, rows: list[dict], title: str) -> None:
     bars = (("peak_mem_bytes", "peak above baseline"), ("opt_device_bytes", "optimizer on device"),
             ("opt_host_bytes", "optimizer paged to host"))
     for j, (key, label) in enumerate(bars):
-        ax_mem.bar([i + (j - 1) * 0.27 for i in x], [r[key] / MIB for r in rows], 0.27, label=label)
+        ax_mem.bar([i + (j - 1) * 0.27 for i in x], [(r[key] or 0) / MIB for r in rows], 0.27, label=label)
     ax_mem.set_xticks(list(x), names)
     ax_mem.set(ylabel="MiB", title="memory (MiB)")
     ax_mem.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=3)

@@ -67,6 +67,8 @@ def train(model, optimizer, tokens, starts, seq_len, device, *, desc, scheduler=
         step_clock.mark()
         loss = model(input_ids=x, labels=x).loss
         loss.backward()
+        if hasattr(optimizer, "observe_loss"):
+            optimizer.observe_loss(loss.detach())  # FusedLISA's loss_feedback sampler (a no-op for the others)
         opt_clock.mark()
         optimizer.step()
         opt_clock.mark()
@@ -156,13 +158,14 @@ class Run:
 def run_method(spec: dict) -> dict:
     run = Run(spec)
     cpu = run.device.type == "cpu"
-    exact = cpu and set_mmap_threshold(EXACT_MMAP_THRESHOLD)
+    memory_pass = spec.get("memory_pass", True)  # a repeat (other seed/sampler) skips it: same memory
+    exact = cpu and set_mmap_threshold(EXACT_MMAP_THRESHOLD if memory_pass else TIMED_MMAP_THRESHOLD)
     model = run.fresh_model()
     eval_start = run.evaluate(model)  # equal for all methods: they start from the same weights
     meter = meter_for(run.device)
     load_start = os.getloadavg()[0]
-    if cpu:
-        mem = run.fine_tune(model, meter, desc=f"{spec['method']}: memory pass 1/2")[1]
+    if cpu and memory_pass:
+        mem = run.fine_tune(model, meter, desc=f"{spec.get('label', spec['method'])}: memory pass 1/2")[1]
         mem["memory_how"] += ("; glibc M_MMAP_THRESHOLD fixed at 64 KiB in this pass, so freed tensors leave "
                               "the RSS" if exact else "; default allocator (RSS includes freed memory it keeps)")
         model = None
@@ -170,13 +173,18 @@ def run_method(spec: dict) -> dict:
         set_mmap_threshold(TIMED_MMAP_THRESHOLD)
         model = run.fresh_model()
     t0 = time.perf_counter()
-    setup, trace = run.fine_tune(model, meter, desc=spec["method"] + (": timed pass 2/2" if cpu else ": train"))
+    label = spec.get("label", spec["method"])
+    setup, trace = run.fine_tune(model, meter, desc=label + (": timed pass 2/2" if cpu and memory_pass
+                                                             else ": train"))
     wall = time.perf_counter() - t0
     print(f"{spec['method']}: eval", file=sys.stderr, flush=True)
     eval_loss = run.evaluate(setup.model)
     load_end = os.getloadavg()[0]
     if not cpu:
         mem = trace
+    elif not memory_pass:
+        mem = {"peak": None, "peak_total": None, "baseline": None, "mem": [None] * len(trace["loss"]),
+               "memory_how": "not measured: a repeat of a row above (another seed or sampler, same memory)"}
     elif mem["loss"] != trace["loss"]:
         mem["memory_how"] += "; WARNING: the memory pass's losses differ from the timed pass's"
     describe, lr, trainable = setup.describe, setup.lr, setup.trainable_params()
@@ -185,8 +193,13 @@ def run_method(spec: dict) -> dict:
     tokens_per_step = spec["batch_size"] * spec["seq_len"]
     steps = split_switch_steps(trace["step_ms"], getattr(setup.optimizer, "switch_every", None))
     step_ms = statistics.median(trace["step_ms"][timed])
+    probs = getattr(setup.optimizer, "sampler_probabilities", lambda: None)()
     return {
-        "method": spec["method"],
+        "method": label,
+        "base_method": spec["method"],
+        "sampler": spec.get("sampler") if spec["method"].startswith("lisa") else None,
+        "run_seed": spec.get("run_seed", spec["seed"]),
+        "sampler_probabilities": probs,
         "describe": describe,
         "backend": setup.backend,
         "lisa_fused_file": lisa_fused.__file__,

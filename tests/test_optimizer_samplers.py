@@ -21,8 +21,12 @@ from lisa_fused.kernels import triton_interpreted
 N_LAYERS, WIDTH = 8, 9
 HEAVY = (2, 5)  # blocks whose hand-written gradients are 10x larger
 
-BACKENDS = ["torch", "cpu", pytest.param("triton", marks=pytest.mark.skipif(
-    not triton_interpreted() and not torch.cuda.is_available(), reason="Triton needs a GPU or TRITON_INTERPRET=1"))]
+GPU = torch.cuda.is_available()
+# (backend, device): the kernels that fill grad_sumsq where they can run here
+BACKENDS = [("torch", "cuda" if GPU else "cpu"), ("cpu", "cpu"),
+            pytest.param("triton", "cuda" if GPU else "cpu", marks=pytest.mark.skipif(
+                not GPU and not triton_interpreted(), reason="Triton needs a GPU or TRITON_INTERPRET=1")),
+            pytest.param("cuda", "cuda", marks=pytest.mark.gpu)]
 
 
 def hand_grads(model, opt, gen):
@@ -30,13 +34,14 @@ def hand_grads(model, opt, gen):
     {block: [||g_p||^2 per param]} of the active blocks."""
     sq = {}
     for _, p in opt.model_layout.always:
-        p.grad = torch.randn(p.shape, generator=gen)
+        p.grad = torch.randn(p.shape, generator=gen).to(p.device)
     for b in opt.active_layers:
         scale = 10.0 if b in HEAVY else 1.0
         sq[b] = []
         for p in model.blocks[b].parameters():
-            p.grad = torch.randn(p.shape, generator=gen) * scale
-            sq[b].append(float(p.grad.double().pow(2).sum()))
+            g = torch.randn(p.shape, generator=gen) * scale
+            p.grad = g.to(p.device)
+            sq[b].append(float(g.double().pow(2).sum()))
     return sq
 
 
@@ -44,16 +49,16 @@ def block_params(model):
     return [[p.detach().clone() for p in blk.parameters()] for blk in model.blocks]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_kernel_grad_sumsq_feeds_the_grad_norm_scores(backend):
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_kernel_grad_sumsq_feeds_the_grad_norm_scores(backend, device):
     """Each interval's scores are the EMA of m_b = mean over params of sqrt(sum_t ||g_t||^2 / n), the sums
     of squares coming from the fused kernel (any backend); active params change, frozen ones do not."""
-    model = MLPStack(WIDTH, N_LAYERS)
+    model = MLPStack(WIDTH, N_LAYERS).to(device)
     opt = FusedLISA(model, lr=1e-3, n_active_layers=2, switch_every=3, sampler="grad_norm", backend=backend,
                     sampler_options={"ema_decay": 0.0, "stale_decay": 0.0})
     gen = torch.Generator().manual_seed(0)
     want = [None] * N_LAYERS
-    for _ in range(3 if backend == "triton" else 6):  # intervals
+    for _ in range(3 if backend == "triton" and not GPU else 6):  # intervals
         acc = {}
         for _ in range(3):
             before = block_params(model)

@@ -69,6 +69,21 @@ if triton is not None:
         return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
 
     @triton.jit
+    def adamw_element(p, m, v, g, step_size, decay, bc2_sqrt, lerp_small, lerp_w, lerp_w_minus_1, beta2,
+                      one_minus_beta2, eps):
+        """The AdamW element update of csrc/adamw_math.h (adamw_element, FMAs where torch has them), in
+        fp32; the one Triton definition, shared by this kernel and triton_lean.py's."""
+        p = p * decay
+        if lerp_small:  # torch's lerp: weight 1 - beta1 below 0.5 or not
+            m = tl.fma(lerp_w, g - m, m)
+        else:
+            m = tl.fma(lerp_w_minus_1, g - m, g)
+        v = tl.fma(one_minus_beta2 * g, g, v * beta2)
+        denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps  # IEEE sqrt and division, as in C++/CUDA
+        p = p + tl.div_rn(-step_size * m, denom)
+        return p, m, v
+
+    @triton.jit
     def _load(ptr, offs, end, MASKED: tl.constexpr):
         if MASKED:
             return tl.load(ptr + offs, mask=offs < end, other=0)
@@ -100,15 +115,8 @@ if triton is not None:
         p = _load(p_ptr, offs, end, MASKED)
         m = _load(m_ptr, offs, end, MASKED)
         v = _load(v_ptr, offs, end, MASKED)
-        # same operations and roundings as csrc/adamw_math.h (FMAs where torch has them)
-        p = p * decay
-        if lerp_small:  # torch's lerp: weight 1 - beta1 below 0.5 or not
-            m = tl.fma(lerp_w, g - m, m)
-        else:
-            m = tl.fma(lerp_w_minus_1, g - m, g)
-        v = tl.fma(one_minus_beta2 * g, g, v * beta2)
-        denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps  # IEEE sqrt and division, as in C++/CUDA
-        p = p + tl.div_rn(-step_size * m, denom)
+        p, m, v = adamw_element(p, m, v, g, step_size, decay, bc2_sqrt, lerp_small, lerp_w, lerp_w_minus_1,
+                                beta2, one_minus_beta2, eps)
         _store(p_ptr, offs, p, end, MASKED)
         _store(m_ptr, offs, m, end, MASKED)
         _store(v_ptr, offs, v, end, MASKED)

@@ -4,24 +4,26 @@ bf16 updates, grad_sumsq. The fp32 default stays on triton_adamw.py's kernel.
 One program per chunk of the chunk table walks it in TILE-element tiles (masked; TILE a multiple of
 every quantization block, chunk starts on contract.ALIGN). A tile is held as its even and odd elements
 (two [TILE / 2] vectors): 4-bit codes pair up as (even, odd) in one byte without a shuffle, and a
-block's absmax is the max over its rows of both halves. Element math, code maps (quant.kernel_table),
-the nearest-code binary search and the stochastic-rounding hash are csrc/adamw_math.h's, written again
-in Triton: tests/test_lean_kernels.py checks the codes and bits against the reference.
+block's absmax is the max over its rows of both halves. The element math is triton_adamw.adamw_element
+(one Triton definition, shared with the fp32 kernel); the code maps (quant.kernel_table), the
+nearest-code binary search and the stochastic-rounding hash are csrc/adamw_math.h's, written in Triton;
+tests/test_lean_kernels.py checks the codes and bits against the reference.
 """
 from __future__ import annotations
 
 import contextlib
-import struct
 
 import torch
 
 from . import quant
 from ._tables import chunk_table, segment_table
 from .contract import Segments, host_scalars
-from .triton_adamw import _interpreted, triton, unavailable_reason
+from .triton_adamw import _f32, _interpreted, triton, unavailable_reason
 
 if triton is not None:
     import triton.language as tl
+
+    from .triton_adamw import adamw_element
 
 # (elements per chunk, TILE, num_warps): GPU as the fp32 kernel's chunks; the interpreter wants few, big
 # programs.
@@ -100,20 +102,6 @@ if triton is not None:
         return pos
 
     @triton.jit
-    def _element(p, m, v, g, step_size, decay, bc2_sqrt, lerp_small, lerp_w, lerp_w_minus_1, beta2,
-                 one_minus_beta2, eps):
-        """csrc/adamw_math.h adamw_element with FMAs (the GPU rounding)."""
-        p = p * decay
-        if lerp_small:
-            m = tl.fma(lerp_w, g - m, m)
-        else:
-            m = tl.fma(lerp_w_minus_1, g - m, g)
-        v = tl.fma(one_minus_beta2 * g, g, v * beta2)
-        denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
-        p = p + tl.div_rn(-step_size * m, denom)
-        return p, m, v
-
-    @triton.jit
     def _half(p_ptr, g_ptr, m_ptr, v_ptr, low_ptr, comp_ptr, ms_ptr, vs_ptr, qt_ptr, gscale_ptr, offs, end,
               seg_off, key_p, key_m, key_v, step_size, decay, bc2_sqrt, lerp_small, lerp_w, lerp_w_minus_1,
               beta2, one_minus_beta2, eps,
@@ -136,7 +124,7 @@ if triton is not None:
                 p = p + _load_half(comp_ptr, offs, mask, PARAM_BF16)
         m = _load_moment(m_ptr, ms_ptr, qt_ptr, offs, mask, MOM, QB)
         v = _load_moment(v_ptr, vs_ptr, qt_ptr + 512, offs, mask, MOM, QB)
-        p, m, v = _element(p, m, v, g, step_size, decay, bc2_sqrt, lerp_small, lerp_w, lerp_w_minus_1, beta2,
+        p, m, v = adamw_element(p, m, v, g, step_size, decay, bc2_sqrt, lerp_small, lerp_w, lerp_w_minus_1, beta2,
                            one_minus_beta2, eps)
         idx = (offs - seg_off).to(tl.uint32)
         if MOM == 0:
@@ -236,10 +224,6 @@ if triton is not None:
                 start += TILE
             if HAS_SUMSQ:
                 tl.atomic_add(sumsq_ptr + seg, sumsq)
-
-
-def _f32(x: float) -> float:
-    return struct.unpack("f", struct.pack("f", x))[0]
 
 
 def _bits16(t):

@@ -251,6 +251,9 @@ def resolve_bench_args(args: argparse.Namespace) -> argparse.Namespace:
     except (OSError, ValueError) as exc:
         parser.error(f"--model {args.model!r}: cannot read its config: {exc}")
     n = num_layers(config)
+    if "lisa-4bit-sr" in args.methods and args.dtype != "bfloat16":
+        parser.error(f"--methods lisa-4bit-sr: master_weights='stochastic' needs bf16 params, --dtype is "
+                     f"{args.dtype}: add --dtype bfloat16")
     if args.gamma > n and any(m.startswith("lisa") for m in args.methods):
         parser.error(f"--gamma {args.gamma}: larger than the model's {n} layers")
     return args

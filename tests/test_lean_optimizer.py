@@ -416,3 +416,23 @@ def test_model_conversion_with_lean_moments_and_masters_is_followed():
     for i in moved:  # untouched state moved as it is
         for key in ("exp_avg", "exp_avg_sq", "exp_avg_scale", "exp_avg_sq_scale"):
             assert torch.equal(after["state"][i][key], before["state"][i][key]), (opt._names[i], key)
+
+
+def test_bench_lean_methods():
+    """`lisa-fused bench --methods lisa-8bit,lisa-4bit,lisa-4bit-sr` builds FusedLISA with those settings;
+    lisa-4bit-sr on an fp32 run is an argument error naming --dtype."""
+    from lisa_fused.bench import methods
+    from lisa_fused.cli import build_parser, resolve_bench_args
+
+    cfg = dict(lr=1e-3, lora_lr=1e-3, lora_rank=4, gamma=2, switch_every=2, seed=0)
+    for name, want in (("lisa-8bit", ("8bit", "fp32")), ("lisa-4bit", ("4bit", "fp32")),
+                       ("lisa-4bit-sr", ("4bit", "stochastic"))):
+        setup = methods.build(name, tiny_llama(dtype=torch.bfloat16), cfg)
+        assert (setup.optimizer.moments, setup.optimizer.master_weights) == want
+        assert f"moments={want[0]!r}" in setup.describe
+        lm_step(setup.model, setup.optimizer, 0)
+        setup.optimizer.release()
+    assert "lisa-8bit" not in methods.DEFAULT_METHODS
+    args = build_parser().parse_args(["bench", "--methods", "lisa,lisa-4bit-sr", "--dtype", "float32"])
+    with pytest.raises(SystemExit):
+        resolve_bench_args(args)

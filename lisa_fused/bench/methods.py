@@ -6,6 +6,10 @@
                  peft.optimizers.create_lorafa_optimizer: AdamW on B with projected gradients)
     lisa         FusedLISA, inactive_moments="host" (moments of inactive layers paged off the device)
     lisa-device  FusedLISA, inactive_moments="device" (the published behaviour: every moment stays)
+    lisa-8bit    FusedLISA, "host", moments="8bit" (block-wise 8-bit moments; fp32 masters for bf16 models)
+    lisa-4bit    FusedLISA, "host", moments="4bit" (block-wise 4-bit moments; fp32 masters for bf16 models)
+    lisa-4bit-sr FusedLISA, "host", moments="4bit", master_weights="stochastic" (the leanest; --dtype
+                 bfloat16 only). The lean methods run only when --methods names them.
 
 The FusedLISA methods take cfg["sampler"] (default "uniform"); `run_seed` (default `seed`) seeds what a
 repeat with another seed changes: the LISA draws and the LoRA init (the data order and the base weights
@@ -17,8 +21,13 @@ from dataclasses import dataclass
 
 import torch
 
-METHODS = ("full", "lora", "lora-fa", "lisa", "lisa-device")
+METHODS = ("full", "lora", "lora-fa", "lisa", "lisa-device", "lisa-8bit", "lisa-4bit", "lisa-4bit-sr")
 DEFAULT_METHODS = ("full", "lora", "lisa", "lisa-device")  # what `lisa-fused bench` runs without --methods
+# FusedLISA keywords of each LISA method (README, "Lean optimizer state")
+LISA_KWARGS = {"lisa": dict(inactive_moments="host"), "lisa-device": dict(inactive_moments="device"),
+               "lisa-8bit": dict(inactive_moments="host", moments="8bit"),
+               "lisa-4bit": dict(inactive_moments="host", moments="4bit"),
+               "lisa-4bit-sr": dict(inactive_moments="host", moments="4bit", master_weights="stochastic")}
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -100,13 +109,13 @@ def build(method: str, model: torch.nn.Module, cfg: dict) -> Setup:
                                                      f"lr={cfg['lora_lr']:g}")
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg["lora_lr"], weight_decay=wd)
         return Setup(model, opt, cfg["lora_lr"], f"{adapters}; torch.optim.AdamW lr={cfg['lora_lr']:g}")
-    if method in ("lisa", "lisa-device"):
-        policy = "host" if method == "lisa" else "device"
+    if method in LISA_KWARGS:
+        kwargs = LISA_KWARGS[method]
         sampler = cfg.get("sampler", "uniform")
         opt = fused_lisa_class()(model, lr=cfg["lr"], weight_decay=wd, n_active_layers=cfg["gamma"],
-                                 switch_every=cfg["switch_every"], seed=seed, inactive_moments=policy,
-                                 sampler=sampler)
+                                 switch_every=cfg["switch_every"], seed=seed, sampler=sampler, **kwargs)
+        state = " ".join(f"{k}={v!r}" for k, v in kwargs.items())
         return Setup(model, opt, cfg["lr"],
-                     f"FusedLISA gamma={cfg['gamma']} K={cfg['switch_every']} inactive_moments={policy!r} "
+                     f"FusedLISA gamma={cfg['gamma']} K={cfg['switch_every']} {state} "
                      f"sampler={sampler!r} seed={seed} lr={cfg['lr']:g}", backend=lisa_backend(opt))
     raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")

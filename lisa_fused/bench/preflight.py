@@ -16,7 +16,10 @@ import torch
 SMALL_PARAMS = 100_000_000
 REFUSE_SECONDS = 3600
 BENCH_TO_PLAN = {"full": ("full", None), "lora": ("lora", None), "lisa": ("lisa", {"inactive_moments": "host"}),
-                 "lisa-device": ("lisa", {"inactive_moments": "device"})}
+                 "lisa-device": ("lisa", {"inactive_moments": "device"}),
+                 "lisa-8bit": ("lisa", {"inactive_moments": "host", "moments": "8bit"}),
+                 "lisa-4bit": ("lisa", {"inactive_moments": "host", "moments": "4bit"}),
+                 "lisa-4bit-sr": ("lisa", {"inactive_moments": "host", "moments": "4bit", "master_weights": "stochastic"})}
 
 
 def _available_bytes(device: torch.device) -> int:

@@ -25,8 +25,9 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+from ..layers import find_layout
 from .models import meta_model
-from .trace import fakeify, trace_step
+from .trace import extrapolate, fakeify, roles, trace_events
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -88,12 +89,15 @@ def _own_weight_bytes(model) -> int:
     return n
 
 
-def _round_robin():
+def _round_robin(step: int):
+    """A sampler whose window of n_active blocks moves by `step` blocks a draw. With step <=
+    n - n_active, each switch sends `step` blocks not sent before out, so after ceil(n / step)
+    switches every block has left once (the steady state of the host store)."""
     calls = [0]
 
     def sampler(n_layers, n_active, generator):
         i, calls[0] = calls[0], calls[0] + 1
-        return [(i * n_active + j) % n_layers for j in range(n_active)]
+        return [(i * step + j) % n_layers for j in range(n_active)]
 
     return sampler
 
@@ -111,17 +115,31 @@ class Planner:
         self.gradient_checkpointing = gradient_checkpointing
         self.lora_rank, self.gamma = lora_rank, gamma
         self.vocab_size = int(config.vocab_size)
-        self.n_blocks = self._lisa_meta({}, 1)[1].model_layout.num_blocks
+        layout = find_layout(self._meta())
+        self.n_blocks, self.stack_path = layout.num_blocks, layout.stack_path
         if not 1 <= gamma <= self.n_blocks:
             raise ValueError(f"--gamma {gamma}: must be in 1..{self.n_blocks}, the model's number of blocks")
         self._act_cache: dict[int, int] = {}
+        self._lisa_events: dict[tuple[int, int], dict] = {}
+        self._stats_cache: dict[tuple, tuple] = {}
+        self._lisa_model = None
 
     # ------------------------------------------------------------------ building blocks
-    def _meta(self):
-        return meta_model(self.config, self.dtype, self.gradient_checkpointing)
+    def _meta(self, n_blocks: int | None = None):
+        """The meta model; with `n_blocks`, a copy of the config cut to that many blocks (same widths)."""
+        config = self.config
+        if n_blocks is not None:
+            config = copy.deepcopy(config)
+            config.num_hidden_layers = n_blocks
+            if getattr(config, "layer_types", None) is not None:  # per-block attention kinds (gemma-2, qwen2)
+                config.layer_types = list(config.layer_types[:n_blocks])
+        return meta_model(config, self.dtype, self.gradient_checkpointing)
 
-    def _trace(self, model, optimizer_fn=None) -> int:
-        """Trace on a fake copy of a meta `model` (its requires_grad flags kept)."""
+    def _events(self, model, optimizer_fn=None) -> dict:
+        """Per-role peaks (`trace.roles`) of a trace on a fake copy of a meta `model` (flags kept)."""
+        return self._trace_events(model, model.get_submodule(self.stack_path), optimizer_fn)
+
+    def _trace_events(self, model, stack, optimizer_fn):
         with FakeTensorMode():
             fakeify(model, self.trace_device)
             opt = optimizer_fn(model) if optimizer_fn is not None else None
@@ -129,11 +147,21 @@ class Planner:
                 for p in model.parameters():
                     if p.requires_grad:
                         p.grad = torch.empty_like(p)
-            peak = trace_step(model, self.batch_size, self.seq_len, self.vocab_size, opt)
-            state = 0 if opt is None else _bytes(t for st in opt.state.values() for t in st.values()
-                                                 if torch.is_tensor(t))
-            grads = _bytes(p for p in model.parameters() if p.requires_grad)  # a grad is like its param
-        return peak, state, grads
+            events = trace_events(model, self.batch_size, self.seq_len, self.vocab_size, opt, layers=stack)
+        kinds = ["trainable" if any(p.requires_grad for p in b.parameters()) else "frozen" for b in stack]
+        return roles(events, kinds)
+
+    @staticmethod
+    def _step_state(model, optimizer_fn) -> tuple[int, int]:
+        """(optimizer state, grads) bytes of a full-depth meta `model` after one real step on meta grads
+        (meta, not fake: the same state tensors, 20x faster at 7B)."""
+        opt = optimizer_fn(model)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        for p in trainable:
+            p.grad = torch.empty_like(p)
+        opt.step()
+        state = _bytes(t for st in opt.state.values() for t in st.values() if torch.is_tensor(t))
+        return state, _bytes(trainable)  # a grad is like its param
 
     def _adamw(self, params):
         return torch.optim.AdamW(params, lr=1e-5, foreach=self.target == "cuda")
@@ -142,18 +170,33 @@ class Planner:
         """(model, FusedLISA) on meta in steady state: every block has been active once."""
         from lisa_fused import FusedLISA
 
-        model = self._meta()
+        if self._lisa_model is None:
+            self._lisa_model = self._meta()
+        model = self._lisa_model  # built once: FusedLISA.release() hands it back as it was
+        step = max(1, min(gamma, self.n_blocks - gamma))
         with torch.device("meta"):
-            opt = FusedLISA(model, n_active_layers=gamma, switch_every=1, sampler=_round_robin(), **kwargs)
-            # Round robin: after 2 * ceil(n / gamma) + 1 switches every block has been active and has left.
-            for _ in range(2 * math.ceil(opt.model_layout.num_blocks / gamma) + 1):
+            try:
+                opt = FusedLISA(model, n_active_layers=gamma, switch_every=1, sampler=_round_robin(step),
+                                layers=self.stack_path, **kwargs)
+            except Exception:
+                self._lisa_model = None  # a refused setting may have left it half bound
+                raise
+            # Every block has been active and has left once (~10 ms a switch at 7B).
+            for _ in range(math.ceil(self.n_blocks / step) if gamma < self.n_blocks else 0):
                 opt._switch()
         return model, opt
 
     # ------------------------------------------------------------------ rows
+    def _extrapolate(self, build, optimizer_fn=None) -> int:
+        """Traced peak of the full-depth model, from traces of `build(1)` and `build(2)` blocks."""
+        one, two = (self._events(build(n), optimizer_fn) for n in (1, 2))
+        return extrapolate(one, [(two, self.n_blocks - 1)])
+
     def full(self) -> Row:
+        adamw = lambda m: self._adamw(list(m.parameters()))  # noqa: E731
+        peak = self._extrapolate(self._meta, adamw)
         model = self._meta()
-        peak, state, grads = self._trace(model, lambda m: self._adamw([p for p in m.parameters()]))
+        state, grads = self._step_state(model, adamw)
         weights = _bytes(model.parameters())
         # peak counts grads as they are created; state bytes = moments + grads at the step.
         return self._row("full", "torch.optim.AdamW, all parameters", weights, state + grads, peak - grads, 0,
@@ -162,35 +205,72 @@ class Planner:
     def lora(self) -> Row:
         from peft import LoraConfig, get_peft_model
 
-        model = self._meta()
         cfg = LoraConfig(r=self.lora_rank, lora_alpha=2 * self.lora_rank, lora_dropout=0.0,
                          target_modules=list(LORA_TARGETS), task_type="CAUSAL_LM")
-        with warnings.catch_warnings():  # peft calls a transformers property deprecated in v5
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
-            model = get_peft_model(model, cfg)  # on meta: peft's own .to() cannot swap fake params
-        with FakeTensorMode():
-            fakeify(model, self.trace_device)
-            opt = self._adamw([p for p in model.parameters() if p.requires_grad])
-            peak = trace_step(model, self.batch_size, self.seq_len, self.vocab_size, opt)
-            state = _bytes(t for st in opt.state.values() for t in st.values() if torch.is_tensor(t))
-            grads = _bytes(p for p in model.parameters() if p.requires_grad)  # a grad is like its param
-            weights = _bytes(model.parameters())
+
+        def build(n_blocks=None):
+            model = self._meta(n_blocks)
+            stack = model.get_submodule(self.stack_path)
+            with warnings.catch_warnings():  # peft calls a transformers property deprecated in v5
+                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+                return get_peft_model(model, copy.deepcopy(cfg)), stack  # on meta: peft's .to() cannot swap fakes
+
+        adamw = lambda m: self._adamw([p for p in m.parameters() if p.requires_grad])  # noqa: E731
+        one, two = (self._trace_events(*build(n), adamw) for n in (1, 2))
+        peak = extrapolate(one, [(two, self.n_blocks - 1)])
+        # Bytes of a sum over parameters, each block's adapters alike: exact from 1 and 2 blocks (peft
+        # takes ~6 s to wrap a 7B model, even on meta).
+        (s1, g1, w1), (s2, g2, w2) = ((*self._step_state(m, adamw), _bytes(m.parameters()))
+                                      for m in (build(n)[0] for n in (1, 2)))
+        state, grads, weights = (a + (self.n_blocks - 1) * (b - a) for a, b in ((s1, s2), (g1, g2), (w1, w2)))
         return self._row("lora", f"peft r={self.lora_rank}, all 7 projections; AdamW", weights,
                          state + grads, peak - grads, 0, {})
 
+    def _lisa_trace(self, n_frozen: int, n_active: int) -> dict:
+        """Roles of a trace with `n_frozen` frozen blocks under `n_active` active ones, as FusedLISA
+        leaves the flags (its packed grads exist before the step, like the other state)."""
+        from lisa_fused import FusedLISA
+
+        key = (n_frozen, n_active)
+        if key not in self._lisa_events:
+            model = self._meta(n_frozen + n_active)
+            with torch.device("meta"):
+                FusedLISA(model, n_active_layers=n_active, layers=self.stack_path,
+                          sampler=lambda n, k, generator: list(range(n - k, n)))
+            self._lisa_events[key] = self._events(model)
+        return self._lisa_events[key]
+
     def lisa_activations(self, gamma: int) -> int:
+        """Traced peak of a step with `gamma` active blocks on top of the stack, the worst place for them
+        (their weight-grad temporaries then meet every block's saved activations). Each block adds the
+        same bytes as any other of its kind, so the peak of every role is affine in the number of frozen
+        and active blocks: traced with (1, 1), (2, 1), (1, 2) blocks; with (0, 1), (0, 2) at gamma = n."""
         if gamma not in self._act_cache:
-            model, _ = self._lisa_meta({}, gamma)
-            self._act_cache[gamma] = self._trace(model)[0]
+            n_frozen = self.n_blocks - gamma
+            if n_frozen == 0:
+                base = self._lisa_trace(0, 1)
+                self._act_cache[gamma] = extrapolate(base, [(self._lisa_trace(0, 2), gamma - 1)])
+            else:
+                base = self._lisa_trace(1, 1)
+                self._act_cache[gamma] = extrapolate(base, [(self._lisa_trace(2, 1), n_frozen - 1),
+                                                            (self._lisa_trace(1, 2), gamma - 1)])
         return self._act_cache[gamma]
 
+    def _lisa_state(self, kwargs: dict, gamma: int) -> tuple[int, int, int]:
+        """(weights, device, host) bytes of FusedLISA(**kwargs) at `gamma` on the full-depth meta model."""
+        key = (tuple(sorted(kwargs.items())), gamma)
+        if key not in self._stats_cache:
+            model, opt = self._lisa_meta(kwargs, gamma)
+            stats = opt.memory_stats()
+            self._stats_cache[key] = (_own_weight_bytes(model), int(stats["device_bytes"]), int(stats["host_bytes"]))
+            opt.release()
+        return self._stats_cache[key]
+
     def lisa(self, kwargs: dict) -> Row:
-        model, opt = self._lisa_meta(kwargs, self.gamma)
-        stats = opt.memory_stats()
+        weights, device, host = self._lisa_state(kwargs, self.gamma)
         setting = ", ".join(f"{k}={v}" for k, v in kwargs.items())
-        return self._row("lisa", f"gamma={self.gamma} {setting}", _own_weight_bytes(model),
-                         int(stats["device_bytes"]), self.lisa_activations(self.gamma), int(stats["host_bytes"]),
-                         dict(kwargs))
+        return self._row("lisa", f"gamma={self.gamma} {setting}", weights, device,
+                         self.lisa_activations(self.gamma), host, dict(kwargs))
 
     def _row(self, method, setting, weights, state, act, host, kwargs) -> Row:
         # On a CPU the "host" store is the same memory as everything else.
@@ -210,18 +290,20 @@ class Planner:
             row.max_gamma = self._max_gamma(row, gpu_mem)
         return row
 
+    def _lisa_state_affine(self, kwargs: dict, gamma: int) -> tuple[int, ...]:
+        """`_lisa_state` for the search of the largest gamma: in 1..n-1 each byte count is affine in gamma
+        (gamma slots of packed state, n - gamma blocks paged or frozen; tests/test_plan.py checks every
+        setting), so it is interpolated from gamma = n-2 and n-1, where FusedLISA needs few switches to
+        reach its steady state. Exact at gamma = n (nothing pages) and at the row's own gamma."""
+        n = self.n_blocks
+        if gamma in (self.gamma, n) or n < 3:
+            return self._lisa_state(kwargs, gamma)
+        lo, hi = self._lisa_state(kwargs, n - 2), self._lisa_state(kwargs, n - 1)
+        return tuple(b + (gamma - n + 1) * (b - a) for a, b in zip(lo, hi))
+
     def _lisa_peak(self, kwargs, gamma) -> int:
-        model, opt = self._lisa_meta(kwargs, gamma)
-        g0, act0 = self.gamma, self.lisa_activations(self.gamma)
-        if gamma == g0:
-            act = act0
-        else:
-            top = self.n_blocks
-            act_top = self.lisa_activations(top)
-            act = act0 + (act_top - act0) * (gamma - g0) / max(1, top - g0)
-        stats = opt.memory_stats()
-        return self._row("lisa", "", _own_weight_bytes(model), int(stats["device_bytes"]), int(act),
-                         int(stats["host_bytes"]), {}).peak_bytes
+        weights, device, host = self._lisa_state_affine(kwargs, gamma)
+        return self._row("lisa", "", weights, device, self.lisa_activations(gamma), host, {}).peak_bytes
 
     def _max_gamma(self, row: Row, gpu_mem: int) -> int:
         """Largest gamma whose peak fits; 0 when none. The peak grows with gamma, except at gamma = n

@@ -29,7 +29,15 @@ class AllocationTracker(TorchDispatchMode):
         super().__init__()
         self.live = 0
         self.peak = 0
+        self.forward = False                # the first forward is running (trace_events)
+        self.event = "pre"                   # where in the step we are (see trace_events)
+        self.events: dict[object, int] = {}  # event -> peak live bytes while in it
         self._refs: dict[int, object] = {}
+
+    def enter(self, event) -> None:
+        """Attribute what follows to `event`; what is live on entry counts toward its peak."""
+        self.event = event
+        self.events[event] = max(self.events.get(event, 0), self.live)
 
     def preexisting(self, tensors) -> None:
         """Mark storages that exist before the step (weights, state) as already paid for."""
@@ -52,6 +60,7 @@ class AllocationTracker(TorchDispatchMode):
             n = storage.nbytes()
             self.live += n
             self.peak = max(self.peak, self.live)
+            self.events[self.event] = max(self.events.get(self.event, 0), self.live)
             self._refs[key] = weakref.ref(storage, self._freed(key, n))
         return out
 
@@ -78,15 +87,56 @@ def fakeify(model: torch.nn.Module, device: str) -> None:
                 module._buffers[name] = torch.empty(b.shape, dtype=b.dtype, device=device)
 
 
-def trace_step(model: torch.nn.Module, batch_size: int, seq_len: int, vocab_size: int,
-               optimizer: torch.optim.Optimizer | None = None) -> int:
-    """Peak bytes allocated above what exists at the start by one forward (logits and loss included),
-    backward and, when given, `optimizer.step()` + `zero_grad()` of a fake model.
+def _first_tensor(args, kwargs):
+    for t in (kwargs.get("hidden_states"), *args):
+        if isinstance(t, torch.Tensor):
+            return t
+    return None
+
+
+def _mark_blocks(model: torch.nn.Module, tracker: AllocationTracker, layers) -> list:
+    """Hooks that tell `tracker` which block the step is in: ("fwd", i) from block i's forward on,
+    "head" after the last block, ("bwd", i) once the grad of block i's output exists (its backward
+    starts), "post" once the grad of block 0's input exists (the embedding's backward). Forward hooks
+    act only in the first forward: gradient checkpointing re-runs blocks inside the backward."""
+    from ..layers import find_layout
+
+    stack = find_layout(model, layers).stack
+    handles = []
+    for i, block in enumerate(stack):
+        def pre(module, args, kwargs, i=i):
+            if tracker.forward:
+                tracker.enter(("fwd", i))
+                x = _first_tensor(args, kwargs)
+                if i == 0 and x is not None and x.requires_grad:
+                    x.register_hook(lambda g: tracker.enter("post"))
+
+        def post(module, args, kwargs, out, i=i):
+            if tracker.forward:
+                tracker.enter("head")
+                y = out if isinstance(out, torch.Tensor) else _first_tensor(out, {})
+                if y is not None and y.requires_grad:
+                    y.register_hook(lambda g, i=i: tracker.enter(("bwd", i)))
+
+        handles.append(block.register_forward_pre_hook(pre, with_kwargs=True))
+        handles.append(block.register_forward_hook(post, with_kwargs=True))
+    return handles
+
+
+def trace_events(model: torch.nn.Module, batch_size: int, seq_len: int, vocab_size: int,
+                 optimizer: torch.optim.Optimizer | None = None, layers=None) -> dict:
+    """Peak bytes allocated above what exists at the start, per event of one forward (logits and loss
+    included), backward and, when given, `optimizer.step()` + `zero_grad()` of a fake model.
+
+    Events: "pre" (embedding), ("fwd", i) (block i's forward), "head" (norm, LM head, loss and their
+    backward), ("bwd", i) (block i's backward, its recomputation under checkpointing included), "post"
+    (the embedding's backward), "step". The step's peak is the largest value.
 
     Existing `.grad`s (FusedLISA's packed grads) are accumulated into and not counted; grads that
     backward creates (torch optimizers after zero_grad(set_to_none=True)) are counted while they live.
     A torch optimizer's lazily created state is created before the trace by one step on fake grads, so
     the traced step is a steady-state step (its state is counted by the caller, from `optimizer.state`).
+    `layers`: the block stack as FusedLISA's `layers=` takes it (None: detected).
     """
     params = list(model.parameters())
     device = params[0].device
@@ -103,11 +153,55 @@ def trace_step(model: torch.nn.Module, batch_size: int, seq_len: int, vocab_size
     tracker.preexisting(model.buffers())
     if optimizer is not None:
         tracker.preexisting(t for st in optimizer.state.values() for t in st.values())
-    with tracker:
-        loss = model(input_ids=x, labels=x).loss
-        loss.backward()
-        del loss
-        if optimizer is not None:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-    return tracker.peak
+    handles = _mark_blocks(model, tracker, layers)
+    tracker.forward = True
+    try:
+        with tracker:
+            loss = model(input_ids=x, labels=x).loss
+            tracker.forward = False
+            loss.backward()
+            del loss
+            if optimizer is not None:
+                tracker.enter("step")
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+    finally:
+        for h in handles:
+            h.remove()
+    return tracker.events
+
+
+def trace_step(model: torch.nn.Module, batch_size: int, seq_len: int, vocab_size: int,
+               optimizer: torch.optim.Optimizer | None = None) -> int:
+    """The step's peak: the largest of `trace_events` (same arguments)."""
+    return max(trace_events(model, batch_size, seq_len, vocab_size, optimizer).values())
+
+
+def roles(events: dict, kinds: list[str]) -> dict:
+    """`trace_events` by role, for extrapolation in the number of blocks. `kinds[i]`: block i's kind
+    ("frozen", "trainable"); blocks of a kind form one run. A block event becomes the role
+    "fwd|bwd <kind> bottom|top" when the block ends its run (a one-block run is both); events inside
+    a run are left out: live bytes inside block i are affine in i (i blocks of saved activations below,
+    the grads of the blocks above), so the largest sits at an end of the run."""
+    out: dict[str, int] = {}
+    for key, value in events.items():
+        names = [key]
+        if isinstance(key, tuple):
+            phase, i = key
+            names = [f"{phase} {kinds[i]} bottom"] * (i == 0 or kinds[i - 1] != kinds[i])
+            names += [f"{phase} {kinds[i]} top"] * (i == len(kinds) - 1 or kinds[i + 1] != kinds[i])
+        for name in names:
+            out[name] = max(out.get(name, 0), value)
+    return out
+
+
+def extrapolate(base: dict, deltas: list[tuple[dict, int]]) -> int:
+    """Peak of a deeper model from the roles of traced shallow ones: every role's peak is affine in the
+    number of blocks of each kind, so role r at `base` plus `count` times (r at a trace with one more
+    block of a kind - r at `base`), summed over `deltas` [(roles one block deeper, count)], and the
+    largest role wins. RuntimeError when the traces do not have the same roles."""
+    for other, _ in deltas:
+        if other.keys() != base.keys():
+            raise RuntimeError(f"traces of different depth have different events: {sorted(base)} vs "
+                               f"{sorted(other)}; the block stack is not uniform enough to extrapolate")
+    return max(v + sum(n * (other[k] - v) for other, n in deltas) for k, v in base.items())

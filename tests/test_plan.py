@@ -217,7 +217,7 @@ def test_lora_bytes_from_one_and_two_blocks_equal_the_full_depth_model():
 
 
 def test_lisa_state_is_affine_in_gamma_below_every_block():
-    # The largest-gamma search interpolates FusedLISA's bytes between gamma = n-2 and n-1; here every
+    # The largest-gamma search interpolates FusedLISA's bytes between gamma = n//2 and n//2+1; here every
     # gamma is built for real, for every setting the installed FusedLISA accepts.
     planner = Planner(LlamaConfig(**SMALL), torch.bfloat16, 2, 8, target="cuda", gamma=2)
     checked = 0

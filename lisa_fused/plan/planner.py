@@ -4,16 +4,21 @@ Where each number comes from:
 - weights: the model's parameter storages in the chosen dtype (LoRA: plus its adapters). For LISA, the
   parameters FusedLISA binds into its packed buffers are counted there, in state, not twice.
 - state, full and LoRA: `torch.optim.AdamW` (foreach on CUDA, as torch picks by default) run for real
-  on fake parameters with fake grads: its exp_avg/exp_avg_sq/step tensors as created by torch, plus the
-  grads of trained parameters.
+  on meta parameters with meta grads: its exp_avg/exp_avg_sq/step tensors as created by torch, plus the
+  grads of trained parameters. Full: on the full-depth model; LoRA: on 1- and 2-block copies,
+  extrapolated (a sum over parameters, every block's adapters alike: exact).
 - state, LISA: `FusedLISA(model_on_meta, **kwargs).memory_stats()["device_bytes"]` after every block
-  has been active once (a round-robin sampler and `_switch()` on meta tensors, so the host store and a
-  "device" policy's resident moments reach their steady size); host bytes from the same call.
-- activations (and temporaries) of one step: the peak of `trace.trace_step` on a fake model with the
-  method's trainable set: forward with logits and loss, backward, and the torch optimizer's step.
+  has been active and has left once (a round-robin sampler and `_switch()` on meta tensors, so the host
+  store and a "device" policy's resident moments reach their steady size); host bytes from the same call.
+- activations (and temporaries) of one step: `trace.trace_events` on fake 1- and 2-block copies of the
+  model (same widths and vocabulary) with the method's trainable set: forward with logits and loss,
+  backward, and the torch optimizer's step, peak per event (each block's forward and backward, head,
+  embedding backward, step). Every event's peak is affine in the number of blocks, so
+  `trace.extrapolate` gives the full depth; tests/test_plan.py checks it equals a full-depth trace.
+  LISA: frozen blocks under `gamma` active ones (the worst place for them), from 2- and 3-block copies.
 - largest batch: activations scaled linearly in batch from the traced batch (weights and state do not
-  depend on it). Largest gamma (LISA): exact state from FusedLISA at each gamma; activations
-  interpolated linearly between the traced gamma and a trace with every block trainable.
+  depend on it). Largest gamma (LISA): FusedLISA's bytes, affine in gamma below n, interpolated from two
+  real builds; the activations extrapolated as above for each gamma.
 """
 from __future__ import annotations
 
@@ -293,13 +298,13 @@ class Planner:
     def _lisa_state_affine(self, kwargs: dict, gamma: int) -> tuple[int, ...]:
         """`_lisa_state` for the search of the largest gamma: in 1..n-1 each byte count is affine in gamma
         (gamma slots of packed state, n - gamma blocks paged or frozen; tests/test_plan.py checks every
-        setting), so it is interpolated from gamma = n-2 and n-1, where FusedLISA needs few switches to
-        reach its steady state. Exact at gamma = n (nothing pages) and at the row's own gamma."""
-        n = self.n_blocks
+        setting), so it is interpolated from gamma = n // 2 and n // 2 + 1, where FusedLISA reaches its
+        steady state in two switches. Exact at gamma = n (nothing pages) and at the row's own gamma."""
+        n, h = self.n_blocks, self.n_blocks // 2
         if gamma in (self.gamma, n) or n < 3:
             return self._lisa_state(kwargs, gamma)
-        lo, hi = self._lisa_state(kwargs, n - 2), self._lisa_state(kwargs, n - 1)
-        return tuple(b + (gamma - n + 1) * (b - a) for a, b in zip(lo, hi))
+        lo, hi = self._lisa_state(kwargs, h), self._lisa_state(kwargs, h + 1)
+        return tuple(a + (gamma - h) * (b - a) for a, b in zip(lo, hi))
 
     def _lisa_peak(self, kwargs, gamma) -> int:
         weights, device, host = self._lisa_state_affine(kwargs, gamma)

@@ -220,10 +220,14 @@ class Sampler:
             raise ValueError(f"{self.name} sampler was built for {self.n_blocks} blocks, asked to draw from {n_blocks}")
         if not 1 <= n_active <= n_blocks:
             raise ValueError(f"n_active={n_active} must be in 1..{n_blocks}")
-        self._refresh()
+        # The draw is host work on the CPU generator: a caller's `with torch.device("meta")` (or "cuda")
+        # around the optimizer must not move its factory calls.
+        with torch.device("cpu"):
+            self._refresh()
         if self.shares_state:
             self.broadcast_state()
-        return tuple(sorted(self._pick(self._weights(), n_active, generator)))
+        with torch.device("cpu"):
+            return tuple(sorted(self._pick(self._weights(), n_active, generator)))
 
     __call__ = draw
 

@@ -346,3 +346,19 @@ def test_two_ranks_share_rank0_state_and_shard_outlier_ratios(tmp_path):
     assert r0["draws"] == r1["draws"]
     assert r0["state"] == r1["state"] and r0["state"]["intervals"] > 0
     assert r0["sharded"] == r1["sharded"] == r0["whole"] and r0["whole"][0] > 0
+
+
+def test_fused_lisa_builds_under_a_meta_default_device():
+    """`with torch.device("meta"):` around model and optimizer (how memory is planned at 7B shapes) must not
+    move the draw's factory calls onto meta: the default sampler used to fail with "Cannot copy out of meta"."""
+    from lisa_fused import FusedLISA
+    from helpers import tiny_llama
+
+    with torch.device("meta"):
+        model = tiny_llama(n_layers=4)
+        opt = FusedLISA(model, n_active_layers=2, switch_every=1, seed=3)
+        first = opt.active_layers
+        opt._switch()
+    assert len(first) == 2 and len(opt.active_layers) == 2
+    assert opt.memory_stats()["device_bytes"] > 0
+    assert all(p.is_meta for p in model.parameters())

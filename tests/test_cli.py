@@ -227,3 +227,11 @@ def test_preflight_refuses_what_cannot_fit_unless_forced(monkeypatch, capsys):
     args.force = True
     assert preflight.check(args, config) is None
     assert "--force: running although" in capsys.readouterr().out
+
+
+def test_every_bench_method_has_a_planner_row():
+    """The preflight plans each method before a run: a method without a planner row was a KeyError."""
+    from lisa_fused.bench.methods import METHODS
+    from lisa_fused.bench.preflight import BENCH_TO_PLAN
+
+    assert set(BENCH_TO_PLAN) == set(METHODS)

@@ -15,7 +15,9 @@ import torch
 
 SMALL_PARAMS = 100_000_000
 REFUSE_SECONDS = 3600
-BENCH_TO_PLAN = {"full": ("full", None), "lora": ("lora", None), "lisa": ("lisa", {"inactive_moments": "host"}),
+# Every bench method maps to a planner row; LoRA-FA (A frozen) is planned as LoRA, an upper bound.
+BENCH_TO_PLAN = {"full": ("full", None), "lora": ("lora", None), "lora-fa": ("lora", None),
+                 "lisa": ("lisa", {"inactive_moments": "host"}),
                  "lisa-device": ("lisa", {"inactive_moments": "device"}),
                  "lisa-8bit": ("lisa", {"inactive_moments": "host", "moments": "8bit"}),
                  "lisa-4bit": ("lisa", {"inactive_moments": "host", "moments": "4bit"}),

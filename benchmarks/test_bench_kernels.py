@@ -42,6 +42,10 @@ ACTIVE_SETS = {
     "cuda": dict(blocks=2, hidden=4096, mlp=11008, vocab=32000),  # Llama-2-7B, gamma=2: 667M params, 21 tensors
 }
 MODES = {"cpu": ("fp32",), "cuda": ("fp32", "bf16")}
+# Lean optimizer state (issue 11), timed on the "bf16" problem (bf16 grads and params) beside the packed
+# fp32-moments / fp32-master step of the same group: (moments, master_weights).
+LEAN_SETTINGS = (("bf16", "fp32"), ("8bit", "fp32"), ("4bit", "fp32"), ("fp32", "kahan"), ("fp32", "stochastic"),
+                 ("8bit", "kahan"), ("4bit", "stochastic"))
 # On a GPU machine the CPU cases measure the host, not what the machine is there for: skipped by default.
 DEVICES = [d for d in os.environ.get("LISA_FUSED_BENCH_DEVICES", "cuda" if torch.cuda.is_available() else "cpu")
            .split(",") if d]
@@ -215,6 +219,62 @@ def test_packed_step(benchmark, problem, device, mode, backend):
         from lisa_fused.kernels import triton_interpreted
 
         assert not triton_interpreted(), "Triton ran in its interpreter: this would time Python, not the kernel"
+
+
+def lean_cases():
+    for device in DEVICES:
+        names = ("cpu",) if device == "cpu" else ("cuda", "triton")
+        for name in names:
+            reason = backend_unavailable_reason(name, torch.device(device))
+            marks = [pytest.mark.skip(reason=reason)] if reason else []
+            yield pytest.param(device, "bf16", name, ("fp32", "fp32"), marks=marks,
+                               id=f"{device}-bf16-packed-{name}-fp32-fp32")
+            for moments, master in LEAN_SETTINGS:
+                yield pytest.param(device, "bf16", name, (moments, master), marks=marks,
+                                   id=f"{device}-bf16-packed-{name}-{moments}-{master}")
+
+
+@pytest.mark.parametrize("device,mode,backend,setting", list(lean_cases()))
+def test_packed_lean_step(benchmark, problem, device, mode, backend, setting):
+    """One packed step per lean setting on the same bf16 active set (on CPU the fp32 problem's shapes with
+    bf16 grads/params); extra_info has the bytes it moves, so GB/s compare across settings, and the group
+    puts each setting beside ("fp32", "fp32")."""
+    from lisa_fused.kernels import quant
+
+    moments, master = setting
+    benchmark.group = f"adamw-lean-{device}-{backend}"
+    pr = problem
+    n = pr.master.numel()
+    lowp = pr.lowp if pr.lowp is not None else pr.master.to(torch.bfloat16)
+    grad = pr.grad.to(torch.bfloat16)
+    state = quant.state_buffers(n, moments, master, torch.bfloat16, device)
+    table = torch.cat([pr.hparams, torch.tensor([[float(i), 1.0] for i in range(len(pr.hparams))],
+                                                dtype=torch.float64)], dim=1)
+    master_fp32 = master == "fp32"
+    param = pr.master.clone() if master_fp32 else lowp.clone()
+
+    def step():
+        adamw_packed_(param, grad, state["exp_avg"], state["exp_avg_sq"], pr.segments, table, beta1=BETAS[0],
+                      beta2=BETAS[1], eps=EPS, param_lowp=lowp if master_fp32 else None,
+                      backend=backend, moments=moments, master_weights=master,
+                      exp_avg_scale=state.get("exp_avg_scale"), exp_avg_sq_scale=state.get("exp_avg_sq_scale"),
+                      compensation=state.get("compensation"), seed=0)
+        sync(device)
+
+    step()  # warm-up: chunk tables, Triton compile
+    benchmark(step)
+    kinds = quant.state_bytes(pr.numel, moments, master, torch.bfloat16)
+    state_rw = 2 * sum(kinds.values())  # read and write every state byte
+    param_rw = 2 * pr.numel * (4 + 2) if master_fp32 else 2 * pr.numel * 2  # master + bf16 copy, or bf16 only
+    nbytes = state_rw + param_rw + pr.numel * 2  # + the bf16 grad, read once
+    info = benchmark.extra_info
+    info.update(method=f"packed-{backend}-{moments}-{master}", backend=backend, moments=moments,
+                master_weights=master, device=device_name(device), params=pr.numel, bytes_per_step=nbytes,
+                **versions())
+    if benchmark.stats is not None:
+        seconds = benchmark.stats.stats.median
+        info.update(ms=round(1e3 * seconds, 3), gbps=round(nbytes / seconds / 1e9, 1),
+                    ns_per_param=round(1e9 * seconds / pr.numel, 2))
 
 
 @pytest.mark.parametrize("device,mode,impl,target", list(cases("torch")))

@@ -39,7 +39,7 @@ OUT=${OUT:-/tmp/lisa_fused_gpu_check}
 PY=${PYTHON:-python3}
 DEADLINE_S=${GPU_CHECK_DEADLINE_S:-480}  # all stages together; the device call itself is limited to 600 s
 # name:budget_s, in the order they run
-PLAN=(precheck:20 install:120 versions:20 gpu-tests:75 bench-kernels:55 bench-switch:45 kernel-tests:40
+PLAN=(precheck:20 install:105 versions:20 gpu-tests:75 bench-kernels:70 bench-switch:45 kernel-tests:40
       bench-7b:105)
 # --cpu rehearsals run on small shared CPUs, not inside the device call: every limit x SCALE there
 SCALE=1
@@ -150,7 +150,7 @@ stage bench-kernels "${BENCH_PYTEST[@]}" "$REPO/benchmarks/test_bench_kernels.py
 stage bench-switch "${BENCH_PYTEST[@]}" "$REPO/benchmarks/test_bench_switch.py" --benchmark-json "$OUT/bench-switch.json"
 stage kernel-tests env LISA_FUSED_TEST_DEVICE=$DEV "$PY" -m pytest "$REPO/tests/test_kernels.py" -m "not gpu" -q -p no:cacheprovider -x
 # last: the most likely to outgrow its budget (four 7B processes; FusedLISA "host" pins ~78 GB at construction)
-stage bench-7b "$PY" -m lisa_fused bench "${BENCH_ARGS[@]}" --methods full,lora,lisa,lisa-device \
+stage bench-7b "$PY" -m lisa_fused bench "${BENCH_ARGS[@]}" --methods full,lora,lisa,lisa-device,lisa-4bit-sr \
   --out "$OUT/bench" --cache-dir "$WORK/bench-cache"
 
 if [ "$DRY" = 1 ]; then

@@ -33,32 +33,39 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def _samplers(text: str) -> list[str]:
+def _name_list(kind: str, choices):
+    """An argparse type for a comma-separated list of distinct `kind` names from `choices()` (called
+    lazily: the bench modules import torch)."""
+
+    def parse(text: str) -> list[str]:
+        allowed = choices()
+        names = [m.strip() for m in text.split(",") if m.strip()]
+        for name in names:
+            if name not in allowed:
+                raise argparse.ArgumentTypeError(f"unknown {kind} {name!r}; choose from {','.join(allowed)}")
+        if not names:
+            raise argparse.ArgumentTypeError(f"no {kind} given")
+        if len(set(names)) != len(names):
+            raise argparse.ArgumentTypeError(f"a {kind} is listed twice: {text!r}")
+        return names
+
+    return parse
+
+
+def _sampler_names():
     from .sampling import SAMPLER_NAMES
 
-    names = [m.strip() for m in text.split(",") if m.strip()]
-    for name in names:
-        if name not in SAMPLER_NAMES:
-            raise argparse.ArgumentTypeError(f"unknown sampler {name!r}; choose from {','.join(SAMPLER_NAMES)}")
-    if not names:
-        raise argparse.ArgumentTypeError("no sampler given")
-    if len(set(names)) != len(names):
-        raise argparse.ArgumentTypeError(f"a sampler is listed twice: {text!r}")
-    return names
+    return SAMPLER_NAMES
 
 
-def _methods(text: str) -> list[str]:
+def _method_names():
     from .bench.methods import METHODS
 
-    names = [m.strip() for m in text.split(",") if m.strip()]
-    for name in names:
-        if name not in METHODS:
-            raise argparse.ArgumentTypeError(f"unknown method {name!r}; choose from {','.join(METHODS)}")
-    if not names:
-        raise argparse.ArgumentTypeError("no method given")
-    if len(set(names)) != len(names):
-        raise argparse.ArgumentTypeError(f"a method is listed twice: {text!r}")
-    return names
+    return METHODS
+
+
+_samplers = _name_list("sampler", _sampler_names)
+_methods = _name_list("method", _method_names)
 
 
 class _HelpFormatter(argparse.HelpFormatter):

@@ -146,20 +146,25 @@ def block_weight_norms(layout: ModelLayout) -> list[float]:
                 norm = norm.full_tensor()
             flat.append(norm)
             owner.append(i)
-    # One host transfer per device rather than one sync per parameter.
-    values: list[float] = [0.0] * len(flat)
-    by_device: dict[torch.device, list[int]] = {}
-    for j, n in enumerate(flat):
-        by_device.setdefault(n.device, []).append(j)
-    for idx in by_device.values():
-        for j, v in zip(idx, torch.stack([flat[j] for j in idx]).cpu().tolist()):
-            values[j] = v
+    values = host_floats(flat)  # one host transfer per device rather than one sync per parameter
     sums = [0.0] * layout.num_blocks
     counts = [0] * layout.num_blocks
     for i, v in zip(owner, values):
         sums[i] += v
         counts[i] += 1
     return [s / c if c else 0.0 for s, c in zip(sums, counts)]
+
+
+def host_floats(values: list[torch.Tensor]) -> list[float]:
+    """0-d tensors (on any devices) to host floats, one stacked transfer per device."""
+    out = [0.0] * len(values)
+    by_device: dict[torch.device, list[int]] = {}
+    for j, v in enumerate(values):
+        by_device.setdefault(v.device, []).append(j)
+    for idx in by_device.values():
+        for j, v in zip(idx, torch.stack([values[j] for j in idx]).cpu().tolist()):
+            out[j] = v
+    return out
 
 
 # -- stack detection -----------------------------------------------------------------------------------

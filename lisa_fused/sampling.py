@@ -36,6 +36,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
+from .layers import host_floats
+
 logger = logging.getLogger("lisa_fused")
 
 SAMPLERS = ("uniform", "weight_norm")  # the samplers that learn nothing
@@ -551,7 +553,7 @@ def block_outlier_ratios(blocks: Sequence[Sequence[tuple[str, torch.Tensor]]], m
     means = []
     for ws, sums in zip(weights, abs_sums):
         n = sum(p.numel() for p in ws)
-        means.append(sum(_host(sums)) / n if n else 0.0)
+        means.append(sum(host_floats(sums)) / n if n else 0.0)
     ratios = []
     for ws, mean in zip(weights, means):
         n = sum(p.numel() for p in ws)
@@ -561,7 +563,7 @@ def block_outlier_ratios(blocks: Sequence[Sequence[tuple[str, torch.Tensor]]], m
         thr = multiplier * mean
         counts = [_global(p, lambda t: _chunked(t, lambda c: (c.abs().float() > thr).sum(dtype=torch.float64)))
                   for p in ws]
-        ratios.append(sum(_host(counts)) / n)
+        ratios.append(sum(host_floats(counts)) / n)
     return ratios
 
 
@@ -592,18 +594,6 @@ def _global(p: torch.Tensor, fn) -> torch.Tensor:
         else:
             raise ValueError(f"outlier ratio: unsupported DTensor placement {pl} (expected Shard or Replicate)")
     return DTensor.from_local(local, p.device_mesh, placements, run_check=False).full_tensor()
-
-
-def _host(values: list[torch.Tensor]) -> list[float]:
-    """Scalars to host floats, one transfer per device."""
-    out = [0.0] * len(values)
-    by_dev: dict[torch.device, list[int]] = {}
-    for j, v in enumerate(values):
-        by_dev.setdefault(v.device, []).append(j)
-    for idx in by_dev.values():
-        for j, v in zip(idx, torch.stack([values[j] for j in idx]).cpu().tolist()):
-            out[j] = v
-    return out
 
 
 class OutlierSampler(Sampler):

@@ -94,18 +94,10 @@ class PackedBuffers:
         self.master = torch.zeros(total, dtype=torch.float32, **kw) if master_weights == "fp32" else None
         self.lowp = None if param_dtype == torch.float32 else torch.zeros(total, dtype=param_dtype, **kw)
         self.grad = torch.zeros(total, dtype=param_dtype, **kw)
-        if moments in quant.BLOCK:
-            codes, blocks = quant.codes_numel(total, moments), quant.n_blocks(total, moments)
-            self.exp_avg = torch.zeros(codes, dtype=torch.uint8, **kw)
-            self.exp_avg_sq = torch.zeros(codes, dtype=torch.uint8, **kw)
-            self.exp_avg_scale = torch.zeros(blocks, dtype=torch.float32, **kw)
-            self.exp_avg_sq_scale = torch.zeros(blocks, dtype=torch.float32, **kw)
-        else:
-            mdt = torch.float32 if moments == "fp32" else torch.bfloat16
-            self.exp_avg = torch.zeros(total, dtype=mdt, **kw)
-            self.exp_avg_sq = torch.zeros(total, dtype=mdt, **kw)
-            self.exp_avg_scale = self.exp_avg_sq_scale = None
-        self.compensation = torch.zeros(total, dtype=param_dtype, **kw) if master_weights == "kahan" else None
+        state = quant.state_buffers(total, moments, master_weights, param_dtype, device)  # the kernels' formats
+        self.exp_avg, self.exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        self.exp_avg_scale, self.exp_avg_sq_scale = state.get("exp_avg_scale"), state.get("exp_avg_sq_scale")
+        self.compensation = state.get("compensation")
 
     @property
     def param(self) -> torch.Tensor:

@@ -146,10 +146,19 @@ def test_plan_cli_max_gamma_and_batch_respect_the_limit(tmp_path, capsys):
           "--methods", "lisa", "--gpu-mem", str(limit), "--json", str(tmp_path / "b.json")])
     row = json.loads((tmp_path / "b.json").read_text())["rows"][0]
     assert row["fits"] and row["max_gamma"] == 2 and row["max_batch_size"] == 2
+    capsys.readouterr()
+    main(["plan", str(tmp_path), "--device", "cuda", "--dtype", "fp32", "--methods", "lisa", "--gpu-mem", "1KiB",
+          "--json", str(tmp_path / "c.json")])
+    row = json.loads((tmp_path / "c.json").read_text())["rows"][0]
+    assert not row["fits"] and row["max_gamma"] == 0 and row["max_batch_size"] == 0
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if "inactive_moments=host " in ln + " ")
+    assert [c.strip() for c in line.split("|")[8:10]] == ["none", "none"], line  # max batch, max gamma
 
 
 BAD = [
     (["plan", "llama-9000"], "MODEL 'llama-9000': not a preset"),
+    (["plan", "no/such/config.json"], "MODEL 'no/such/config.json': no such file or folder"),
+    (["plan", "/"], "MODEL '/': has no config.json"),
     (["plan", "tiny", "--gpu-mem=-5GiB"], "--gpu-mem: '-5GiB': must be > 0"),
     (["plan", "tiny", "--gpu-mem", "5 parsecs"], "'5 parsecs': not a size"),
     (["plan", "tiny", "--methods", "full,adam"], "give distinct methods from full,lora,lisa"),
@@ -192,7 +201,7 @@ def test_activations_from_one_and_two_blocks_equal_a_full_depth_trace(checkpoint
     adamw = lambda m: planner._adamw([p for p in m.parameters() if p.requires_grad])  # noqa: E731
 
     full_peak = max(planner._events(planner._meta(), adamw).values())
-    grads = planner._step_state(planner._meta(), adamw)[1]
+    grads = step_state(planner._meta(), adamw)[1]
     assert planner.full().activation_bytes == full_peak - grads
 
     model = planner._meta()
@@ -200,18 +209,40 @@ def test_activations_from_one_and_two_blocks_equal_a_full_depth_trace(checkpoint
     lora_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, task_type="CAUSAL_LM",
                                                   target_modules=list(LORA_TARGETS)))
     lora_grads = sum(p.numel() * 4 for p in lora_model.parameters() if p.requires_grad)
-    lora_peak = max(planner._trace_events(lora_model, stack, adamw).values())
+    lora_peak = max(planner._trace(lora_model, stack, adamw)[0].values())
     assert planner.lora().activation_bytes == lora_peak - lora_grads
     for gamma in (2, 6):  # frozen blocks below active ones; every block active
         whole = max(planner._lisa_trace(6 - gamma, gamma).values())
         assert planner.lisa_activations(gamma) == whole > 0
 
 
+def step_state(model, optimizer_fn) -> tuple[int, int]:
+    """Reference: (optimizer state, grads) bytes of a full-depth meta `model` after one real step on meta
+    grads, counted by hand, independent of the planner's fake 1- and 2-block traces."""
+    opt = optimizer_fn(model)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for p in trainable:
+        p.grad = torch.empty_like(p)
+    opt.step()
+    state = sum(t.numel() * t.element_size() for st in opt.state.values() for t in st.values() if torch.is_tensor(t))
+    return state, sum(p.numel() * p.element_size() for p in trainable)
+
+
+@pytest.mark.parametrize("target", ["cpu", "cuda"])
+def test_full_bytes_from_one_and_two_blocks_equal_the_full_depth_model(target):
+    planner = Planner(LlamaConfig(**SMALL), torch.bfloat16, 2, 8, target=target)
+    model = planner._meta()
+    state, grads = step_state(model, lambda m: planner._adamw(list(m.parameters())))
+    row = planner.full()
+    assert row.state_bytes == state + grads
+    assert row.weights_bytes == sum(p.numel() * 2 for p in model.parameters())
+
+
 def test_lora_bytes_from_one_and_two_blocks_equal_the_full_depth_model():
     planner = Planner(LlamaConfig(**SMALL), torch.float32, 2, 8, target="cpu", lora_rank=8)
     model = get_peft_model(planner._meta(), LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, task_type="CAUSAL_LM",
                                                        target_modules=list(LORA_TARGETS)))
-    state, grads = planner._step_state(model, lambda m: planner._adamw([p for p in m.parameters() if p.requires_grad]))
+    state, grads = step_state(model, lambda m: planner._adamw([p for p in m.parameters() if p.requires_grad]))
     row = planner.lora()
     assert row.state_bytes == state + grads and row.weights_bytes == sum(p.numel() * 4 for p in model.parameters())
 

@@ -4,9 +4,9 @@ Where each number comes from:
 - weights: the model's parameter storages in the chosen dtype (LoRA: plus its adapters). For LISA, the
   parameters FusedLISA binds into its packed buffers are counted there, in state, not twice.
 - state, full and LoRA: `torch.optim.AdamW` (foreach on CUDA, as torch picks by default) run for real
-  on meta parameters with meta grads: its exp_avg/exp_avg_sq/step tensors as created by torch, plus the
-  grads of trained parameters. Full: on the full-depth model; LoRA: on 1- and 2-block copies,
-  extrapolated (a sum over parameters, every block's adapters alike: exact).
+  on fake parameters with fake grads in the traced step below: its exp_avg/exp_avg_sq/step tensors as
+  created by torch, plus the grads of trained parameters, on 1- and 2-block copies extrapolated (a sum
+  over parameters, every block's alike: exact; tests/test_plan.py compares a full-depth meta model).
 - state, LISA: `FusedLISA(model_on_meta, **kwargs).memory_stats()["device_bytes"]` after every block
   has been active and has left once (a round-robin sampler and `_switch()` on meta tensors, so the host
   store and a "device" policy's resident moments reach their steady size); host bytes from the same call.
@@ -142,9 +142,12 @@ class Planner:
 
     def _events(self, model, optimizer_fn=None) -> dict:
         """Per-role peaks (`trace.roles`) of a trace on a fake copy of a meta `model` (flags kept)."""
-        return self._trace_events(model, model.get_submodule(self.stack_path), optimizer_fn)
+        return self._trace(model, model.get_submodule(self.stack_path), optimizer_fn)[0]
 
-    def _trace_events(self, model, stack, optimizer_fn):
+    def _trace(self, model, stack, optimizer_fn) -> tuple[dict, tuple[int, int, int]]:
+        """Roles of one traced step of `model` (meta, made fake in place) and, from the same fake tensors,
+        (optimizer state, grads, weights) bytes: a torch optimizer's state as its step created it, a grad
+        like each trained param (FusedLISA: None, its bytes come from memory_stats)."""
         with FakeTensorMode():
             fakeify(model, self.trace_device)
             opt = optimizer_fn(model) if optimizer_fn is not None else None
@@ -153,20 +156,11 @@ class Planner:
                     if p.requires_grad:
                         p.grad = torch.empty_like(p)
             events = trace_events(model, self.batch_size, self.seq_len, self.vocab_size, opt, layers=stack)
+            state = 0 if opt is None else _bytes(t for st in opt.state.values() for t in st.values()
+                                                 if torch.is_tensor(t))
+            nbytes = (state, _bytes(p for p in model.parameters() if p.requires_grad), _bytes(model.parameters()))
         kinds = ["trainable" if any(p.requires_grad for p in b.parameters()) else "frozen" for b in stack]
-        return roles(events, kinds)
-
-    @staticmethod
-    def _step_state(model, optimizer_fn) -> tuple[int, int]:
-        """(optimizer state, grads) bytes of a full-depth meta `model` after one real step on meta grads
-        (meta, not fake: the same state tensors, 20x faster at 7B)."""
-        opt = optimizer_fn(model)
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        for p in trainable:
-            p.grad = torch.empty_like(p)
-        opt.step()
-        state = _bytes(t for st in opt.state.values() for t in st.values() if torch.is_tensor(t))
-        return state, _bytes(trainable)  # a grad is like its param
+        return roles(events, kinds), nbytes
 
     def _adamw(self, params):
         return torch.optim.AdamW(params, lr=1e-5, foreach=self.target == "cuda")
@@ -192,17 +186,22 @@ class Planner:
         return model, opt
 
     # ------------------------------------------------------------------ rows
-    def _extrapolate(self, build, optimizer_fn=None) -> int:
-        """Traced peak of the full-depth model, from traces of `build(1)` and `build(2)` blocks."""
-        one, two = (self._events(build(n), optimizer_fn) for n in (1, 2))
-        return extrapolate(one, [(two, self.n_blocks - 1)])
+    def _extrapolated(self, build, optimizer_fn) -> tuple[int, int, int, int]:
+        """(traced peak, optimizer state, grads, weights) bytes of the full-depth model, from traced
+        steps of `build(1)` and `build(2)` blocks (each `(model, stack)`): every event's peak is affine in
+        the number of blocks (trace.extrapolate), and the byte counts are sums over parameters, each
+        block's alike."""
+        (one, b1), (two, b2) = (self._trace(*build(n), optimizer_fn) for n in (1, 2))
+        peak = extrapolate(one, [(two, self.n_blocks - 1)])
+        return (peak, *(x + (self.n_blocks - 1) * (y - x) for x, y in zip(b1, b2)))
+
+    def _blocks(self, n_blocks: int):
+        model = self._meta(n_blocks)
+        return model, model.get_submodule(self.stack_path)
 
     def full(self) -> Row:
         adamw = lambda m: self._adamw(list(m.parameters()))  # noqa: E731
-        peak = self._extrapolate(self._meta, adamw)
-        model = self._meta()
-        state, grads = self._step_state(model, adamw)
-        weights = _bytes(model.parameters())
+        peak, state, grads, weights = self._extrapolated(self._blocks, adamw)
         # peak counts grads as they are created; state bytes = moments + grads at the step.
         return self._row("full", "torch.optim.AdamW, all parameters", weights, state + grads, peak - grads, 0,
                          {})
@@ -213,21 +212,15 @@ class Planner:
         cfg = LoraConfig(r=self.lora_rank, lora_alpha=2 * self.lora_rank, lora_dropout=0.0,
                          target_modules=list(LORA_TARGETS), task_type="CAUSAL_LM")
 
-        def build(n_blocks=None):
-            model = self._meta(n_blocks)
-            stack = model.get_submodule(self.stack_path)
+        def build(n_blocks):
+            model, stack = self._blocks(n_blocks)
             with warnings.catch_warnings():  # peft calls a transformers property deprecated in v5
                 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
                 return get_peft_model(model, copy.deepcopy(cfg)), stack  # on meta: peft's .to() cannot swap fakes
 
         adamw = lambda m: self._adamw([p for p in m.parameters() if p.requires_grad])  # noqa: E731
-        one, two = (self._trace_events(*build(n), adamw) for n in (1, 2))
-        peak = extrapolate(one, [(two, self.n_blocks - 1)])
-        # Bytes of a sum over parameters, each block's adapters alike: exact from 1 and 2 blocks (peft
-        # takes ~6 s to wrap a 7B model, even on meta).
-        (s1, g1, w1), (s2, g2, w2) = ((*self._step_state(m, adamw), _bytes(m.parameters()))
-                                      for m in (build(n)[0] for n in (1, 2)))
-        state, grads, weights = (a + (self.n_blocks - 1) * (b - a) for a, b in ((s1, s2), (g1, g2), (w1, w2)))
+        # From 1 and 2 blocks: peft takes ~6 s to wrap a 7B model, even on meta.
+        peak, state, grads, weights = self._extrapolated(build, adamw)
         return self._row("lora", f"peft r={self.lora_rank}, all 7 projections; AdamW", weights,
                          state + grads, peak - grads, 0, {})
 
@@ -298,13 +291,14 @@ class Planner:
     def _lisa_state_affine(self, kwargs: dict, gamma: int) -> tuple[int, ...]:
         """`_lisa_state` for the search of the largest gamma: in 1..n-1 each byte count is affine in gamma
         (gamma slots of packed state, n - gamma blocks paged or frozen; tests/test_plan.py checks every
-        setting), so it is interpolated from gamma = n // 2 and n // 2 + 1, where FusedLISA reaches its
-        steady state in two switches. Exact at gamma = n (nothing pages) and at the row's own gamma."""
-        n, h = self.n_blocks, self.n_blocks // 2
-        if gamma in (self.gamma, n) or n < 3:
+        setting), so it is interpolated from two real builds: the row's own gamma (already built) and
+        its neighbour. Exact at gamma = n (nothing pages: built)."""
+        n = self.n_blocks
+        if gamma == n or n < 3:
             return self._lisa_state(kwargs, gamma)
-        lo, hi = self._lisa_state(kwargs, h), self._lisa_state(kwargs, h + 1)
-        return tuple(a + (gamma - h) * (b - a) for a, b in zip(lo, hi))
+        lo = min(max(self.gamma, 1), n - 2)
+        a, b = self._lisa_state(kwargs, lo), self._lisa_state(kwargs, lo + 1)
+        return tuple(x + (gamma - lo) * (y - x) for x, y in zip(a, b))
 
     def _lisa_peak(self, kwargs, gamma) -> int:
         weights, device, host = self._lisa_state_affine(kwargs, gamma)
@@ -312,16 +306,18 @@ class Planner:
 
     def _max_gamma(self, row: Row, gpu_mem: int) -> int:
         """Largest gamma whose peak fits; 0 when none. The peak grows with gamma, except at gamma = n
-        blocks on a cpu target: nothing pages then, so the host store disappears from the peak."""
-        if self._lisa_peak(row.kwargs, self.n_blocks) <= gpu_mem:
-            return self.n_blocks
-        lo, hi = 0, self.n_blocks - 1  # largest g in [1, n - 1] with peak <= gpu_mem
+        blocks on a cpu target: nothing pages then, so the host store disappears from the peak. So n is
+        checked only where it can fit: on a cpu target, or when n - 1 fits."""
+        n = self.n_blocks
+        lo, hi = 0, n - 1  # largest g in [1, n - 1] with peak <= gpu_mem
         while lo < hi:
             mid = (lo + hi + 1) // 2
             if self._lisa_peak(row.kwargs, mid) <= gpu_mem:
                 lo = mid
             else:
                 hi = mid - 1
+        if (lo == n - 1 or self.target == "cpu") and self._lisa_peak(row.kwargs, n) <= gpu_mem:
+            return n
         return lo
 
 

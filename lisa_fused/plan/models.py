@@ -41,9 +41,9 @@ PRESETS = {
 
 def _bench_tiny():
     from ..bench.data import BOS, EOS, PAD
-    from ..bench.models import PRESETS as BENCH
+    from ..bench.models import TINY
 
-    return "LlamaConfig", dict(BENCH["tiny"], bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD)
+    return "LlamaConfig", dict(TINY, bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD)
 
 
 def preset_names() -> list[str]:
@@ -62,6 +62,10 @@ def load_config(model: str):
         return getattr(transformers, cls)(**kwargs)
     path = os.path.join(model, "config.json") if os.path.isdir(model) else model
     if not os.path.exists(path):
+        if os.sep in model or model.endswith(".json"):  # meant as a path
+            missing = "has no config.json" if os.path.isdir(model) else "no such file or folder"
+            raise ValueError(f"MODEL {model!r}: {missing}; give a config.json, a model folder with one, or a "
+                             f"preset ({', '.join(preset_names())})")
         raise ValueError(f"MODEL {model!r}: not a preset ({', '.join(preset_names())}), a config.json or a "
                          f"folder with one")
     try:

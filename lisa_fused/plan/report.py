@@ -31,6 +31,11 @@ def unit_for(rows: list[Row]) -> tuple[str, int]:
     return ("GiB", GIB) if any(r.peak_bytes >= GIB for r in rows) else ("MiB", 2**20)
 
 
+def _count(n: int | None) -> str:
+    """A largest batch or gamma: '-' where it does not apply, 'none' where not even 1 fits."""
+    return "-" if n is None else ("none" if n == 0 else str(n))
+
+
 def format_table(rows: list[Row], gpu_mem: int | None) -> str:
     name, unit = unit_for(rows)
     fit = f"fits {gpu_mem / unit:.1f} {name}" if gpu_mem else "fits"
@@ -41,8 +46,7 @@ def format_table(rows: list[Row], gpu_mem: int | None) -> str:
         gib = lambda n: f"{n / unit:.2f}"  # noqa: E731
         body.append([r.method, r.setting, gib(r.weights_bytes), gib(r.state_bytes), gib(r.activation_bytes),
                      gib(r.peak_bytes), "-" if r.fits is None else ("yes" if r.fits else "NO"),
-                     "-" if r.max_batch_size is None else str(r.max_batch_size),
-                     "-" if r.max_gamma is None else str(r.max_gamma), gib(r.host_bytes)])
+                     _count(r.max_batch_size), _count(r.max_gamma), gib(r.host_bytes)])
     widths = [max(len(x) for x in col) for col in zip(head, *body)]
     line = lambda cells: "| " + " | ".join(c.ljust(w) if i < 2 else c.rjust(w)  # noqa: E731
                                            for i, (c, w) in enumerate(zip(cells, widths))) + " |"

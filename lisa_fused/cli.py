@@ -171,7 +171,7 @@ def run_plan(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from .bench.methods import DEFAULT_METHODS, METHODS
-    from .bench.models import DTYPES, PRESETS
+    from .bench.models import ALIASES, DTYPES, PRESETS
 
     parser = argparse.ArgumentParser(prog="lisa-fused", description="FusedLISA tools.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -181,9 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "own process; print a table and write results.json, results.md and bench.png to --out. "
                     "The default (tiny preset) runs offline on a CPU in about two minutes.",
         formatter_class=_HelpFormatter)
-    b.add_argument("--preset", choices=sorted(PRESETS), default="tiny",
-                   help="Llama-architecture model built from a LlamaConfig (random init, no download); "
-                        "llama-1b and llama-2-7b are meant for a GPU")
+    b.add_argument("--preset", choices=(*PRESETS, *ALIASES), default="tiny", metavar="PRESET",
+                   help="model shape, random init, no download: " + ", ".join(PRESETS) + " (the same as "
+                        "`lisa-fused plan`'s; llama-1b = llama-3.2-1b); all but tiny are meant for a GPU")
     b.add_argument("--model", metavar="PATH", help="local Hugging Face checkpoint directory (overrides --preset)")
     b.add_argument("--data", metavar="PATH", help="fine-tuning text: a .txt file, or .jsonl with a \"text\" field "
                    "(default: the Python reference docs in pydoc_data, part of the standard library)")

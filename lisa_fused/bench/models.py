@@ -1,8 +1,10 @@
-"""Model presets (Llama architecture from a LlamaConfig, nothing downloaded) and model loading.
+"""Model presets (nothing downloaded) and model loading.
 
-`tiny` is sized for a 2-core CPU and byte tokens. `llama-1b` (Llama-3.2-1B shape) and `llama-2-7b`
-keep the real vocabulary size so that memory matches the real model; byte ids use the first 259 rows.
-They are meant for a GPU in bf16 and start from a seeded random init (no base training).
+`tiny` is sized for a 2-core CPU and byte tokens. Every other preset is the planner's
+(`lisa_fused.plan.models.PRESETS`: Llama-2-7B, Llama-3-8B, Llama-3.2-1B, Qwen2.5-7B, Mistral-7B, Gemma-2-9B
+shapes from their published config.json) with its real vocabulary size, so memory matches the real
+model; byte ids use its first 259 rows. They are meant for a GPU in bf16 and start from a seeded random
+init (no base training).
 """
 from __future__ import annotations
 
@@ -10,37 +12,33 @@ import os
 
 import torch
 
+from ..plan.models import PRESETS as PLAN_PRESETS
 from .data import BYTE_VOCAB, EOS, PAD, BOS
 
-PRESETS = {
-    "tiny": dict(hidden_size=128, intermediate_size=352, num_hidden_layers=8, num_attention_heads=4,
-                 num_key_value_heads=4, vocab_size=BYTE_VOCAB, max_position_embeddings=2048,
-                 tie_word_embeddings=False),
-    "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                     num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192,
-                     rope_theta=500000.0, tie_word_embeddings=True),
-    "llama-2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                       num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096,
-                       tie_word_embeddings=False),
-}
+TINY = dict(hidden_size=128, intermediate_size=352, num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=4,
+            vocab_size=BYTE_VOCAB, max_position_embeddings=2048, tie_word_embeddings=False)
+PRESETS = ("tiny", *sorted(PLAN_PRESETS))
+ALIASES = {"llama-1b": "llama-3.2-1b"}  # the bench's earlier name for the Llama-3.2-1B shape
 # What each preset runs with unless told otherwise.
-PRESET_DEFAULTS = {
-    "tiny": dict(dtype="float32", base_steps=100),
-    "llama-1b": dict(dtype="bfloat16", base_steps=0),
-    "llama-2-7b": dict(dtype="bfloat16", base_steps=0),
-}
+PRESET_DEFAULTS = {name: dict(dtype="bfloat16", base_steps=0) for name in (*PRESETS, *ALIASES)}
+PRESET_DEFAULTS["tiny"] = dict(dtype="float32", base_steps=100)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def model_config(preset: str | None, model_path: str | None):
-    """The config of the model to benchmark: a preset's LlamaConfig or a local checkpoint's config."""
+    """The config of the model to benchmark: a preset's config (`tiny`: a LlamaConfig) or a local
+    checkpoint's config. KeyError for a preset name not in PRESETS or ALIASES."""
     if model_path is not None:
         from transformers import AutoConfig
 
         return AutoConfig.from_pretrained(model_path, local_files_only=True)
-    from transformers import LlamaConfig
+    import transformers
 
-    return LlamaConfig(**PRESETS[preset], bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD)
+    ids = dict(bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD)
+    if preset == "tiny":
+        return transformers.LlamaConfig(**TINY, **ids)
+    cls, kwargs = PLAN_PRESETS[ALIASES.get(preset, preset)]
+    return getattr(transformers, cls)(**kwargs, **ids)
 
 
 def num_layers(config) -> int:

@@ -45,6 +45,22 @@ class AllocationTracker(TorchDispatchMode):
             if isinstance(t, torch.Tensor):
                 self._refs.setdefault(_key(t), None)
 
+    def baseline(self, tensors) -> None:
+        """Mark storages alive at the start of a measurement on REAL tensors as not counted, like
+        `preexisting()`, but watched: when one is freed during the measurement (FusedLISA moves the
+        params it binds into its packed buffer and frees their old storages) its bytes are subtracted
+        from `live`, which can then go below zero. So `peak` is the peak of live tensor bytes above the
+        start, the same baseline semantics as a resident-set meter. Storages already known (seen
+        allocated or registered) are left as they are."""
+        for t in tensors:
+            if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+                continue
+            key = _key(t)
+            if key in self._refs:
+                continue
+            storage = t.untyped_storage()
+            self._refs[key] = weakref.ref(storage, self._freed(key, storage.nbytes()))
+
     def reset_peak(self) -> None:
         self.peak = self.live
 

@@ -172,7 +172,13 @@ def run_bench(args, argv: list[str]) -> int:
         print(f"lisa-fused bench: the machine is busy (load average {load_start:.1f} on {os.cpu_count()} CPUs); "
               f"step times will be noisy; rows it affected are flagged in the load column", file=sys.stderr)
     config = model_config(args.preset, args.model)
-    refusal = preflight.check(args, config)
+    planned, plan_error = None, None
+    try:  # once, here in the parent: never inside a method's process or its timed pass
+        planned = preflight.plan_bench(args, config)
+    except Exception as exc:  # noqa: BLE001 - the bench runs without the planner column
+        plan_error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        print(f"lisa-fused bench: the planner failed ({plan_error}); no planned MiB column", file=sys.stderr)
+    refusal = preflight.check(args, config, planned)
     if refusal:
         print(f"lisa-fused bench: {refusal}", file=sys.stderr)
         return 2
@@ -196,6 +202,8 @@ def run_bench(args, argv: list[str]) -> int:
         row, err = run_one(spec, cache)
         if err is None:
             row["busy"] = report.busy_reason(row, os.cpu_count() or 1)
+            if planned:
+                row.update(preflight.planned_above_baseline(row, planned, torch.device(args.device).type))
             rows.append(row)
         else:
             failures.append({"method": label, "error": err})
@@ -214,6 +222,7 @@ def run_bench(args, argv: list[str]) -> int:
                        "num_attention_heads", "num_key_value_heads", "vocab_size", "tie_word_embeddings")},
                    **data_info, **base_info},
         "fields": {**report.FIELDS, **report.OPTIONAL_FIELDS},
+        "planner": report.planner_header(planned, plan_error, args),
     }
     paths = report.write_all(out, header, rows, failures)
     for p in paths:

@@ -21,10 +21,18 @@ FIELDS = {
     "busy": "why this row's times are not trustworthy (load), or empty",
     "lr": "learning rate of this method",
     "trainable_params": "parameters trained at one time (LISA: gamma blocks + embeddings, head, norms)",
-    "peak_mem_bytes": "peak memory above the baseline taken after model load, before the method's setup",
-    "peak_total_bytes": "peak memory including the baseline",
-    "baseline_bytes": "memory at the baseline",
-    "memory_how": "how peak memory was measured",
+    "peak_mem_bytes": "peak memory above the baseline taken after model load, before the method's setup. CPU: "
+                      "anonymous memory (peak RSS minus the file-backed pages, i.e. library code, added during "
+                      "the pass; tensors plus what malloc keeps plus Python objects); CUDA: "
+                      "torch.cuda.max_memory_allocated minus allocated at the baseline",
+    "peak_tensor_bytes": "peak of live torch tensor bytes above the baseline. CPU: an allocation tracker "
+                         "(lisa_fused.plan.trace.AllocationTracker, the planner's counter) on the real tensors of "
+                         "the memory pass, storages alive at the baseline not counted and subtracted when freed; "
+                         "CUDA: equal to peak_mem_bytes (max_memory_allocated counts the same live blocks)",
+    "peak_total_bytes": "peak memory including the baseline (CPU: VmHWM, the raw resident set)",
+    "baseline_bytes": "memory at the baseline (CPU: VmRSS)",
+    "memory_how": "how peak_mem_bytes was measured",
+    "tensor_how": "how peak_tensor_bytes was measured",
     "opt_device_bytes": "max over steps of optimizer-owned bytes on the model's device (FusedLISA: "
                         "memory_stats; AdamW: state tensors + grads of trained params)",
     "opt_host_bytes": "max over steps of optimizer-owned bytes paged to the host",
@@ -42,12 +50,27 @@ FIELDS = {
     "steps": "optimizer steps", "wall_s": "training wall time",
     "loss_curve": "train loss per step", "opt_step_ms_trace": "per step", "step_ms_trace": "per step",
     "opt_device_bytes_trace": "per step", "opt_host_bytes_trace": "per step",
-    "mem_trace": "memory above baseline after each step (RSS on CPU, allocated on CUDA)",
+    "mem_trace": "memory above baseline after each step (anonymous RSS on CPU, allocated on CUDA)",
 }
 # Filled only where they apply (null otherwise).
 OPTIONAL_FIELDS = {
     "sampler": "FusedLISA's sampler (lisa methods)",
     "sampler_probabilities": "FusedLISA's first-pick probability per block after the last step",
+    "peak_rss_bytes": "CPU: raw peak RSS above the baseline (VmHWM minus VmRSS at the baseline), file-backed "
+                      "pages included; null on CUDA",
+    "file_pages_added_bytes": "CPU: file-backed and shared pages (RssFile + RssShmem) added during the memory "
+                              "pass, peak_rss_bytes - peak_mem_bytes; null on CUDA",
+    "tensor_mem_trace": "CPU memory pass: live tensor bytes above the baseline after each step",
+    "planned_peak_bytes": "the planner's (lisa-fused plan, same method, dtype, batch, seq, rank, gamma, device "
+                          "type) predicted peak minus the model's parameter bytes (what the baseline holds); "
+                          "FusedLISA: its steady state (every block paged once); null where the planner skipped "
+                          "the setting or failed",
+    "planned_tensor_bytes": "planned_peak_bytes as held against peak_tensor_bytes: FusedLISA's device state "
+                            "taken at this run's opt_device_bytes ('device' policy allocates resident moments "
+                            "as blocks leave; a short run has paged fewer blocks); the CPU 'host' store stays "
+                            "whole (reserved up front, so the tensor count sees it all)",
+    "planned_mem_bytes": "planned_tensor_bytes as held against peak_mem_bytes: on CPU the host store taken at "
+                         "this run's opt_host_bytes (the RSS holds only written pages)",
 }
 
 MIB = 1024 * 1024
@@ -57,6 +80,9 @@ COLUMNS = (
     ("lr", "lr", "{:g}"),
     ("trainable", "trainable_params", "{:,}"),
     ("peak mem MiB", "peak_mem_bytes", "{:.1f}", MIB),
+    ("tensors MiB", "peak_tensor_bytes", "{:.1f}", MIB),
+    ("planned MiB", "planned_tensor_bytes", lambda r: _vs(r["planned_tensor_bytes"], r.get("peak_tensor_bytes"),
+                                                          r["planned_tensor_bytes"] != r.get("planned_peak_bytes"))),
     ("opt dev MiB", "opt_device_bytes", "{:.2f}", MIB),
     ("opt host MiB", "opt_host_bytes", "{:.2f}", MIB),
     ("opt step ms", "opt_step_ms", "{:.2f}"),
@@ -82,14 +108,31 @@ def busy_reason(row: dict, cpus: int) -> str:
     return "BUSY: " + ", ".join(why) if why else "ok"
 
 
+def _vs(planned: int | None, measured: int | None, star: bool = False) -> str:
+    """'57.2 (-0.3%)': planned MiB and its relative difference to the measured bytes; '*' after the
+    number marks a planner number taken at the run's paged state (see planner_note)."""
+    if planned is None:
+        return "-"
+    text = f"{planned / MIB:.1f}" + ("*" if star else "")
+    if not measured:
+        return text
+    return f"{text} ({(planned / measured - 1) * 100:+.1f}%)"
+
+
 def format_table(rows: list[dict]) -> str:
+    """One line per row; COLUMNS: (title, key, format string [, scale]) or (title, key, row -> cell)."""
     head = [c[0] for c in COLUMNS]
     body = []
     for r in rows:
         cells = []
         for title, key, fmt, *scale in COLUMNS:
             v = r.get(key)
-            cells.append("-" if v is None else fmt.format(v / scale[0] if scale else v))
+            if v is None:
+                cells.append("-")
+            elif callable(fmt):
+                cells.append(fmt(r))
+            else:
+                cells.append(fmt.format(v / scale[0] if scale else v))
         body.append(cells)
     widths = [max(len(x) for x in col) for col in zip(head, *body)]
     line = lambda cells: "| " + " | ".join(c.rjust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
@@ -121,6 +164,48 @@ def format_seed_summary(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def planner_header(planned: dict | None, error: str | None, args) -> dict:
+    """results.json's "planner": the settings, the planner's rows (lisa_fused.plan fields, bytes) and the
+    weights subtracted to put them above the bench's baseline; or the error."""
+    from ..plan.planner import as_dict
+
+    settings = {k: getattr(args, k, None) for k in ("dtype", "batch_size", "seq_len", "lora_rank", "gamma", "device")}
+    if planned is None:
+        return {"settings": settings, "error": error, "rows": [], "skipped": []}
+    return {"settings": settings, "error": None, "weights_bytes": planned["weights_bytes"],
+            "rows": [as_dict(r) for r in planned["rows"]], "skipped": [as_dict(k) for k in planned["skipped"]]}
+
+
+def planner_note(planner: dict | None, rows: list[dict]) -> str:
+    """Below the table: what "planned MiB" is, the planner's steady state where the column is not it,
+    and the planner against peak mem MiB."""
+    if not planner or not any(r.get("planned_peak_bytes") is not None for r in rows):
+        if planner and planner.get("error"):
+            return f"planned MiB: the planner failed ({planner['error']})"
+        return ""
+    s = planner["settings"]
+    text = (f"planned MiB: `lisa-fused plan` for the same settings (--dtype {s['dtype']} --batch-size "
+            f"{s['batch_size']} --seq-len {s['seq_len']} --lora-rank {s['lora_rank']} --gamma {s['gamma']}, "
+            f"device type of {s['device']}), its peak minus the model's weights "
+            f"({planner['weights_bytes'] / MIB:.2f} MiB, held by the baseline); in parentheses vs tensors MiB "
+            f"(both count live tensor bytes). The planner's FusedLISA rows are the steady state (every block "
+            f"paged once); the 'host' store is reserved up front, so tensors MiB counts all of it.")
+    starred = [r for r in rows if r.get("planned_tensor_bytes") != r.get("planned_peak_bytes")]
+    if starred:
+        text += (" * = with FusedLISA's resident moments at what this run had paged (opt dev MiB) instead of "
+                 "the steady state (" + ", ".join(f"{r['method']} {r['planned_peak_bytes'] / MIB:.1f} MiB"
+                                                  for r in starred) + ").")
+    vs_mem = [f"{r['method']} {_vs(r['planned_mem_bytes'], r['peak_mem_bytes'])}" for r in rows
+              if r.get("planned_mem_bytes") is not None and r.get("peak_mem_bytes") is not None]
+    if vs_mem:
+        text += " Planner vs peak mem MiB"
+        if any(r.get("planned_mem_bytes") != r.get("planned_tensor_bytes") for r in rows):
+            text += (" (a CPU RSS holds only the host pages written so far, so there the host store is taken at "
+                     "this run's opt host MiB)")
+        text += ": " + "; ".join(vs_mem) + "."
+    return text
+
+
 def format_markdown(header: dict, rows: list[dict], failures: list[dict]) -> str:
     cfg = header["config"]
     lines = [f"# lisa-fused bench, {header['date']}", "",
@@ -136,10 +221,16 @@ def format_markdown(header: dict, rows: list[dict], failures: list[dict]) -> str
               f"- load average (1 min) at start / end: {header['load_avg'][0]:.2f} / {header['load_avg'][1]:.2f} "
               f"on {header['cpu_count']} CPUs", ""]
     if rows:
-        lines += [f"- memory: {rows[0]['memory_how']}",
+        lines += [f"- peak mem: {rows[0]['memory_how']}"]
+        if rows[0].get("tensor_how"):
+            lines.append(f"- tensors: {rows[0]['tensor_how']}")
+        lines += [
                   f"- eval loss before fine-tuning: {rows[0]['eval_loss_start']:.4f}", ""]
         lines += [f"- {r['method']}: {r['describe']}" for r in rows]
         lines += ["", format_table(rows)]
+    note = planner_note(header.get("planner"), rows)
+    if note:
+        lines += ["", note]
     summary = format_seed_summary(rows)
     if summary:
         lines += ["", summary]

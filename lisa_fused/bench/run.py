@@ -4,8 +4,9 @@ is its own (see memory.py).
 
 On CUDA one pass measures everything. On CPU there are two passes over the same steps, each from a
 fresh copy of the base weights: the first measures peak memory with glibc set to give freed tensors
-back to the OS from the process start; the second, with glibc's reuse back on, times the steps and
-gives the losses, which must equal the first pass's (memory.py says why).
+back to the OS from the process start, both as anonymous RSS and as live tensor bytes (an allocation
+tracker on the real tensors, see memory.py); the second, with glibc's reuse back on and no tracker,
+times the steps and gives the losses, which must equal the first pass's (memory.py says why).
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import lisa_fused
 
 from . import methods
 from .data import batch_starts, eval_starts, windows
-from .memory import EXACT_MMAP_THRESHOLD, TIMED_MMAP_THRESHOLD, meter_for, set_mmap_threshold
+from .memory import EXACT_MMAP_THRESHOLD, TIMED_MMAP_THRESHOLD, TensorMeter, meter_for, set_mmap_threshold
 from .models import DTYPES, build_model, model_config
 
 TAIL = 5  # the final train loss is the mean over this many last steps
@@ -131,27 +132,42 @@ class Run:
         s = self.spec
         return evaluate(model, self.tokens["ft_eval"], s["seq_len"], s["batch_size"], s["eval_windows"], self.device)
 
-    def fine_tune(self, model, meter, desc) -> tuple[methods.Setup, dict]:
+    def fine_tune(self, model, meter, desc, tensors: TensorMeter | None = None) -> tuple[methods.Setup, dict]:
         """Set the method up on `model` and train; the meter's baseline is taken before the setup (and
-        after the method's libraries are imported: importing peft alone adds tens of MB of RSS)."""
+        after the method's libraries are imported: importing peft alone adds tens of MB of RSS).
+        `tensors`: also count live tensor bytes over the setup and the steps (CPU memory pass)."""
         methods.import_libraries(self.spec["method"])
         meter.start()
-        setup = methods.build(self.spec["method"], model, self.spec)
-        opt_dev, opt_host, mem_now = [], [], []
+        if tensors is not None:
+            tensors.start(model, *self.tokens.values())
+        opt_dev, opt_host, mem_now, tensor_now = [], [], [], []
+        try:
+            setup = methods.build(self.spec["method"], model, self.spec)
 
-        def on_step():
-            d, h = setup.optimizer_bytes()
-            opt_dev.append(d)
-            opt_host.append(h)
-            mem_now.append(meter.current())
+            def on_step():
+                d, h = setup.optimizer_bytes()
+                opt_dev.append(d)
+                opt_host.append(h)
+                mem_now.append(meter.current())
+                if tensors is not None:
+                    tensor_now.append(tensors.current())
 
-        cpu0, wall0 = time.process_time(), time.perf_counter()
-        trace = train(setup.model, setup.optimizer, self.tokens["ft_train"], self.starts, self.spec["seq_len"],
-                      self.device, desc=desc, on_step=on_step)
+            cpu0, wall0 = time.process_time(), time.perf_counter()
+            trace = train(setup.model, setup.optimizer, self.tokens["ft_train"], self.starts,
+                          self.spec["seq_len"], self.device, desc=desc, on_step=on_step)
+        finally:
+            if tensors is not None:
+                tensors.stop()
         # Share of the CPUs this process got while training: other processes' load shows as a drop.
         trace["cpu_share"] = (time.process_time() - cpu0) / ((time.perf_counter() - wall0) * torch.get_num_threads())
+        cuda = self.device.type == "cuda"
         trace.update(opt_dev=opt_dev, opt_host=opt_host, mem=mem_now, peak=meter.peak(),
-                     peak_total=meter.peak_total(), baseline=meter.baseline, memory_how=meter.how)
+                     peak_total=meter.peak_total(), baseline=meter.baseline, memory_how=meter.how,
+                     peak_rss=None if cuda else meter.peak_rss(), file_added=None if cuda else meter.file_added(),
+                     tensor_mem=tensor_now if tensors is not None else None,
+                     peak_tensor=meter.peak() if cuda else (tensors.peak() if tensors is not None else None),
+                     tensor_how=("the same as peak_mem_bytes: torch.cuda.max_memory_allocated counts live "
+                                 "tensor blocks" if cuda else tensors.how if tensors is not None else None))
         return setup, trace
 
 
@@ -165,7 +181,8 @@ def run_method(spec: dict) -> dict:
     meter = meter_for(run.device)
     load_start = os.getloadavg()[0]
     if cpu and memory_pass:
-        mem = run.fine_tune(model, meter, desc=f"{spec.get('label', spec['method'])}: memory pass 1/2")[1]
+        mem = run.fine_tune(model, meter, desc=f"{spec.get('label', spec['method'])}: memory pass 1/2",
+                            tensors=TensorMeter())[1]
         mem["memory_how"] += ("; glibc M_MMAP_THRESHOLD fixed at 64 KiB in this pass, so freed tensors leave "
                               "the RSS" if exact else "; default allocator (RSS includes freed memory it keeps)")
         model = None
@@ -184,6 +201,7 @@ def run_method(spec: dict) -> dict:
         mem = trace
     elif not memory_pass:
         mem = {"peak": None, "peak_total": None, "baseline": None, "mem": [None] * len(trace["loss"]),
+               "peak_rss": None, "peak_tensor": None, "file_added": None, "tensor_mem": None, "tensor_how": None,
                "memory_how": "not measured: a repeat of a row above (another seed or sampler, same memory)"}
     elif mem["loss"] != trace["loss"]:
         mem["memory_how"] += "; WARNING: the memory pass's losses differ from the timed pass's"
@@ -208,9 +226,13 @@ def run_method(spec: dict) -> dict:
         "lr": lr,
         "trainable_params": trainable,
         "peak_mem_bytes": mem["peak"],
+        "peak_tensor_bytes": mem["peak_tensor"],
+        "peak_rss_bytes": mem["peak_rss"],
+        "file_pages_added_bytes": mem["file_added"],
         "peak_total_bytes": mem["peak_total"],
         "baseline_bytes": mem["baseline"],
         "memory_how": mem["memory_how"],
+        "tensor_how": mem["tensor_how"],
         "opt_device_bytes": max(trace["opt_dev"]),
         "opt_host_bytes": max(trace["opt_host"]),
         "opt_step_ms": statistics.median(trace["opt_ms"][timed]),
@@ -228,6 +250,7 @@ def run_method(spec: dict) -> dict:
         "opt_device_bytes_trace": trace["opt_dev"],
         "opt_host_bytes_trace": trace["opt_host"],
         "mem_trace": mem["mem"],
+        "tensor_mem_trace": mem["tensor_mem"],
     }
 
 

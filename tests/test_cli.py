@@ -46,6 +46,8 @@ def test_bench_writes_table_json_png(bench_run):
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert re.search(r"\|\s+method\s+\|\s+backend\s+\|.*\|\s+eval loss\s+\|\s+load\s+\|\n\|-+\|",
                      (out / "results.md").read_text())
+    assert re.search(r"\|\s+peak mem MiB\s+\|\s+tensors MiB\s+\|\s+planned MiB\s+\|", proc.stdout)
+    assert "planned MiB: `lisa-fused plan` for the same settings" in proc.stdout
     assert "lora" in proc.stderr  # the per-method progress bars go to stderr
 
 
@@ -59,6 +61,8 @@ def test_bench_json_has_every_field_for_every_method(bench_run):
         assert header[key], key
     assert header["command"].startswith("lisa-fused bench --steps 3")
     assert header["config"]["gamma"] == 2 and header["config"]["lora_rank"] == 4
+    assert header["planner"]["error"] is None and header["planner"]["weights_bytes"] > 0
+    assert {r["method"] for r in header["planner"]["rows"]} == {"full", "lora", "lisa"}
     assert [r["method"] for r in rows] == list(METHODS)
     for row in rows:
         for key in report.FIELDS:
@@ -67,6 +71,10 @@ def test_bench_json_has_every_field_for_every_method(bench_run):
                 assert row[key] is not None, f"{row['method']}: {key} is None"
         assert len(row["loss_curve"]) == len(row["opt_device_bytes_trace"]) == 3
         assert row["peak_mem_bytes"] > 0 and row["opt_step_ms"] > 0 and row["tokens_per_s"] > 0
+        # CPU memory pass: anonymous peak <= raw RSS peak; live tensor bytes as the planner predicts them
+        assert 0 < row["peak_mem_bytes"] <= row["peak_rss_bytes"]
+        assert row["peak_tensor_bytes"] > 0 and len(row["tensor_mem_trace"]) == 3
+        assert row["planned_tensor_bytes"] == pytest.approx(row["peak_tensor_bytes"], rel=0.01), row["method"]
         assert row["tokens_per_s"] == pytest.approx(2 * 16 / (row["step_ms"] / 1e3))  # one statistic
         assert row["lisa_fused_file"] == lisa_fused.__file__
         assert row["busy"] == "ok" or row["busy"].startswith("BUSY: ")

@@ -271,13 +271,16 @@ def plot(path: Path, rows: list[dict], title: str) -> None:
 
     names = [r["method"] for r in rows]
     x = range(len(rows))
-    bars = (("peak_mem_bytes", "peak above baseline"), ("opt_device_bytes", "optimizer on device"),
+    bars = (("peak_mem_bytes", "peak mem above baseline (CPU: anonymous RSS)"), ("peak_tensor_bytes", "live tensors"),
+            ("planned_tensor_bytes", "planner"), ("opt_device_bytes", "optimizer on device"),
             ("opt_host_bytes", "optimizer paged to host"))
+    w = 0.8 / len(bars)
     for j, (key, label) in enumerate(bars):
-        ax_mem.bar([i + (j - 1) * 0.27 for i in x], [(r[key] or 0) / MIB for r in rows], 0.27, label=label)
+        ax_mem.bar([i + (j - (len(bars) - 1) / 2) * w for i in x], [(r.get(key) or 0) / MIB for r in rows], w,
+                   label=label)
     ax_mem.set_xticks(list(x), names)
     ax_mem.set(ylabel="MiB", title="memory (MiB)")
-    ax_mem.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=3)
+    ax_mem.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2)
 
     ax_speed.bar([i - 0.2 for i in x], [r["step_ms"] for r in rows], 0.4, label="step (median)")
     ax_speed.bar([i + 0.2 for i in x], [r["opt_step_ms"] for r in rows], 0.4, label="optimizer.step (median)")

@@ -16,8 +16,9 @@ mappings cost page faults on every allocation and would slow the timed steps dow
 
 What the CPU memory pass reports (run.py), all in bytes above the state at the meter's start:
 - `peak_rss_bytes`: VmHWM minus VmRSS at start, the raw resident-set peak. It includes file-backed
-  pages mapped in during the pass: shared-library code of kernels run for the first time (~9 MiB for
-  every method on the tiny model), which no method allocates.
+  pages mapped in during the pass: shared-library code of kernels run for the first time (5 MiB per
+  method on the tiny model in the bench's process, whose eval already ran the forward; 9 MiB without
+  it), which no method allocates.
 - `peak_mem_bytes`: the peak of anonymous memory, VmHWM minus the file-backed and shared pages at the
   time the peak is read (RssFile + RssShmem) minus RssAnon at start, i.e. the raw peak minus the
   file-backed pages added during the pass. Exact when those pages were faulted in before the peak and

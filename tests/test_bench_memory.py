@@ -171,5 +171,22 @@ def test_peak_tensor_bytes_of_a_real_run_is_the_planners(real_runs):
     assert bound > 0.01 * rows["lisa"]["peak_tensor_bytes"]
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc and glibc's mallinfo2")
+def test_cpu_memory_breakdown_script_reports_tensors_below_malloc_in_use():
+    import re
+    import subprocess
+
+    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "cpu_memory_breakdown.py")
+    out = subprocess.run([sys.executable, script, "full", "--steps", "1"], capture_output=True, text=True,
+                         check=True, timeout=300).stdout
+    line = next(ln for ln in out.splitlines() if "after forward" in ln)
+    tensors = float(re.search(r"live tensors ([\d.]+) MiB", line).group(1))
+    in_use = float(re.search(r"malloc in-use \+([\d.]+) MiB", line).group(1))
+    # AdamW's state does not exist before the first step: activations only, every tensor from malloc.
+    assert 20 < tensors <= in_use < tensors + 8, line
+    assert "live tensor peak" in out
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))

@@ -240,7 +240,7 @@ def load_state_dict(opt, state_dict) -> None:
     if isinstance(lisa.get("sampler"), dict):  # (draw() takes rank 0's state under torch.distributed)
         opt._sampler.load_state_dict(lisa["sampler"])
     if opt._meter is not None:  # the restored slots give a new segment order
-        opt._meter.reset(opt._meter_blocks())
+        opt._meter.reset(opt._slots.meter_blocks())
         if lisa.get("grad_meter") is not None:
             opt._meter.load_state_dict(lisa["grad_meter"])
 

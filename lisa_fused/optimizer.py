@@ -20,6 +20,7 @@ from .kernels.contract import N_COLS
 from .layers import find_layout
 from .packing import PackedBuffers, PackedLayout, Region
 from .paging import POLICIES, MomentStore
+from .slots import Slots
 
 try:
     from torch.distributed.tensor import DTensor
@@ -129,14 +130,15 @@ class FusedLISA(torch.optim.Optimizer):
         # Pack the always-trained params once; they stay bound until release().
         for i, off, n in self._packed.always.entries:
             self._binding.bind(i, off, write_master=True)
-        self._slot_of: dict[int, int] = {}  # active block -> slot
+        self._slots = Slots(self._packed, block_idx, params)  # active block -> slot, and the moves
         first = self._draw()
         for b in range(n_blocks):
             if b not in first:
-                self._set_trainable(b, False)
-        self._activate(leaving=[], arriving=first)
+                self._slots.set_trainable(b, False)
+        self._reset_fresh(self._slots.activate(self._binding, self._store, [], list(first),
+                                               list(range(len(first))), page=True))
         # grad_norm: the kernel adds each segment's ||g||^2 into this meter's device buffer (no second pass).
-        self._meter = sampling.GradNormMeter(self._meter_blocks(), self.device) \
+        self._meter = sampling.GradNormMeter(self._slots.meter_blocks(), self.device) \
             if isinstance(sampler, sampling.GradNormSampler) else None
 
     def _make_store(self, device) -> MomentStore:
@@ -156,7 +158,7 @@ class FusedLISA(torch.optim.Optimizer):
     @property
     def active_layers(self) -> tuple[int, ...]:
         """Block indices trained in the current interval, ascending."""
-        return tuple(sorted(self._slot_of))
+        return self._slots.active
 
     def memory_stats(self) -> dict[str, int]:
         """Bytes the optimizer holds (ints): device_bytes (packed params/masters, grads, moments, scales,
@@ -253,7 +255,7 @@ class FusedLISA(torch.optim.Optimizer):
         if grad_scale is not None:
             grad_scale = grad_scale.to(device=self.device, dtype=torch.float32).reshape(1)
 
-        segments, seg_params = self._segments()
+        segments, seg_params = self._slots.segments()
         collect = self._binding.collect
         enabled = [collect(i) for i in seg_params]
         for i, on in zip(seg_params, enabled):
@@ -349,13 +351,6 @@ class FusedLISA(torch.optim.Optimizer):
         log("FusedLISA: the model's params got new storage (model.to(...): %s on %s -> %s on %s); the optimizer "
             "followed (packed buffers, paged state, masters; backend %r)", was[1], was[0], dt, dev, backend)
 
-    def _segments(self):
-        key = tuple(sorted(self._slot_of.items()))
-        if getattr(self, "_seg_key", None) != key:
-            self._seg_cache = self._packed.segments(self._slot_of)
-            self._seg_key = key
-        return self._seg_cache
-
     def _draw(self) -> tuple[int, ...]:
         n = len(self._block_params)
         if self.n_active_layers == n:
@@ -371,73 +366,25 @@ class FusedLISA(torch.optim.Optimizer):
         new = self._draw()
         self._move(new, page=True)
         if meter is not None:
-            meter.reset(self._meter_blocks())
+            meter.reset(self._slots.meter_blocks())
         logger.info("FusedLISA step %d: active layers %s", self._global_step, self.active_layers)
         if self._sampler.name in sampling.ADAPTIVE_SAMPLERS:
             logger.info("FusedLISA sampler after step %d: %s", self._global_step, self._sampler.describe())
 
-    def _meter_blocks(self) -> list[int | None]:
-        """The block of each kernel segment (None: always trained), in the current segment order."""
-        _, seg_params = self._segments()
-        block_of = {i: b for b, ix in enumerate(self._block_params) for i in ix}
-        return [block_of.get(i) for i in seg_params]
-
-    def _set_trainable(self, b, flag):
-        for i in self._block_params[b]:
-            self._params[i].requires_grad_(flag)
+    @property
+    def _slot_of(self) -> dict[int, int]:
+        return self._slots.slot_of
 
     def _move(self, new_active, page: bool):
-        """Make `new_active` the active set: blocks that stay keep their slot."""
-        new_active = tuple(sorted(new_active))
-        leaving = [(b, s) for b, s in self._slot_of.items() if b not in new_active]
-        free = sorted(s for _, s in leaving) + sorted(set(range(self.n_active_layers)) - set(self._slot_of.values()))
-        arriving = [(b, free.pop(0)) for b in new_active if b not in self._slot_of]
-        self._activate(leaving, [b for b, _ in arriving], slots=[s for _, s in arriving], page=page)
+        """Make `new_active` the active set (slots.py); page=False leaves the state to the caller."""
+        self._reset_fresh(self._slots.move(new_active, self._binding, self._store, page))
 
-    def _activate(self, leaving, arriving, slots=None, page=True):
-        if slots is None:
-            used = set(self._slot_of.values())
-            slots = [s for s in range(self.n_active_layers) if s not in used][:len(arriving)]
-        # 1) params: leaving blocks get their own storage back, arriving ones move into their slots.
-        for b, _ in leaving:
-            for i in self._block_params[b]:
-                self._binding.unbind(i)
-            del self._slot_of[b]
-            self._set_trainable(b, False)
-        for b, s in zip(arriving, slots):
-            base = self._packed.slot_offset(s)
-            self._set_trainable(b, True)  # before bind: the grad hook needs requires_grad
-            for i, off, _ in self._packed.blocks[b].entries:
-                self._binding.bind(i, base + off, write_master=not page)
-            self._slot_of[b] = s
-        # 2) optimizer state: paged on the copy stream (or reset).
-        pairs_in = list(zip(arriving, slots))
-        if not page:
-            return
-        fresh = self._store.switch(
-            leaving=leaving, arriving=pairs_in,
-            length_of=lambda b: self._packed.blocks[b].length,
-            slot_views=self._slot_views,
-            init_master=self._init_master,
-        )
+    def _reset_fresh(self, fresh):
+        """"drop": a block arriving without saved state restarts its bias correction from step 1."""
         if self.inactive_moments == "drop":
             for b in fresh:
                 for i in self._block_params[b]:
                     self._steps[i] = 0
-
-    def _slot_views(self, slot, length):
-        return self._bufs.rows(self._packed.slot_offset(slot), length)
-
-    def _init_master(self, slot, block, _row2):
-        """A block arriving without saved state: rows past exp_avg/exp_avg_sq start fresh (scales and
-        compensation zero, the fp32 master from the params). The store hands over row 2 only."""
-        bufs, off = self._bufs, self._packed.slot_offset(slot)
-        views = bufs.rows(off, self._packed.blocks[block].length)
-        for name, v in zip(bufs.paged_names()[2:], views[2:]):
-            if name == "master":
-                v.copy_(bufs.lowp[off:off + v.numel()])
-            else:
-                v.zero_()
 
     def _sync_generator_from_rank0(self):
         """Every rank must draw the same blocks: take rank 0's generator state when distributed."""

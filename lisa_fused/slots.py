@@ -1,0 +1,95 @@
+"""Which block sits in which slot of FusedLISA's packed buffer, and the move from one active set to the
+next: a leaving block's params get their own storage back and its state is paged out; an arriving
+block's params are bound into a free slot and its state is paged in (or started fresh).
+
+The packed layout (packing.PackedLayout) has one region for the always-trained params and
+`n_slots` equal slots for blocks; blocks that stay active keep their slot, so a switch touches only the
+blocks that change. Params are bound by binding.ParamBinding, state is paged by paging.MomentStore.
+"""
+from __future__ import annotations
+
+from .binding import ParamBinding
+from .packing import PackedLayout
+from .paging import MomentStore
+
+
+class Slots:
+    """`slot_of`: active block -> slot. `block_params[b]`: indices (into `params`) of block b's params."""
+
+    def __init__(self, packed: PackedLayout, block_params: list[range], params: list):
+        self.packed = packed
+        self.block_params = block_params
+        self.params = params
+        self.slot_of: dict[int, int] = {}
+        self._seg_key = None
+        self._seg_cache = None
+
+    @property
+    def active(self) -> tuple[int, ...]:
+        return tuple(sorted(self.slot_of))
+
+    def segments(self):
+        """The kernel's (segments, param indices) for the current active set (cached per set)."""
+        key = tuple(sorted(self.slot_of.items()))
+        if self._seg_key != key:
+            self._seg_cache = self.packed.segments(self.slot_of)
+            self._seg_key = key
+        return self._seg_cache
+
+    def meter_blocks(self) -> list[int | None]:
+        """The block of each kernel segment (None: always trained), in the current segment order."""
+        _, seg_params = self.segments()
+        block_of = {i: b for b, ix in enumerate(self.block_params) for i in ix}
+        return [block_of.get(i) for i in seg_params]
+
+    def set_trainable(self, b: int, flag: bool) -> None:
+        for i in self.block_params[b]:
+            self.params[i].requires_grad_(flag)
+
+    def move(self, new_active, binding: ParamBinding, store: MomentStore, page: bool) -> list[int]:
+        """Make `new_active` the active set (blocks that stay keep their slot); returns the arriving blocks
+        whose state started fresh (no saved state, or the "drop" policy)."""
+        new_active = tuple(sorted(new_active))
+        leaving = [(b, s) for b, s in self.slot_of.items() if b not in new_active]
+        free = sorted(s for _, s in leaving) + sorted(set(range(self.packed.n_slots)) - set(self.slot_of.values()))
+        arriving = [(b, free.pop(0)) for b in new_active if b not in self.slot_of]
+        return self.activate(binding, store, leaving, [b for b, _ in arriving], [s for _, s in arriving], page)
+
+    def activate(self, binding: ParamBinding, store: MomentStore, leaving, arriving, slots, page: bool) -> list[int]:
+        """Unbind `leaving` [(block, slot)], bind `arriving` blocks into `slots`; with `page`, page the
+        optimizer state out and in on the copy stream (without: the caller writes the state, as a
+        checkpoint load does). Returns the arriving blocks whose state started fresh."""
+        # 1) params: leaving blocks get their own storage back, arriving ones move into their slots.
+        for b, _ in leaving:
+            for i in self.block_params[b]:
+                binding.unbind(i)
+            del self.slot_of[b]
+            self.set_trainable(b, False)
+        for b, s in zip(arriving, slots):
+            base = self.packed.slot_offset(s)
+            self.set_trainable(b, True)  # before bind: the grad hook needs requires_grad
+            for i, off, _ in self.packed.blocks[b].entries:
+                binding.bind(i, base + off, write_master=not page)
+            self.slot_of[b] = s
+        if not page:
+            return []
+        # 2) optimizer state: paged on the copy stream (or reset).
+        bufs = binding.bufs
+
+        def slot_views(slot, length):
+            return bufs.rows(self.packed.slot_offset(slot), length)
+
+        def init_master(slot, block, _row2):
+            """A block arriving without saved state: rows past exp_avg/exp_avg_sq start fresh (scales
+            and compensation zero, the fp32 master from the params). The store hands over row 2 only."""
+            off = self.packed.slot_offset(slot)
+            views = bufs.rows(off, self.packed.blocks[block].length)
+            for name, v in zip(bufs.paged_names()[2:], views[2:]):
+                if name == "master":
+                    v.copy_(bufs.lowp[off:off + v.numel()])
+                else:
+                    v.zero_()
+
+        return store.switch(leaving=leaving, arriving=list(zip(arriving, slots)),
+                            length_of=lambda b: self.packed.blocks[b].length,
+                            slot_views=slot_views, init_master=init_master)

@@ -68,6 +68,13 @@ _samplers = _name_list("sampler", _sampler_names)
 _methods = _name_list("method", _method_names)
 
 
+class _Parser(argparse.ArgumentParser):
+    """Errors are one line naming the bad value (argparse prints the whole usage block first)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 class _HelpFormatter(argparse.HelpFormatter):
     """Appends "(default: X)" where there is a default to show and the help does not already say it."""
 
@@ -160,8 +167,12 @@ def run_plan(args) -> int:
     if planner.trace_device != args.device:
         print(f"note: traced on {planner.trace_device} fake tensors (this torch has no {args.device}); "
               f"temporaries follow {planner.trace_device} kernels")
-    print("state: grads + moments + masters (FusedLISA: memory_stats after every block was active once); "
-          "activations: traced peak of forward, backward and step; host: LISA's paged state (pinned)")
+    print("weights: the model's parameters (LoRA: + adapters; LISA: minus the params it trains, which sit in its "
+          "packed buffer and count in state); state: grads + moments + masters (FusedLISA: memory_stats after "
+          "every block was active once); act+temp: traced peak of forward, backward and optimizer step (full "
+          "AdamW's foreach step makes whole-model temporaries, so its peak can be the step); host: LISA's paged "
+          "state (pinned); peak = weights + state + act+temp" + (" + host (a CPU target: the same RAM)"
+                                                                 if args.device == "cpu" else ""))
     if args.json:
         with open(args.json, "w") as f:
             f.write(to_json(header, rows, skipped))
@@ -173,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .bench.methods import DEFAULT_METHODS, METHODS
     from .bench.models import ALIASES, DTYPES, PRESETS
 
-    parser = argparse.ArgumentParser(prog="lisa-fused", description="FusedLISA tools.")
+    parser = _Parser(prog="lisa-fused", description="FusedLISA tools.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     b = sub.add_parser(
         "bench", help="fine-tune a model with full AdamW, LoRA and FusedLISA and compare them",
@@ -201,8 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batch-size", type=_int_at_least(1), default=4, help="sequences per step")
     b.add_argument("--seq-len", type=_int_at_least(2), default=128, help="tokens per sequence")
     b.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda if available)")
-    b.add_argument("--dtype", choices=sorted(DTYPES), default=None,
-                   help="parameter dtype (default: float32 for tiny, bfloat16 for the large presets)")
+    b.add_argument("--dtype", type=lambda t: PLAN_DTYPES.get(t, t), choices=sorted(DTYPES), default=None,
+                   help="parameter dtype, also bf16/fp16/fp32 as in `plan` (default: float32 for tiny, bfloat16 "
+                        "for the large presets)")
     b.add_argument("--gamma", type=_int_at_least(1), default=2, help="FusedLISA active blocks")
     b.add_argument("--switch-every", type=_int_at_least(1), default=8, help="FusedLISA K: steps per interval")
     b.add_argument("--lora-rank", type=_int_at_least(1), default=16, help="LoRA rank (alpha = 2 x rank)")
@@ -266,13 +278,46 @@ def resolve_bench_args(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
+def _join_dash_values(argv: list[str]) -> list[str]:
+    """`--gpu-mem -3GiB` -> `--gpu-mem=-3GiB`: argparse would take '-3GiB' for an option and say only
+    "expected one argument"; joined, the value reaches its parser, which names what is wrong with it."""
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] == "--gpu-mem" and i + 1 < len(argv) and argv[i + 1].startswith("-") and argv[i + 1][1:2].isdigit():
+            out.append(f"--gpu-mem={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
+
+
+def _passive_openmp(argv: list[str]) -> None:
+    """Re-run this bench with OMP_WAIT_POLICY=PASSIVE unless the user set it: on small shared CPUs,
+    OpenMP threads that spin while waiting slow torch's per-tensor kernels down ~10x (README). It must
+    be set before libgomp loads, i.e. in a fresh process; the children inherit it."""
+    if "OMP_WAIT_POLICY" in os.environ:
+        return
+    import lisa_fused
+
+    print("lisa-fused bench: running with OMP_WAIT_POLICY=PASSIVE (set OMP_WAIT_POLICY yourself to choose)",
+          file=sys.stderr, flush=True)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(lisa_fused.__file__)))
+    code = f"import sys; sys.path.insert(0, {root!r}); from lisa_fused.cli import main; sys.exit(main())"
+    sys.stdout.flush()
+    os.execve(sys.executable, [sys.executable, "-c", code, *argv], dict(os.environ, OMP_WAIT_POLICY="PASSIVE"))
+
+
 def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    command_line = argv is None  # the `lisa-fused` command, not a call from Python (tests, notebooks)
+    argv = _join_dash_values(list(sys.argv[1:] if argv is None else argv))
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "plan":
         return run_plan(args)
     args = resolve_bench_args(args)
+    if command_line and args.device.startswith("cpu"):
+        _passive_openmp(argv)
     from .bench.bench import run_bench
 
     try:

@@ -33,6 +33,7 @@ def bench_run(tmp_path_factory):
            "--seq-len", "16", "--eval-windows", "2", "--switch-every", "1", "--lora-rank", "4",
            "--device", "cpu", "--out", str(out)]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(PACKAGE_ROOT), os.environ.get("PYTHONPATH")])))
+    env.pop("OMP_WAIT_POLICY", None)  # the bench re-runs itself with PASSIVE (test_bench_json_...)
     proc = subprocess.run(cmd, cwd=out, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return out, proc
@@ -57,6 +58,7 @@ def test_bench_json_has_every_field_for_every_method(bench_run):
     result = json.loads((out / "results.json").read_text())
     header, rows = result["header"], result["rows"]
     assert result["failures"] == []
+    assert header["omp_wait_policy"] == "PASSIVE"  # set by the bench itself, before torch loaded OpenMP
     for key in ("device", "torch", "transformers", "peft", "python", "date", "command", "config"):
         assert header[key], key
     assert header["command"].startswith("lisa-fused bench --steps 3")
@@ -198,7 +200,12 @@ def test_switch_and_normal_steps_are_split():
 
 def test_busy_rows_are_flagged():
     assert report.busy_reason({"load_avg": [0.2, 0.4], "cpu_share": 0.95}, 2) == "ok"
-    assert report.busy_reason({"load_avg": [1.9, 3.2], "cpu_share": 0.5}, 2) == "BUSY: load 3.2/2 CPUs, got 50% of its CPUs"
+    assert report.busy_reason({"load_avg": [1.9, 3.2], "cpu_share": 0.5, "threads": 2}, 2) == \
+        "BUSY: load 3.2/2 CPUs, 1.2 beyond its own threads, got 50% of its CPUs"
+    # A quiet machine: the load is the method's own two threads (the fresh-user run flagged 1.6/2).
+    assert report.busy_reason({"load_avg": [1.1, 1.8], "cpu_share": 0.97, "threads": 2}, 2) == "ok"
+    assert report.busy_reason({"load_avg": [1.1, 2.4], "cpu_share": 0.97, "threads": 1}, 2) == \
+        "BUSY: load 2.4/2 CPUs, 1.4 beyond its own threads"
 
 
 def test_help_has_text_on_every_option_and_no_doubled_defaults():

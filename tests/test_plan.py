@@ -133,6 +133,8 @@ def test_plan_cli_table_and_json(tmp_path, capsys):
         assert row["fits"] is True and row["max_batch_size"] > 2
     assert lisa["max_gamma"] == 3 and full["max_gamma"] is None
     assert lisa["kwargs"] == {"inactive_moments": "host"}
+    assert full["peak_at"] and lisa["peak_at"]  # e.g. "optimizer step", "LM head + loss"
+    assert "act+temp peaks in" in text and full["peak_at"] in text
 
 
 def test_plan_cli_max_gamma_and_batch_respect_the_limit(tmp_path, capsys):
@@ -152,7 +154,7 @@ def test_plan_cli_max_gamma_and_batch_respect_the_limit(tmp_path, capsys):
     row = json.loads((tmp_path / "c.json").read_text())["rows"][0]
     assert not row["fits"] and row["max_gamma"] == 0 and row["max_batch_size"] == 0
     line = next(ln for ln in capsys.readouterr().out.splitlines() if "inactive_moments=host " in ln + " ")
-    assert [c.strip() for c in line.split("|")[8:10]] == ["none", "none"], line  # max batch, max gamma
+    assert [c.strip() for c in line.split("|")[9:11]] == ["none", "none"], line  # max batch, max gamma
 
 
 BAD = [
@@ -160,6 +162,7 @@ BAD = [
     (["plan", "no/such/config.json"], "MODEL 'no/such/config.json': no such file or folder"),
     (["plan", "/"], "MODEL '/': has no config.json"),
     (["plan", "tiny", "--gpu-mem=-5GiB"], "--gpu-mem: '-5GiB': must be > 0"),
+    (["plan", "tiny", "--gpu-mem", "-5GiB"], "--gpu-mem: '-5GiB': must be > 0"),  # not "expected one argument"
     (["plan", "tiny", "--gpu-mem", "5 parsecs"], "'5 parsecs': not a size"),
     (["plan", "tiny", "--methods", "full,adam"], "give distinct methods from full,lora,lisa"),
     (["plan", "tiny", "--gamma", "9"], "--gamma 9: must be in 1..8"),
@@ -174,6 +177,7 @@ def test_plan_bad_input_is_one_line_naming_it(argv, message, capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err  # one line, no usage block
 
 
 def test_plan_unreadable_config_and_model_without_causal_lm(tmp_path, capsys):

@@ -134,7 +134,8 @@ def versions() -> dict:
         commit = "git not found"
     return {"python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__, "peft": peft.__version__,
-            "lisa_fused": f"{lisa_fused.__version__} ({commit})"}
+            "lisa_fused": f"{lisa_fused.__version__} ({commit})",
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset")}
 
 
 def run_specs(args, common: dict) -> list[dict]:

@@ -128,7 +128,8 @@ def check(args, config, planned: dict | None = None) -> str | None:
         tokens = args.batch_size * args.seq_len * args.steps * 2 * len(args.methods)
         seconds = 6 * n_params * tokens / matmul_flops_per_s()
         if seconds > REFUSE_SECONDS:
-            problems.append(f"{n_params / 1e9:.1f}B parameters x {tokens:,} tokens at this CPU's matmul rate "
+            problems.append(f"{n_params / 1e9:.1f}B parameters x {tokens:,} tokens ({len(args.methods)} methods x 2 "
+                            f"passes x {args.steps} steps x {args.batch_size} x {args.seq_len}) at this CPU's matmul rate "
                             f"take about {seconds / 3600:.1f} h")
     if not problems:
         return None

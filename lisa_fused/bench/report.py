@@ -18,7 +18,9 @@ FIELDS = {
     "load_avg": "1-min load average when the method's process started training / finished",
     "cpu_share": "CPU only: process CPU time / (wall time x torch threads) while training; low means other "
                  "processes took the CPUs",
-    "busy": "why this row's times are not trustworthy (load), or empty",
+    "threads": "CPU only: torch threads of the method's process (its own share of the load average)",
+    "busy": "why this row's times are not trustworthy: other processes' load (the load average beyond the "
+            "method's own threads above half the CPUs) or a CPU share under 75%; else 'ok'",
     "lr": "learning rate of this method",
     "trainable_params": "parameters trained at one time (LISA: gamma blocks + embeddings, head, norms)",
     "peak_mem_bytes": "peak memory above the baseline taken after model load, before the method's setup. CPU: "
@@ -101,8 +103,11 @@ def busy_reason(row: dict, cpus: int) -> str:
     """'' when the method ran on a quiet machine, else what made its times unreliable."""
     why = []
     load = max(row["load_avg"])
-    if load > BUSY_LOAD * cpus:
-        why.append(f"load {load:.1f}/{cpus} CPUs")
+    # The load average counts this method's own threads (and the one-minute average lags behind the
+    # previous method's): what others put on the CPUs is the load beyond them.
+    others = load - min(row.get("threads") or cpus, cpus)
+    if others > BUSY_LOAD * cpus:
+        why.append(f"load {load:.1f}/{cpus} CPUs, {others:.1f} beyond its own threads")
     if row.get("cpu_share") is not None and row["cpu_share"] < BUSY_SHARE:
         why.append(f"got {row['cpu_share']:.0%} of its CPUs")
     return "BUSY: " + ", ".join(why) if why else "ok"
@@ -211,7 +216,8 @@ def format_markdown(header: dict, rows: list[dict], failures: list[dict]) -> str
     lines = [f"# lisa-fused bench, {header['date']}", "",
              f"- command: `{header['command']}`",
              f"- device: {header['device']}; python {header['python']}, torch {header['torch']}, "
-             f"transformers {header['transformers']}, peft {header['peft']}, lisa_fused {header['lisa_fused']}",
+             f"transformers {header['transformers']}, peft {header['peft']}, lisa_fused {header['lisa_fused']}; "
+             f"OMP_WAIT_POLICY={header.get('omp_wait_policy', 'unset')}",
              f"- model: {cfg['model'] or cfg['preset']} {cfg['model_config']}, dtype {cfg['dtype']}",
              f"- data: fine-tune on {cfg['finetune_text']} ({cfg['ft_train_tokens']:,} train / "
              f"{cfg['ft_eval_tokens']:,} held-out tokens, {cfg['tokens']})"]

@@ -223,6 +223,7 @@ def run_method(spec: dict) -> dict:
         "lisa_fused_file": lisa_fused.__file__,
         "load_avg": [load_start, load_end],
         "cpu_share": trace["cpu_share"] if cpu else None,
+        "threads": torch.get_num_threads() if cpu else None,
         "lr": lr,
         "trainable_params": trainable,
         "peak_mem_bytes": mem["peak"],

@@ -16,7 +16,8 @@ JSON (`--json PATH`), one object:
     rows: list of {method ("full" | "lora" | "lisa"), setting (str), kwargs (FusedLISA keywords, {} for
         full/lora), weights_bytes, state_bytes, activation_bytes, host_bytes, peak_bytes (weights + state
         + activations, + host on a cpu target), fits (bool, null without gpu_mem), max_batch_size (int or
-        null), max_gamma (int, lisa only, else null)},
+        null), max_gamma (int, lisa only, else null), peak_at (where in the step activations + temporaries
+        peak: "optimizer step", "LM head + loss", "backward, top trainable block"...)},
     skipped: list of {method, setting, reason}: LISA settings the installed FusedLISA does not accept.
 """
 from __future__ import annotations

@@ -62,7 +62,7 @@ def load_config(model: str):
         return getattr(transformers, cls)(**kwargs)
     path = os.path.join(model, "config.json") if os.path.isdir(model) else model
     if not os.path.exists(path):
-        if os.sep in model or model.endswith(".json"):  # meant as a path
+        if os.sep in model or model.endswith(".json") or os.path.isdir(model):  # meant as a path
             missing = "has no config.json" if os.path.isdir(model) else "no such file or folder"
             raise ValueError(f"MODEL {model!r}: {missing}; give a config.json, a model folder with one, or a "
                              f"preset ({', '.join(preset_names())})")

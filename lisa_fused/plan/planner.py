@@ -32,7 +32,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from ..layers import find_layout
 from .models import meta_model
-from .trace import extrapolate, fakeify, roles, trace_events
+from .trace import extrapolate, fakeify, peak_role, roles, trace_events
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -62,6 +62,7 @@ class Row:
     max_batch_size: int | None = None
     max_gamma: int | None = None
     kwargs: dict = field(default_factory=dict)
+    peak_at: str = ""           # where in the step activations + temporaries peak (trace.peak_role)
 
 
 @dataclass
@@ -186,14 +187,16 @@ class Planner:
         return model, opt
 
     # ------------------------------------------------------------------ rows
-    def _extrapolated(self, build, optimizer_fn) -> tuple[int, int, int, int]:
-        """(traced peak, optimizer state, grads, weights) bytes of the full-depth model, from traced
+    def _extrapolated(self, build, optimizer_fn) -> tuple[int, int, int, int, str]:
+        """(traced peak, optimizer state, grads, weights) bytes of the full-depth model and where the
+        peak is (trace.peak_role), from traced
         steps of `build(1)` and `build(2)` blocks (each `(model, stack)`): every event's peak is affine in
         the number of blocks (trace.extrapolate), and the byte counts are sums over parameters, each
         block's alike."""
         (one, b1), (two, b2) = (self._trace(*build(n), optimizer_fn) for n in (1, 2))
-        peak = extrapolate(one, [(two, self.n_blocks - 1)])
-        return (peak, *(x + (self.n_blocks - 1) * (y - x) for x, y in zip(b1, b2)))
+        deltas = [(two, self.n_blocks - 1)]
+        return (extrapolate(one, deltas), *(x + (self.n_blocks - 1) * (y - x) for x, y in zip(b1, b2)),
+                peak_role(one, deltas))
 
     def _blocks(self, n_blocks: int):
         model = self._meta(n_blocks)
@@ -201,10 +204,11 @@ class Planner:
 
     def full(self) -> Row:
         adamw = lambda m: self._adamw(list(m.parameters()))  # noqa: E731
-        peak, state, grads, weights = self._extrapolated(self._blocks, adamw)
+        peak, state, grads, weights, where = self._extrapolated(self._blocks, adamw)
         # peak counts grads as they are created; state bytes = moments + grads at the step.
-        return self._row("full", "torch.optim.AdamW, all parameters", weights, state + grads, peak - grads, 0,
-                         {})
+        row = self._row("full", "torch.optim.AdamW, all parameters", weights, state + grads, peak - grads, 0, {})
+        row.peak_at = where
+        return row
 
     def lora(self) -> Row:
         from peft import LoraConfig, get_peft_model
@@ -220,9 +224,11 @@ class Planner:
 
         adamw = lambda m: self._adamw([p for p in m.parameters() if p.requires_grad])  # noqa: E731
         # From 1 and 2 blocks: peft takes ~6 s to wrap a 7B model, even on meta.
-        peak, state, grads, weights = self._extrapolated(build, adamw)
-        return self._row("lora", f"peft r={self.lora_rank}, all 7 projections; AdamW", weights,
-                         state + grads, peak - grads, 0, {})
+        peak, state, grads, weights, where = self._extrapolated(build, adamw)
+        row = self._row("lora", f"peft r={self.lora_rank}, all 7 projections; AdamW", weights,
+                        state + grads, peak - grads, 0, {})
+        row.peak_at = where
+        return row
 
     def _lisa_trace(self, n_frozen: int, n_active: int) -> dict:
         """Roles of a trace with `n_frozen` frozen blocks under `n_active` active ones, as FusedLISA
@@ -238,20 +244,20 @@ class Planner:
             self._lisa_events[key] = self._events(model)
         return self._lisa_events[key]
 
+    def _lisa_deltas(self, gamma: int) -> tuple[dict, list]:
+        """(base roles, deltas) for `trace.extrapolate` to `gamma` active blocks on top of the stack."""
+        n_frozen = self.n_blocks - gamma
+        if n_frozen == 0:
+            return self._lisa_trace(0, 1), [(self._lisa_trace(0, 2), gamma - 1)]
+        return self._lisa_trace(1, 1), [(self._lisa_trace(2, 1), n_frozen - 1), (self._lisa_trace(1, 2), gamma - 1)]
+
     def lisa_activations(self, gamma: int) -> int:
         """Traced peak of a step with `gamma` active blocks on top of the stack, the worst place for them
         (their weight-grad temporaries then meet every block's saved activations). Each block adds the
         same bytes as any other of its kind, so the peak of every role is affine in the number of frozen
         and active blocks: traced with (1, 1), (2, 1), (1, 2) blocks; with (0, 1), (0, 2) at gamma = n."""
         if gamma not in self._act_cache:
-            n_frozen = self.n_blocks - gamma
-            if n_frozen == 0:
-                base = self._lisa_trace(0, 1)
-                self._act_cache[gamma] = extrapolate(base, [(self._lisa_trace(0, 2), gamma - 1)])
-            else:
-                base = self._lisa_trace(1, 1)
-                self._act_cache[gamma] = extrapolate(base, [(self._lisa_trace(2, 1), n_frozen - 1),
-                                                            (self._lisa_trace(1, 2), gamma - 1)])
+            self._act_cache[gamma] = extrapolate(*self._lisa_deltas(gamma))
         return self._act_cache[gamma]
 
     def _lisa_state(self, kwargs: dict, gamma: int) -> tuple[int, int, int]:
@@ -267,8 +273,10 @@ class Planner:
     def lisa(self, kwargs: dict) -> Row:
         weights, device, host = self._lisa_state(kwargs, self.gamma)
         setting = ", ".join(f"{k}={v}" for k, v in kwargs.items())
-        return self._row("lisa", f"gamma={self.gamma} {setting}", weights, device,
-                         self.lisa_activations(self.gamma), host, dict(kwargs))
+        row = self._row("lisa", f"gamma={self.gamma} {setting}", weights, device,
+                        self.lisa_activations(self.gamma), host, dict(kwargs))
+        row.peak_at = peak_role(*self._lisa_deltas(self.gamma))
+        return row
 
     def _row(self, method, setting, weights, state, act, host, kwargs) -> Row:
         # On a CPU the "host" store is the same memory as everything else.

@@ -39,16 +39,16 @@ def _count(n: int | None) -> str:
 def format_table(rows: list[Row], gpu_mem: int | None) -> str:
     name, unit = unit_for(rows)
     fit = f"fits {gpu_mem / unit:.1f} {name}" if gpu_mem else "fits"
-    head = ["method", "setting", f"weights {name}", "state", "act+temp", "peak", fit, "max batch",
-            "max gamma", "host"]
+    head = ["method", "setting", f"weights {name}", f"state {name}", f"act+temp {name}", "act+temp peaks in",
+            f"peak {name}", fit, "max batch", "max gamma", f"host {name}"]
     body = []
     for r in rows:
         gib = lambda n: f"{n / unit:.2f}"  # noqa: E731
         body.append([r.method, r.setting, gib(r.weights_bytes), gib(r.state_bytes), gib(r.activation_bytes),
-                     gib(r.peak_bytes), "-" if r.fits is None else ("yes" if r.fits else "NO"),
+                     r.peak_at, gib(r.peak_bytes), "-" if r.fits is None else ("yes" if r.fits else "NO"),
                      _count(r.max_batch_size), _count(r.max_gamma), gib(r.host_bytes)])
     widths = [max(len(x) for x in col) for col in zip(head, *body)]
-    line = lambda cells: "| " + " | ".join(c.ljust(w) if i < 2 else c.rjust(w)  # noqa: E731
+    line = lambda cells: "| " + " | ".join(c.ljust(w) if i in (0, 1, 5) else c.rjust(w)  # noqa: E731
                                            for i, (c, w) in enumerate(zip(cells, widths))) + " |"
     return "\n".join([line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, body)])
 

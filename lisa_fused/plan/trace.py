@@ -211,13 +211,32 @@ def roles(events: dict, kinds: list[str]) -> dict:
     return out
 
 
-def extrapolate(base: dict, deltas: list[tuple[dict, int]]) -> int:
-    """Peak of a deeper model from the roles of traced shallow ones: every role's peak is affine in the
-    number of blocks of each kind, so role r at `base` plus `count` times (r at a trace with one more
-    block of a kind - r at `base`), summed over `deltas` [(roles one block deeper, count)], and the
-    largest role wins. RuntimeError when the traces do not have the same roles."""
+def extrapolated_roles(base: dict, deltas: list[tuple[dict, int]]) -> dict:
+    """Each role's peak at a deeper model, from the roles of traced shallow ones: every role's peak is
+    affine in the number of blocks of each kind, so role r at `base` plus `count` times (r at a trace
+    with one more block of a kind - r at `base`), summed over `deltas` [(roles one block deeper, count)].
+    RuntimeError when the traces do not have the same roles."""
     for other, _ in deltas:
         if other.keys() != base.keys():
             raise RuntimeError(f"traces of different depth have different events: {sorted(base)} vs "
                                f"{sorted(other)}; the block stack is not uniform enough to extrapolate")
-    return max(v + sum(n * (other[k] - v) for other, n in deltas) for k, v in base.items())
+    return {k: v + sum(n * (other[k] - v) for other, n in deltas) for k, v in base.items()}
+
+
+def extrapolate(base: dict, deltas: list[tuple[dict, int]]) -> int:
+    """The step's peak at the deeper model: the largest of `extrapolated_roles`."""
+    return max(extrapolated_roles(base, deltas).values())
+
+
+ROLE_WORDS = {"pre": "embedding", "head": "LM head + loss", "post": "embedding backward", "step": "optimizer step"}
+
+
+def peak_role(base: dict, deltas: list[tuple[dict, int]]) -> str:
+    """Where in the step the extrapolated peak sits, in words: "optimizer step", "LM head + loss",
+    "backward, top trainable block"..."""
+    roles_at = extrapolated_roles(base, deltas)
+    role = max(roles_at, key=roles_at.get)
+    if role in ROLE_WORDS:
+        return ROLE_WORDS[role]
+    phase, kind, end = role.split()
+    return f"{'forward' if phase == 'fwd' else 'backward'}, {end} {kind} block"

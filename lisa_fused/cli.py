@@ -190,7 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
         "bench", help="fine-tune a model with full AdamW, LoRA and FusedLISA and compare them",
         description="Fine-tune one model with each method on identical data, order and seeds, each in its "
                     "own process; print a table and write results.json, results.md and bench.png to --out. "
-                    "The default (tiny preset) runs offline on a CPU in about two minutes.",
+                    "The default (tiny preset) runs offline in about three minutes on a quiet 2-core CPU "
+                    "(base training once, then each method twice: a memory pass and a timed pass).",
         formatter_class=_HelpFormatter)
     b.add_argument("--preset", choices=(*PRESETS, *ALIASES), default="tiny", metavar="PRESET",
                    help="model shape, random init, no download: " + ", ".join(PRESETS) + " (the same as "

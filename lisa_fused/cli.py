@@ -299,12 +299,11 @@ def _passive_openmp(argv: list[str]) -> None:
     be set before libgomp loads, i.e. in a fresh process; the children inherit it."""
     if "OMP_WAIT_POLICY" in os.environ:
         return
-    import lisa_fused
+    from .bench import this_package_code
 
     print("lisa-fused bench: running with OMP_WAIT_POLICY=PASSIVE (set OMP_WAIT_POLICY yourself to choose)",
           file=sys.stderr, flush=True)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(lisa_fused.__file__)))
-    code = f"import sys; sys.path.insert(0, {root!r}); from lisa_fused.cli import main; sys.exit(main())"
+    code = this_package_code("from lisa_fused.cli import main; sys.exit(main())")
     sys.stdout.flush()
     os.execve(sys.executable, [sys.executable, "-c", code, *argv], dict(os.environ, OMP_WAIT_POLICY="PASSIVE"))
 

@@ -116,6 +116,15 @@ def test_model_cuda_after_construction_follows(dtype):
     assert_follows_reference(opt, ref, 1e-5)
 
 
+def fused_and_reference(weight_decay: float):
+    """An MLPStack under FusedLISA (every block active, torch backend) and a copy under torch's AdamW
+    with the same hyperparameters: (model, opt, ref, ref_opt)."""
+    model = MLPStack()
+    ref = copy.deepcopy(model)
+    opt = FusedLISA(model, lr=1e-2, weight_decay=weight_decay, n_active_layers=5, backend="torch")
+    return model, opt, ref, torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=weight_decay)
+
+
 def test_trainer_style_move_before_the_first_step_trains():
     """The HF Trainer's model.to(torch.device("cpu", 0)) right after the optimizer is built: the run equals
     torch AdamW on the moved model, bitwise (torch backend), and the trained params change."""
@@ -142,10 +151,7 @@ def test_trainer_style_move_before_the_first_step_trains():
 def test_move_between_backwards_keeps_accumulated_grads():
     """No zero_grad around the move: Module._apply converts the existing .grad along with the param, the
     next backward accumulates onto it, and step() takes the sum, as torch's AdamW does."""
-    model = MLPStack()
-    ref = copy.deepcopy(model)
-    opt = FusedLISA(model, lr=1e-2, weight_decay=0.1, n_active_layers=5, backend="torch")
-    ropt = torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.1)
+    model, opt, ref, ropt = fused_and_reference(weight_decay=0.1)
     x = torch.randn(8, 3)
     for m, o in ((model, opt), (ref, ropt)):
         m(x).square().mean().backward()
@@ -204,10 +210,7 @@ def test_partial_move_names_the_param():
 def test_grads_written_by_hand_step_like_adamw(write):
     """Meta-learning/RL style loops: gradients that autograd did not write are stepped, exactly as by
     torch's AdamW (a param steps iff its .grad is not None)."""
-    model = MLPStack()
-    ref = copy.deepcopy(model)
-    opt = FusedLISA(model, lr=1e-2, weight_decay=0.1, n_active_layers=5, backend="torch")
-    ropt = torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.1)
+    model, opt, ref, ropt = fused_and_reference(weight_decay=0.1)
     before = [p.detach().clone() for p in model.parameters()]
     g = torch.Generator().manual_seed(0)
     for t in range(4):
@@ -228,10 +231,7 @@ def test_grads_written_by_hand_step_like_adamw(write):
 
 
 def test_set_to_none_means_no_step_and_false_means_zero_grad_step():
-    model = MLPStack()
-    ref = copy.deepcopy(model)
-    opt = FusedLISA(model, lr=1e-2, weight_decay=0.5, n_active_layers=5, backend="torch")
-    ropt = torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.5)
+    model, opt, ref, ropt = fused_and_reference(weight_decay=0.5)
     x = torch.randn(8, 3)
     for m, o in ((model, opt), (ref, ropt)):
         o.zero_grad()

@@ -17,7 +17,7 @@ import torch
 
 import lisa_fused
 
-from . import data, report, preflight
+from . import data, preflight, report, this_package_code
 from .models import DTYPES, build_model, load_tokenizer, model_config
 from .run import evaluate, train
 
@@ -99,9 +99,8 @@ def run_one(spec: dict, cache: Path) -> tuple[dict | None, str | None]:
     # The child must import the lisa_fused this process imported (the installed one, with its compiled
     # extension), not a source tree in the working directory: `python -m` would put the cwd first on
     # sys.path. So it runs from the cache folder with the parent's package root first; run.main checks it.
-    package_root = str(Path(lisa_fused.__file__).resolve().parents[1])
-    code = (f"import sys; sys.path.insert(0, {package_root!r}); from lisa_fused.bench.run import main; "
-            f"sys.exit(main([{str(spec_path)!r}, {str(result_path)!r}]))")
+    code = this_package_code(f"from lisa_fused.bench.run import main; "
+                             f"sys.exit(main([{str(spec_path)!r}, {str(result_path)!r}]))")
     proc = subprocess.run([sys.executable, "-c", code], cwd=cache)
     if proc.returncode != 0 or not result_path.exists():
         return None, f"exit code {proc.returncode} (its traceback is above, on stderr)"

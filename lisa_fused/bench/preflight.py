@@ -54,7 +54,7 @@ def plan_bench(args, config) -> dict:
 
     dtype = getattr(torch, args.dtype)
     model = meta_model(config, dtype)
-    weights = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())  # parameters(): tied ones once
     n_params = sum(p.numel() for p in model.parameters())
     wanted = {BENCH_TO_PLAN[m][0] for m in args.methods}
     settings = []

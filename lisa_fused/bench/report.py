@@ -100,7 +100,7 @@ BUSY_SHARE = 0.75    # CPU share below which a row is flagged
 
 
 def busy_reason(row: dict, cpus: int) -> str:
-    """'' when the method ran on a quiet machine, else what made its times unreliable."""
+    """'ok' when the method ran on a quiet machine, else 'BUSY: ' and what made its times unreliable."""
     why = []
     load = max(row["load_avg"])
     # The load average counts this method's own threads (and the one-minute average lags behind the
@@ -230,8 +230,7 @@ def format_markdown(header: dict, rows: list[dict], failures: list[dict]) -> str
         lines += [f"- peak mem: {rows[0]['memory_how']}"]
         if rows[0].get("tensor_how"):
             lines.append(f"- tensors: {rows[0]['tensor_how']}")
-        lines += [
-                  f"- eval loss before fine-tuning: {rows[0]['eval_loss_start']:.4f}", ""]
+        lines += [f"- eval loss before fine-tuning: {rows[0]['eval_loss_start']:.4f}", ""]
         lines += [f"- {r['method']}: {r['describe']}" for r in rows]
         lines += ["", format_table(rows)]
     note = planner_note(header.get("planner"), rows)

@@ -153,6 +153,7 @@ def real_runs(tmp_path_factory):
 def test_peak_tensor_bytes_of_a_real_run_is_the_planners(real_runs):
     rows, planned = real_runs
     for method, row in rows.items():
+        assert row["eval_loss"] != row["eval_loss_start"], method  # the method trained something
         assert "WARNING" not in row["memory_how"], row["memory_how"]  # memory pass losses == timed pass's
         p = preflight.planned_above_baseline(row, planned, "cpu")
         # The planner's fake-tensor step and the tracker on the real run count the same storages; the run

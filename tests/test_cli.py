@@ -95,6 +95,8 @@ def test_bench_methods_start_equal_and_lisa_policies_agree(bench_run):
     assert len(starts) == 1, "methods did not start from identical weights"
     first_losses = {round(r["loss_curve"][0], 5) for r in rows.values()}
     assert len(first_losses) == 1, "methods did not see identical first batches"
+    for name, r in rows.items():  # every method trained: its eval loss moved off the shared start
+        assert r["eval_loss"] != r["eval_loss_start"], name
     # "host" and "device" are the same math; they differ only in where inactive moments live.
     assert rows["lisa"]["loss_curve"] == pytest.approx(rows["lisa-device"]["loss_curve"], rel=1e-5)
     assert rows["lisa-device"]["opt_device_bytes"] > rows["lisa"]["opt_device_bytes"]

@@ -8,9 +8,12 @@ break that binding behind the optimizer's back; each is handled here:
 * the model is moved or converted (`model.to(...)`, `.half()`, `.cuda()`; the Hugging Face Trainer calls
   `model.to(torch.device("cpu", 0))`): `Module._apply` keeps the Parameter objects and gives them new
   `.data`. `moved()` notices it (one data_ptr per bound param) and `relocate()` follows the move.
-* gradients written by someone else (a new `.grad` tensor, DDP, a manual assignment): `collect()` copies
-  them into the packed buffer. Which params step follows torch exactly: a param steps iff its `.grad` is
-  not None at step().
+* gradients written by someone else (a new `.grad` tensor, DDP, a manual assignment, `p.grad.data = g`,
+  another dtype or device, a non-contiguous tensor): `collect()` notices that `.grad` is not the view it
+  handed out (the same object, still over the same memory, contiguous) and copies it into the packed
+  buffer. The binding keeps a private view of each grad slot, so a `.data` swap on the handed-out view
+  cannot redirect the copy. Which params step follows torch exactly: a param steps iff its `.grad` is not
+  None at step().
 * another FusedLISA on the same parameters: `claim()` refuses while the other one lives, and takes the
   user's requires_grad flags back from one that was dropped without `release()`.
 
@@ -26,7 +29,7 @@ import weakref
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .packing import PackedBuffers
+from .packing import PackedBuffers, PackedState
 
 try:
     from torch.distributed.tensor import DTensor
@@ -72,41 +75,60 @@ class ParamBinding:
     """Which packed offset each trained parameter views, and the operations that keep it true.
 
     names, params, shapes: the trained parameters (param index i = position in these lists), their
-    names and their (rank-local) shapes. bufs: packing.PackedBuffers (replaced by `relocate`).
+    names and their (rank-local) shapes. state: packing.PackedState (its buffers are replaced by
+    `relocate`); param i lives in the buffers of its partition, `state.buffers_of(i)`.
     copy_mode: FSDP2 DTensor params, bound by copy. The optimizer decides *where* (offsets); this class
     does the re-pointing and checking, and records each param's requires_grad flag for `release()`.
     """
 
-    def __init__(self, names, params, shapes, bufs: PackedBuffers, copy_mode: bool):
+    def __init__(self, names, params, shapes, state: PackedState, copy_mode: bool):
         self.names, self.params, self.shapes = names, params, shapes
-        self.bufs = bufs
+        self.state = state
         self.copy_mode = copy_mode
-        self.offset: dict[int, int] = {}  # bound param -> offset in the buffers
+        self.offset: dict[int, int] = {}  # bound param -> offset in its partition's buffers
         self._ptr: dict[int, int] = {}  # bound param -> data_ptr of its .data view
-        self._gview: dict[int, torch.Tensor] = {}  # bound param -> its grad view (slicing costs ~10 us)
-        self._grad_ptr: dict[int, int] = {}  # bound param -> data_ptr of its grad view
+        self._gview: dict[int, torch.Tensor] = {}  # bound param -> private view of its grad slot
+        self._pub: dict[int, torch.Tensor] = {}  # bound param -> the grad view handed out as .grad
+        self._grad_ptr: dict[int, int] = {}  # bound param -> data_ptr of its grad slot
         self._hooks: dict[int, object] = {}
         self._check = None  # (bound params, their expected data_ptrs), rebuilt after a re-binding
         me = weakref.ref(self)
         for p in params:
             _OWNERS[p] = (me, p.requires_grad)
 
+    @property
+    def bufs(self) -> PackedBuffers:
+        """The buffers when there is one partition (one state format), else ValueError."""
+        if len(self.state.bufs) != 1:
+            raise ValueError(f"{len(self.state.bufs)} partitions (state formats {[str(f) for f in self.state.formats]}): "
+                             "use state.bufs[k] or state.buffers_of(i)")
+        return self.state.bufs[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.state.bufs[0].param.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.state.bufs[0].param.dtype
+
     # -- binding ----------------------------------------------------------------------------------
     def view(self, buf, i, off):
         return buf[off:off + math.prod(self.shapes[i])].view(self.shapes[i])
 
     def bind(self, i, off, write_master):
-        """Point param i's data (and its grad, if it has one) at offset `off`, copying its value in.
-        A low-precision model's fp32 master is written only when asked: on a switch the slot's master
-        still holds the leaving block's, which the store pages out first."""
+        """Point param i's data (and its grad, if it has one) at offset `off` of its partition, copying its
+        value in. A low-precision model's fp32 master is written only when asked: on a switch the slot's
+        master still holds the leaving block's, which the store pages out first."""
         p = self.params[i]
-        view = self.view(self.bufs.param, i, off)
+        bufs = self.state.buffers_of(i)
+        view = self.view(bufs.param, i, off)
         view.copy_(local(p).detach())
-        if write_master and self.bufs.lowp is not None and self.bufs.master is not None:
-            self.view(self.bufs.master, i, off).copy_(view)
+        if write_master and bufs.lowp is not None and bufs.master is not None:
+            self.view(bufs.master, i, off).copy_(view)
         self.offset[i] = off
         self._check = None
-        self._gview[i] = gv = self.view(self.bufs.grad, i, off)
+        self._gview[i] = gv = self.view(bufs.grad, i, off)
         self._grad_ptr[i] = gv.data_ptr()
         if self.copy_mode:  # p keeps its own storage; step() copies grads in and values back
             return
@@ -114,9 +136,15 @@ class ParamBinding:
         self._ptr[i] = view.data_ptr()
         if p.grad is not None:  # torch semantics: an existing grad stays a grad (now in the buffer)
             gv.copy_(p.grad)
-            p.grad = gv
+            p.grad = self._public(i)
         if p.requires_grad and i not in self._hooks:
             self._hooks[i] = p.register_hook(_lazy_grad_hook(weakref.ref(self), i))
+
+    def _public(self, i) -> torch.Tensor:
+        """A fresh view of param i's grad slot to hand out as `.grad` (the private one stays ours)."""
+        gv = self._gview[i]
+        self._pub[i] = pub = gv.view(gv.shape)
+        return pub
 
     def unbind(self, i):
         """Give param i storage of its own again (its packed slot is about to be reused)."""
@@ -131,6 +159,7 @@ class ParamBinding:
         self._ptr.pop(i, None)
         self._grad_ptr.pop(i, None)
         self._gview.pop(i, None)
+        self._pub.pop(i, None)
         hook = self._hooks.pop(i, None)
         if hook is not None:
             hook.remove()
@@ -144,23 +173,42 @@ class ParamBinding:
             gv = self._gview.get(i)
             if gv is not None and p.data_ptr() == self._ptr.get(i):  # (a moved param is left to step())
                 gv.zero_()
-                p.grad = gv
+                p.grad = self._public(i)
 
     # -- gradients --------------------------------------------------------------------------------
+    def is_view(self, i, g) -> bool:
+        """True when `g` (param i's .grad) is the view this binding handed out, still over its slot."""
+        return g is self._pub.get(i) and g.data_ptr() == self._grad_ptr[i] and g.is_contiguous()
+
     def collect(self, i) -> bool:
-        """True iff param i has a gradient (torch's rule: `.grad is not None`), now in the packed buffer."""
+        """True iff param i has a gradient (torch's rule: `.grad is not None`), now in the packed buffer.
+        A `.grad` that is not the handed-out view (a new tensor, a swapped `.data`, DDP's bucket view,
+        another dtype/device, non-contiguous) is copied in, and `.grad` becomes the packed view again.
+        RuntimeError naming the param for a gradient of another shape (nothing is changed)."""
         p = self.params[i]
         g = p.grad
         if g is None:
             return False
-        if not self.copy_mode and self._grad_ptr[i] == g.data_ptr():
+        if not self.copy_mode and self.is_view(i, g):
             return True
-        # Someone replaced .grad (DDP, a manual assignment, a grad made before binding): copy it in.
-        gv = self._gview[i]
-        gv.copy_(local(g))
+        src = local(g)
+        if tuple(src.shape) != tuple(self.shapes[i]):
+            raise RuntimeError(f"parameter {self.names[i]!r} has a .grad of shape {tuple(src.shape)}, but the "
+                               f"parameter is {tuple(self.shapes[i])}: assign a gradient of the parameter's shape")
+        self._gview[i].copy_(src)
         if not self.copy_mode:
-            p.grad = gv
+            p.grad = self._public(i)
         return True
+
+    def check_grad_shapes(self, indices) -> None:
+        """Before any state changes in step(): every .grad of params `indices` has its param's shape
+        (RuntimeError naming the first that does not, as collect() would raise half-way)."""
+        for i in indices:
+            g = self.params[i].grad
+            if g is not None and tuple(g.shape) != tuple(self.shapes[i]) and \
+                    tuple(local(g).shape) != tuple(self.shapes[i]):
+                raise RuntimeError(f"parameter {self.names[i]!r} has a .grad of shape {tuple(g.shape)}, but the "
+                                   f"parameter is {tuple(self.shapes[i])}: assign a gradient of the parameter's shape")
 
     def zero_grad(self, set_to_none: bool):
         """torch.optim.Optimizer.zero_grad semantics over all trained params: None, or zeros in place."""
@@ -168,7 +216,8 @@ class ParamBinding:
             for p in self.params:
                 p.grad = None
             return
-        self.bufs.grad.zero_()  # every bound view at once
+        for bufs in self.state.bufs:
+            bufs.grad.zero_()  # every bound view at once
         for i, p in enumerate(self.params):
             g = p.grad
             if g is not None and (self.copy_mode or g.data_ptr() != self._grad_ptr.get(i)):
@@ -183,7 +232,7 @@ class ParamBinding:
         """True if a bound param no longer views its packed slot (the model was moved or converted).
         One data_ptr per bound param; in copy mode a dtype/device comparison per param."""
         if self.copy_mode:
-            dev, dt = self.bufs.param.device, self.bufs.param.dtype
+            dev, dt = self.device, self.dtype
             return any(p.dtype != dt or p.device != dev for p in self.params)
         if self._check is None:
             idx = sorted(self._ptr)
@@ -195,7 +244,7 @@ class ParamBinding:
         """Before a switch binds parked params: all of them must still match the buffers (a partial
         model.to() that moved only inactive blocks would otherwise be undone silently). Raises
         RuntimeError naming the param (see target())."""
-        dev, dt = self.bufs.param.device, self.bufs.param.dtype
+        dev, dt = self.device, self.dtype
         if any(p.dtype != dt or p.device != dev for p in self.params):
             self.target()
             raise RuntimeError(  # all params moved together while no bound param did: cannot happen
@@ -219,17 +268,18 @@ class ParamBinding:
                 f"FusedLISA: parameter {self.names[0]!r} was converted to {dt}, which the fused AdamW kernels do "
                 f"not support ({', '.join(map(str, SUPPORTED_DTYPES))}): convert the model back (e.g. "
                 "model.float()), or opt.release() and build a new optimizer for it")
-        if self.copy_mode and (dev != self.bufs.param.device or dt != self.bufs.param.dtype):
+        if self.copy_mode and (dev != self.device or dt != self.dtype):
             raise RuntimeError(
-                f"FusedLISA: FSDP2 parameter {self.names[0]!r} moved to {dt} on {dev} (was {self.bufs.param.dtype} "
-                f"on {self.bufs.param.device}); FusedLISA cannot follow a move of sharded params: move the model "
+                f"FusedLISA: FSDP2 parameter {self.names[0]!r} moved to {dt} on {dev} (was {self.dtype} "
+                f"on {self.device}); FusedLISA cannot follow a move of sharded params: move the model "
                 "before fully_shard() and before building FusedLISA")
         return dev, dt
 
     # -- following a move ---------------------------------------------------------------------------
     @torch.no_grad()
-    def relocate(self, total: int, device, dtype, moments: str = "fp32", master_weights: str = "fp32") -> PackedBuffers:
-        """Rebuild the packed buffers on `device` for `dtype` params and re-bind every bound param.
+    def relocate(self, device, dtype) -> list[PackedBuffers]:
+        """Rebuild every partition's packed buffers on `device` for `dtype` params and re-bind every bound
+        param.
 
         Values: the fp32 values the optimizer holds survive the move (masters of a low-precision model
         become the params of an fp32 one; an fp32 model's params become the masters of a low-precision
@@ -239,24 +289,28 @@ class ParamBinding:
         param's existing `.grad` (converted by Module._apply) is copied into the new grad buffer.
         Lean state (moments / master_weights, the same before and after) moves as it is; without an fp32
         master (kahan / stochastic: the dtype cannot change) the params keep their moved values.
-        Returns the old buffers (for the store's conversion)."""
-        old = self.bufs
-        new = PackedBuffers(total, device, dtype, moments, master_weights)
-        for name in ("master", "exp_avg", "exp_avg_sq", "exp_avg_scale", "exp_avg_sq_scale", "compensation"):
-            if getattr(new, name) is not None:
-                getattr(new, name).copy_(getattr(old, name))
+        Returns the old buffers, one per partition (for the store's conversion)."""
+        olds = self.state.bufs
+        news = self.state.allocate(device, dtype)
+        for old, new in zip(olds, news):
+            for name in ("master", "exp_avg", "exp_avg_sq", "exp_avg_scale", "exp_avg_sq_scale", "compensation"):
+                if getattr(new, name) is not None:
+                    getattr(new, name).copy_(getattr(old, name))
+        part_of = self.state.part_of
         for i, off in self.offset.items():
+            old, new = olds[part_of[i]], news[part_of[i]]
             moved = local(self.params[i]).detach()
             if new.master is None:
                 self.view(new.lowp, i, off).copy_(moved)
             elif not torch.equal(moved, self.view(old.param, i, off).to(device=moved.device, dtype=moved.dtype)):
                 # written after the move (a DDP wrapper's broadcast of rank 0's weights): that value wins
                 self.view(new.master, i, off).copy_(moved)
-        if new.lowp is not None and new.master is not None:  # params = masters rounded to nearest, as after a step
-            new.lowp.copy_(new.master)
-        self.bufs = new
+        for new in news:
+            if new.lowp is not None and new.master is not None:  # params = masters rounded to nearest, as after a step
+                new.lowp.copy_(new.master)
+        self.state.bufs = news
         for i in sorted(self.offset):
-            off, p = self.offset[i], self.params[i]
+            off, p, new = self.offset[i], self.params[i], news[part_of[i]]
             grad = p.grad
             p.grad = None
             self._drop(i)
@@ -269,14 +323,21 @@ class ParamBinding:
                 self._hooks[i] = p.register_hook(_lazy_grad_hook(weakref.ref(self), i))
             if grad is not None:
                 gv.copy_(grad)
-                p.grad = gv
+                p.grad = self._public(i)
         self._check = None
-        return old
+        return olds
 
-    def parked_rows(self, region, state, old: PackedBuffers, new: PackedBuffers) -> list[torch.Tensor]:
-        """A parked block's store rows converted for `new` buffers after a move (see relocate): its
-        params take their masters (rounded, for a low-precision model) unless written after the move;
-        an fp32 -> low-precision move gives it masters from its (converted) params."""
+    def parked_rows(self, block: int, rows, olds: list[PackedBuffers]) -> list[torch.Tensor]:
+        """A parked block's store rows (every partition's, PackedState.block_rows order) converted for the
+        current buffers after a move from `olds` (see relocate): its params take their masters (rounded, for
+        a low-precision model) unless written after the move; an fp32 -> low-precision move gives it masters
+        from its (converted) params."""
+        out = []
+        for k, (part_rows, old, new) in enumerate(zip(self.state.split_rows(rows, olds), olds, self.state.bufs)):
+            out += self._convert_rows(self.state.layouts[k].blocks[block], part_rows, old, new)
+        return out
+
+    def _convert_rows(self, region, state, old: PackedBuffers, new: PackedBuffers) -> list[torch.Tensor]:
         state = [r.clone() for r in state]
         names = old.paged_names()
         if "master" not in names and "master" not in new.paged_names():

@@ -38,6 +38,7 @@ import math
 import torch
 
 from .binding import local
+from .groups import LAYOUT_KEYS
 from .kernels import quant
 
 logger = logging.getLogger("lisa_fused")
@@ -61,6 +62,11 @@ def _expected(bufs, key, shape, numel):
         t = getattr(bufs, name)
         return (-(-numel // bufs.divisor(name)),), t.dtype
     return shape, (getattr(bufs, name).dtype if key in MOMENT_KEYS else None)
+
+
+def _formats(opt) -> list[tuple[str, str]]:
+    state = opt._packed_state
+    return [(state.formats[k].moments, state.formats[k].master_weights) for k in state.part_of]
 
 
 def convert_moments(entry: dict, src: str, dst: str, shape) -> dict:
@@ -90,32 +96,38 @@ def convert_moments(entry: dict, src: str, dst: str, shape) -> dict:
 @torch.no_grad()
 def state_dict(opt) -> dict:
     opt._store.synchronize()
-    keys = row_keys(opt._bufs)
+    packed = opt._packed_state
     state = {}
-    packed_at = {i: off for i, off, _ in opt._packed.placements(opt._slot_of)}
-    saved_blocks = {}
+    packed_at = {i: off for i, off, _ in packed.placements(opt._slot_of)}
+    saved_blocks = {}  # param -> (its partition's rows of its parked block, offset in the block's region)
     for b in range(len(opt._block_params)):
         if b not in opt._slot_of and opt._store.has(b):
-            saved_blocks.update({i: (b, off) for i, off, _ in opt._packed.blocks[b].entries})
+            per_part = packed.split_rows(opt._store.get(b))
+            for k, lay in enumerate(packed.layouts):
+                saved_blocks.update({i: (per_part[k], off) for i, off, _ in lay.blocks[b].entries})
     for i, p in enumerate(opt._params):
         p = local(p)  # the rank-local shard under FSDP2: optimizer state is per rank
         if opt._steps[i] == 0 and i not in packed_at:
             continue
+        bufs = packed.buffers_of(i)
         if i in packed_at:
-            rows = opt._bufs.rows(packed_at[i], p.numel())
+            rows = bufs.rows(packed_at[i], p.numel())
         elif i in saved_blocks:
-            b, off = saved_blocks[i]
-            rows = opt._bufs.rows(off, p.numel(), buffers=list(opt._store.get(b)))
+            block_rows, off = saved_blocks[i]
+            rows = bufs.rows(off, p.numel(), buffers=block_rows)
         else:  # "drop": an inactive block keeps no state
             continue
         entry = {"step": torch.tensor(float(opt._steps[i]))}
         # codes and scales stay 1-D; element-wise rows take the param's shape, as torch.optim saves them
-        flat = opt.moments in quant.BLOCK
+        flat = bufs.moments in quant.BLOCK
         entry.update({k: r.to("cpu", copy=True).view(-1 if flat and k in MOMENT_KEYS else p.shape)
-                      for k, r in zip(keys, rows)})
+                      for k, r in zip(row_keys(bufs), rows)})
         state[i] = entry
-    groups = [{k: v for k, v in g.items() if k != "params"} | {"params": list(range(len(opt._params)))}
-              for g in opt.param_groups]
+    groups, start = [], 0
+    for g in opt.param_groups:
+        n = len(g["params"])
+        groups.append({k: v for k, v in g.items() if k != "params"} | {"params": list(range(start, start + n))})
+        start += n
     return {"state": state, "param_groups": groups, "lisa": {
         "version": STATE_VERSION,
         "global_step": opt._global_step,
@@ -130,6 +142,7 @@ def state_dict(opt) -> dict:
         "param_dtype": str(opt.param_dtype).removeprefix("torch."),
         "moments": opt.moments,
         "master_weights": opt.master_weights,
+        "formats": [list(f) for f in _formats(opt)],  # per param (moments, master_weights): small-tensor rule, groups
         "sr_seed": opt._sr_seed,
     }}
 
@@ -143,7 +156,7 @@ def _saved_dtype(lisa, saved_state) -> str:
 
 
 def _validate(opt, state_dict):
-    """Every check before anything changes; returns (lisa, saved_state, keys to load, masters_to_params)."""
+    """Every check before anything changes; returns (lisa, saved_state, target active set, masters_to_params)."""
     lisa = state_dict.get("lisa") if isinstance(state_dict, dict) else None
     if lisa is None:
         raise ValueError("not a FusedLISA state_dict: it has no 'lisa' section "
@@ -155,8 +168,8 @@ def _validate(opt, state_dict):
     if theirs != mine:
         diff = next(((a, b) for a, b in zip(theirs, mine) if a != b), None)
         raise ValueError(
-            f"state_dict is from a different model: it has {len(theirs)} trainable params, this optimizer "
-            f"{len(mine)}" + (f"; first mismatch: saved {diff[0]} vs here {diff[1]}" if diff else ""))
+            f"state_dict is from a different model or param_groups: it has {len(theirs)} trainable params, this "
+            f"optimizer {len(mine)}" + (f"; first mismatch: saved {diff[0]} vs here {diff[1]}" if diff else ""))
     for key in ("n_active_layers", "inactive_moments"):
         if lisa[key] != getattr(opt, key):
             raise ValueError(f"state_dict has {key}={lisa[key]!r}, this optimizer {getattr(opt, key)!r}")
@@ -164,68 +177,83 @@ def _validate(opt, state_dict):
     if isinstance(saved_sampler, dict) and saved_sampler.get("name") != opt._sampler.name:
         raise ValueError(f"state_dict was saved with sampler={saved_sampler.get('name')!r}, this optimizer uses "
                          f"{opt._sampler.name!r}: build the FusedLISA with the saved sampler to resume")
-    if len(state_dict["param_groups"]) != len(opt.param_groups):
-        raise ValueError(f"state_dict has {len(state_dict['param_groups'])} param groups, expected {len(opt.param_groups)}")
+    saved_groups = [len(g["params"]) for g in state_dict["param_groups"]]
+    if saved_groups != [len(g["params"]) for g in opt.param_groups]:
+        raise ValueError(f"state_dict has param groups of {saved_groups} params, this optimizer "
+                         f"{[len(g['params']) for g in opt.param_groups]}: build it with the same param_groups")
 
     saved_state = {int(k): v for k, v in state_dict["state"].items()}
-    saved_mw, saved_fmt = lisa.get("master_weights", "fp32"), lisa.get("moments", "fp32")
-    if saved_mw != opt.master_weights:
-        raise ValueError(
-            f"state_dict was saved with master_weights={saved_mw!r}, this optimizer has master_weights="
-            f"{opt.master_weights!r}: a master-free param's fp32 value is the model weight itself, which the "
-            f"state_dict does not hold; build the FusedLISA with master_weights={saved_mw!r} to resume")
-    if saved_fmt != opt.moments:
-        if saved_fmt not in quant.FORMATS:
-            raise ValueError(f"state_dict has moments={saved_fmt!r}, not one of {quant.FORMATS}")
-        logger.warning("FusedLISA.load_state_dict: the state_dict was saved with moments=%r, this optimizer has "
-                       "moments=%r: the moments are converted (dequantized and requantized)", saved_fmt, opt.moments)
-        need_saved = ("exp_avg", "exp_avg_sq") + (("exp_avg_scale", "exp_avg_sq_scale") if saved_fmt in quant.BLOCK else ())
-        for i, e in saved_state.items():
-            miss = [k for k in need_saved if k not in e]
-            if miss or not 0 <= i < len(opt._params):
-                raise ValueError(f"state_dict state for param index {i} cannot be converted from moments="
-                                 f"{saved_fmt!r}: missing {miss or 'the param'}")
-        saved_state = {i: convert_moments(e, saved_fmt, opt.moments, opt._shapes[i]) for i, e in saved_state.items()}
-    keys = row_keys(opt._bufs)
-    here = str(opt.param_dtype).removeprefix("torch.")
-    saved_dtype = _saved_dtype(lisa, saved_state)
-    masters_to_params = opt._bufs.lowp is None and any("master_param" in e for e in saved_state.values())
-    missing_master = "master_param" in keys and any("master_param" not in e for e in saved_state.values())
-    if masters_to_params:
-        logger.warning("FusedLISA.load_state_dict: the state_dict was saved from a %s model with fp32 masters; this "
-                       "model is %s: its trained params are set to the saved masters", saved_dtype, here)
-    if missing_master:
-        if saved_dtype == here:
-            raise ValueError(f"state_dict of a {here} model has no 'master_param' for some params: it is damaged")
-        logger.warning("FusedLISA.load_state_dict: the state_dict was saved from a %s model (no fp32 masters); this "
-                       "model is %s: its fp32 masters start from its current params", saved_dtype, here)
-    need = ["step"] + [k for k in keys if k in MOMENT_KEYS] + (["master_param"] if masters_to_params else [])
-    for i, entry in saved_state.items():
+    for i in saved_state:
         if not 0 <= i < len(opt._params):
             raise ValueError(f"state_dict has state for param index {i}; this model has {len(opt._params)} params")
+    here = _formats(opt)
+    saved_formats = [tuple(f) for f in lisa.get("formats", [])] or \
+        [(lisa.get("moments", "fp32"), lisa.get("master_weights", "fp32"))] * len(here)
+    for i, ((saved_fmt, saved_mw), (fmt, mw)) in enumerate(zip(saved_formats, here)):
+        if saved_mw != mw:
+            raise ValueError(
+                f"state_dict was saved with master_weights={saved_mw!r} for {opt._names[i]!r}, this optimizer has "
+                f"master_weights={mw!r}: a master-free param's fp32 value is the model weight itself, which the "
+                f"state_dict does not hold; build the FusedLISA with master_weights={saved_mw!r} to resume")
+        if saved_fmt not in quant.FORMATS:
+            raise ValueError(f"state_dict has moments={saved_fmt!r} for {opt._names[i]!r}, not one of {quant.FORMATS}")
+    converted = sorted({(saved_formats[i][0], here[i][0]) for i in saved_state if saved_formats[i][0] != here[i][0]})
+    if converted:
+        logger.warning("FusedLISA.load_state_dict: the state_dict was saved with %s, this optimizer has %s: the "
+                       "moments are converted (dequantized and requantized)",
+                       ", ".join(f"moments={a!r}" for a in dict.fromkeys(a for a, _ in converted)),
+                       ", ".join(f"moments={b!r}" for b in dict.fromkeys(b for _, b in converted)))
+        for i, e in saved_state.items():
+            src = saved_formats[i][0]
+            need_saved = ("exp_avg", "exp_avg_sq") + (("exp_avg_scale", "exp_avg_sq_scale") if src in quant.BLOCK else ())
+            miss = [k for k in need_saved if k not in e]
+            if src != here[i][0] and miss:
+                raise ValueError(f"state_dict state for param {opt._names[i]!r} cannot be converted from moments="
+                                 f"{src!r}: missing {miss}")
+        saved_state = {i: convert_moments(e, saved_formats[i][0], here[i][0], opt._shapes[i])
+                       if saved_formats[i][0] != here[i][0] else e for i, e in saved_state.items()}
+    packed = opt._packed_state
+    here_dtype = str(opt.param_dtype).removeprefix("torch.")
+    saved_dtype = _saved_dtype(lisa, saved_state)
+    lowp_here = opt.param_dtype != torch.float32
+    masters_to_params = not lowp_here and any("master_param" in e for e in saved_state.values())
+    missing_master = any("master_param" in row_keys(packed.buffers_of(i)) and "master_param" not in e
+                         for i, e in saved_state.items())
+    if masters_to_params:
+        logger.warning("FusedLISA.load_state_dict: the state_dict was saved from a %s model with fp32 masters; this "
+                       "model is %s: its trained params are set to the saved masters", saved_dtype, here_dtype)
+    if missing_master:
+        if saved_dtype == here_dtype:
+            raise ValueError(f"state_dict of a {here_dtype} model has no 'master_param' for some params: it is damaged")
+        logger.warning("FusedLISA.load_state_dict: the state_dict was saved from a %s model (no fp32 masters); this "
+                       "model is %s: its fp32 masters start from its current params", saved_dtype, here_dtype)
+    for i, entry in saved_state.items():
+        bufs = packed.buffers_of(i)
+        keys = row_keys(bufs)
+        need = ["step"] + [k for k in keys if k in MOMENT_KEYS] + (["master_param"] if masters_to_params else [])
         for key in need:
             if key not in entry:
                 raise ValueError(f"state_dict state for param {opt._names[i]!r} has no {key!r}")
         for key in dict.fromkeys(need[1:] + [k for k in keys if k in entry]):
-            shape, dtype = _expected(opt._bufs, key, opt._shapes[i], math.prod(opt._shapes[i]))
+            shape, dtype = _expected(bufs, key, opt._shapes[i], math.prod(opt._shapes[i]))
             if tuple(entry[key].shape) != tuple(shape) or (dtype is not None and entry[key].dtype != dtype):
                 raise ValueError(f"state_dict {key} of {opt._names[i]!r} is {entry[key].dtype} "
                                  f"{tuple(entry[key].shape)}, expected {dtype or ''} {tuple(shape)} "
-                                 f"(moments={opt.moments!r})")
+                                 f"(moments={bufs.moments!r})")
     target = tuple(sorted(int(b) for b in lisa["active_layers"]))
     n_blocks = len(opt._block_params)
     if len(set(target)) != opt.n_active_layers or any(not 0 <= b < n_blocks for b in target):
         raise ValueError(f"state_dict active_layers {list(target)} are not {opt.n_active_layers} distinct "
                          f"blocks in 0..{n_blocks - 1}")
-    return lisa, saved_state, keys, target, masters_to_params
+    return lisa, saved_state, target, masters_to_params
 
 
 @torch.no_grad()
 def load_state_dict(opt, state_dict) -> None:
-    lisa, saved_state, keys, target, masters_to_params = _validate(opt, state_dict)
+    lisa, saved_state, target, masters_to_params = _validate(opt, state_dict)
     # Everything is checked: from here on the load cannot fail half-way.
-    for g, saved in zip(opt.param_groups, state_dict["param_groups"]):
-        g.update({k: v for k, v in saved.items() if k != "params"})
+    for g, saved in zip(opt.param_groups, state_dict["param_groups"]):  # (the state formats stay this optimizer's)
+        g.update({k: v for k, v in saved.items() if k != "params" and k not in LAYOUT_KEYS})
     # Re-arrange the slots as saved (params move with their current values), then fill in state.
     opt._store.clear()
     opt._move(target, page=False)
@@ -244,10 +272,12 @@ def load_state_dict(opt, state_dict) -> None:
         if lisa.get("grad_meter") is not None:
             opt._meter.load_state_dict(lisa["grad_meter"])
 
+    packed = opt._packed_state
+
     def fill(rows, i, own_value):
         """rows: per-key flat views of param i's state; own_value: its current value (flat)."""
         e = saved_state.get(i)
-        for key, view in zip(keys, rows):
+        for key, view in zip(row_keys(packed.buffers_of(i)), rows):
             if e is not None and key in e:
                 view.copy_(e[key].reshape(-1))
             elif key == "master_param":
@@ -255,23 +285,25 @@ def load_state_dict(opt, state_dict) -> None:
             else:
                 view.zero_()
 
-    packed = opt._packed.placements(opt._slot_of)
-    for i, off, n in packed:
-        fill(opt._bufs.rows(off, n), i, opt._bufs.param[off:off + n])
+    placed = packed.placements(opt._slot_of)
+    for i, off, n in placed:
+        bufs = packed.buffers_of(i)
+        fill(bufs.rows(off, n), i, bufs.param[off:off + n])
     for b, idx in enumerate(opt._block_params):
         if b in opt._slot_of or not any(i in saved_state for i in idx):
             continue
-        region = opt._packed.blocks[b]
-        block_state = [torch.zeros(v.numel(), dtype=v.dtype) for v in opt._bufs.rows(0, region.length)]
-        for i, off, n in region.entries:
-            fill(opt._bufs.rows(off, n, buffers=block_state), i,
-                 local(opt._params[i]).detach().reshape(-1).float().cpu())
+        block_state = [torch.zeros(n, dtype=d) for d, n in packed.block_spec(b)]
+        per_part = packed.split_rows(block_state)
+        for k, lay in enumerate(packed.layouts):
+            for i, off, n in lay.blocks[b].entries:
+                fill(packed.bufs[k].rows(off, n, buffers=per_part[k]), i,
+                     local(opt._params[i]).detach().reshape(-1).float().cpu())
         opt._store.put(b, block_state)
     if masters_to_params:  # an fp32 model continues from the saved fp32 masters
-        packed_at = {i: (off, n) for i, off, n in packed}
+        packed_at = {i: (off, n) for i, off, n in placed}
         for i, e in saved_state.items():
             if "master_param" in e:
                 local(opt._params[i]).detach().copy_(e["master_param"].reshape(opt._shapes[i]))
                 if i in packed_at:  # (the same memory unless FSDP2's copy mode)
                     off, n = packed_at[i]
-                    opt._bufs.param[off:off + n].copy_(e["master_param"].reshape(-1))
+                    packed.buffers_of(i).param[off:off + n].copy_(e["master_param"].reshape(-1))

@@ -1,25 +1,24 @@
 """FusedLISA: LISA fine-tuning as one torch.optim.Optimizer.
 
-The class validates and runs the step/switch cycle; the AdamW math lives in kernels/ (one call, any
-backend), the slot layout in packing.py, the parameter <-> buffer binding (and its checks) in binding.py,
-paged state in paging.py, state_dict in checkpoint.py, the block stack in layers.py and the draw in
-sampling.py.
+The class validates and runs the step/switch cycle. The AdamW launches live in update.py (one call per
+state-format partition, any backend via kernels/), param groups and state formats in groups.py, the slot
+layout in packing.py, the parameter <-> buffer binding (and its checks, and following a moved model) in
+binding.py, which block sits in which slot in slots.py, paged state in paging.py, state_dict in
+checkpoint.py, memory_stats/repr in introspect.py, the block stack in layers.py and the draw in sampling/.
 """
 from __future__ import annotations
 
 import logging
-import math
 from typing import Callable
 
 import torch
 from torch import nn
 
-from . import checkpoint, kernels, sampling
+from . import checkpoint, groups, introspect, kernels, sampling, update, validation
 from .binding import ParamBinding, claim_check, local
-from .kernels.contract import N_COLS
 from .layers import find_layout
-from .packing import PackedBuffers, PackedLayout, Region
-from .paging import POLICIES, MomentStore
+from .packing import PackedBuffers, PackedLayout, PackedState
+from .paging import MomentStore
 from .slots import Slots
 
 try:
@@ -39,13 +38,18 @@ class FusedLISA(torch.optim.Optimizer):
 
     With inactive_moments="host" or "device" a run equals torch.optim.AdamW over all parameters where
     frozen blocks simply have no gradient; with "drop" a re-activated block restarts from step 1.
-    A param steps iff its `.grad` is not None at step(), as in torch. If the model is moved or converted
-    after construction (model.to(...), .half(), .cuda()), the next step()/zero_grad() follows it (see
-    binding.py); `release()` hands the model back. `sampler` picks the blocks: "uniform" (the paper),
+    A param steps iff its `.grad` is not None at step(), as in torch; a step where no param has a
+    gradient changes nothing and does not count towards `switch_every`. If the model is moved or
+    converted after construction (model.to(...), .half(), .cuda()), the next step()/zero_grad() follows it
+    (see binding.py); `release()` hands the model back. `sampler` picks the blocks: "uniform" (the paper),
     "weight_norm", "grad_norm" (GRASS-style; grad norms come out of the update kernel's pass), "outlier"
     (OwLore-style), "loss_feedback" (IST-style, fed by `observe_loss` or `step(closure)`) or a callable;
-    `sampler_options` (dict or sampling.SamplerOptions) tunes the adaptive ones (sampling.py). The optimizer cannot be copied or pickled: save
-    `state_dict()` instead.
+    `sampler_options` (dict or sampling.SamplerOptions) tunes the adaptive ones (lisa_fused/sampling).
+    `moments` / `master_weights` choose the state format (kernels/contract.py); under "8bit"/"4bit" a
+    parameter with fewer than `min_quantized_size` elements keeps fp32 moments (bitsandbytes'
+    min_8bit_size rule). `param_groups`: a list of dicts overriding lr, betas, eps, weight_decay, moments,
+    master_weights, min_quantized_size for parameters given by Parameter or name pattern (groups.py);
+    `opt.param_groups[0]` holds the rest. The optimizer cannot be copied or pickled: save `state_dict()`.
     """
 
     # GradScaler hands us grad_scale / found_inf instead of unscaling and checking itself.
@@ -68,57 +72,58 @@ class FusedLISA(torch.optim.Optimizer):
         backend: str = "auto",
         moments: str = "fp32",
         master_weights: str | None = None,
+        min_quantized_size: int = groups.MIN_QUANTIZED_SIZE,
+        param_groups: list[dict] | None = None,
     ):
-        _validate_hparams(lr, betas, eps, weight_decay)
-        _validate_options(model, switch_every, inactive_moments, sampler)
-        master_weights = _validate_state_format(model, moments, master_weights)
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, moments=moments,
+                        master_weights="fp32" if master_weights is None else master_weights,
+                        min_quantized_size=min_quantized_size)
+        validation.check_options(model, switch_every, inactive_moments, sampler)
+        dtypes = validation.trainable_dtypes(model)
+        groups.validate_group_options(defaults, "FusedLISA", dtypes)
         claim_check(model.named_parameters())  # another live FusedLISA, or flags a dropped one left frozen
 
         layout = find_layout(model, layers)
-        n_blocks = layout.num_blocks
         sampler = sampling.build_sampler(sampler, layout, sampler_options)  # validates the options
-        if isinstance(n_active_layers, bool) or not isinstance(n_active_layers, int) or not 1 <= n_active_layers <= n_blocks:
-            raise ValueError(f"Invalid n_active_layers: {n_active_layers!r} (must be an integer in 1..{n_blocks}, "
-                             f"the number of blocks in {layout.stack_path or 'the stack'})")
-        if n_active_layers < n_blocks:
-            _check_ddp(model)
-
+        validation.check_n_active(n_active_layers, layout)
+        if n_active_layers < layout.num_blocks:
+            validation.check_ddp(model)
         named = list(layout.always) + [np for blk in layout.blocks for np in blk]
-        params = [p for _, p in named]
-        self.device, self.param_dtype = _device_and_dtype(params)
+        members = groups.resolve(model, named, param_groups, dtypes)
+        order = [j for m in members for j in m]  # param index i = position in the concatenated groups
+        params = [named[j][1] for j in order]
+        self.device, self.param_dtype = validation.device_and_dtype(params)
         self.backend = kernels.resolve_backend(backend, self.device)
         self._backend_request = backend
-
-        super().__init__([{"params": params}], dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        super().__init__(groups.group_dicts(defaults, param_groups, members, [p for _, p in named]), defaults)
 
         self.model_layout = layout
         self.n_active_layers = n_active_layers
         self.switch_every = switch_every
         self.inactive_moments = inactive_moments
         self.seed = seed
-        self.moments, self.master_weights = moments, master_weights
+        self.moments, self.master_weights = moments, defaults["master_weights"]
         self._sr_seed = int(seed) % (1 << 32)  # stochastic-rounding key (contract.py: [0, 2**32))
-        self._names = [n for n, _ in named]
+        self._names = [named[j][0] for j in order]
         self._params = params
+        self._group_of = [g for g in self.param_groups for _ in g["params"]]
+        self._layout_keys = [tuple(g[k] for k in groups.LAYOUT_KEYS) for g in self.param_groups]
         local_params = [local(p) for p in params]
         self._shapes = [tuple(t.shape) for t in local_params]
+        pos = {j: i for i, j in enumerate(order)}
         n_always = len(layout.always)
-        block_idx, start = [], n_always
+        always, self._block_params, j = sorted(pos[j] for j in range(n_always)), [], n_always
         for blk in layout.blocks:
-            block_idx.append(range(start, start + len(blk)))
-            start += len(blk)
-        self._block_params = block_idx
-        self._packed = PackedLayout(
-            always=Region.of(range(n_always), local_params),
-            blocks=tuple(Region.of(ix, local_params) for ix in block_idx),
-            n_slots=n_active_layers,
-        )
+            self._block_params.append(sorted(pos[k] for k in range(j, j + len(blk))))
+            j += len(blk)
+        formats = [groups.state_format(g, p.numel()) for g, p in zip(self._group_of, params)]
+        self._packed_state = PackedState(formats, always, self._block_params, local_params, n_active_layers,
+                                         self.device, self.param_dtype)
         # FSDP2 (fully_shard) params are DTensors whose local shards live in FSDP's own padded storage,
         # which it all-gathers from: re-pointing .data would be ignored, so they are bound by copy instead
         # (packed buffers hold the rank-local shards; grads are copied in, updated shards copied back).
-        self._binding = ParamBinding(self._names, params, self._shapes,
-                                     PackedBuffers(self._packed.total, self.device, self.param_dtype,
-                                                   moments, master_weights),
+        self._binding = None
+        self._binding = ParamBinding(self._names, params, self._shapes, self._packed_state,
                                      copy_mode=any(isinstance(p, DTensor) for p in params))
         self._store = self._make_store(self.device)
         self._steps = [0] * len(params)  # per-param AdamW step count (bias correction), host ints
@@ -128,11 +133,12 @@ class FusedLISA(torch.optim.Optimizer):
         self._sync_generator_from_rank0()
 
         # Pack the always-trained params once; they stay bound until release().
-        for i, off, n in self._packed.always.entries:
-            self._binding.bind(i, off, write_master=True)
-        self._slots = Slots(self._packed, block_idx, params)  # active block -> slot, and the moves
+        for lay in self._packed_state.layouts:
+            for i, off, n in lay.always.entries:
+                self._binding.bind(i, off, write_master=True)
+        self._slots = Slots(self._packed_state, self._block_params, params)  # active block -> slot, and the moves
         first = self._draw()
-        for b in range(n_blocks):
+        for b in range(layout.num_blocks):
             if b not in first:
                 self._slots.set_trainable(b, False)
         self._reset_fresh(self._slots.activate(self._binding, self._store, [], list(first),
@@ -142,17 +148,22 @@ class FusedLISA(torch.optim.Optimizer):
             if isinstance(sampler, sampling.GradNormSampler) else None
 
     def _make_store(self, device) -> MomentStore:
-        """The one place the paged store is built (at construction and when the model moves)."""
+        """The one place the paged store is built (at construction and when the model moves); the host store
+        is pinned now, not inside step() on a block's first visit."""
         store = MomentStore(self.inactive_moments, device)
-        if self._binding is not None:  # pin the host store now, not inside step() on a block's first visit
-            bufs = self._binding.bufs
-            store.reserve({b: [(v.dtype, v.numel()) for v in bufs.rows(0, r.length)]
-                           for b, r in enumerate(self._packed.blocks)})
+        store.reserve({b: self._packed_state.block_spec(b) for b in range(len(self._block_params))})
         return store
 
     @property
     def _bufs(self) -> PackedBuffers:
+        """The packed buffers when all trained params share one state format."""
         return self._live().bufs
+
+    @property
+    def _packed(self) -> PackedLayout:
+        """The slot layout when all trained params share one state format."""
+        (layout,) = self._packed_state.layouts
+        return layout
 
     # ------------------------------------------------------------------------------------ public API
     @property
@@ -167,23 +178,13 @@ class FusedLISA(torch.optim.Optimizer):
         fp32 masters of an fp32 model), master_bytes (fp32 masters of a low-precision model), grad_bytes,
         moment_bytes (exp_avg + exp_avg_sq, codes when quantized), scale_bytes (fp32 block scales),
         compensation_bytes (Kahan); extra_device_bytes = device_bytes - param_bytes (what the optimizer
-        adds to the model's own weights)."""
-        packed = self._bufs.nbytes()
-        store = self._store.nbytes()
-        on_device = self._store.policy == "device"
-        kinds = self._bufs.nbytes_by_kind()
-        device = packed + (store if on_device else 0)
-        return {
-            "device_bytes": device,
-            "extra_device_bytes": device - kinds["param"],
-            **{f"{k}_bytes": v for k, v in kinds.items()},
-            "host_bytes": 0 if on_device else store,
-            "packed_bytes": packed,
-            "store_bytes": store,
-            "active_numel": sum(n for _, _, n in self._packed.placements(self._slot_of)),
-            "slot_numel": self._packed.slot_len,
-            "pinned_bytes": self._store.pinned_bytes(),  # page-locked host memory, reserved at construction
-        }
+        adds to the model's own weights); small_tensor_numel / small_tensor_moment_bytes: trained elements
+        of quantized groups that keep fp32 moments (min_quantized_size) and those moments' bytes."""
+        return introspect.memory_stats(self)
+
+    def state_formats(self) -> dict[str, str]:
+        """{parameter name: "moments/master_weights"}: each trained parameter's state format."""
+        return introspect.state_formats(self)
 
     def release(self) -> None:
         """Hand the model back: every trained param gets its own storage again (values and grads as they
@@ -198,17 +199,10 @@ class FusedLISA(torch.optim.Optimizer):
         self._store.release()  # drop paged state (and unregister pinned memory)
 
     def __repr__(self) -> str:
-        g = self.param_groups[0]
-        return (f"FusedLISA(backend={self.backend!r} (asked {self._backend_request!r}), lr={g['lr']}, "
-                f"betas={g['betas']}, eps={g['eps']}, weight_decay={g['weight_decay']}, "
-                f"n_active_layers={self.n_active_layers}/{len(self._block_params)}, "
-                f"switch_every={self.switch_every}, sampler={self._sampler.describe()}, "
-                f"inactive_moments={self.inactive_moments!r}, moments={self.moments!r}, "
-                f"master_weights={self.master_weights!r}, stack={self.model_layout.stack_path!r}, "
-                f"active_layers={self.active_layers}" + (", released" if self._binding is None else "") + ")")
+        return introspect.describe(self)
 
     def add_param_group(self, param_group):
-        if getattr(self, "_params", None) is not None:
+        if getattr(self, "_binding", None) is not None:
             raise NotImplementedError("FusedLISA owns its parameters (the whole model); add_param_group is not supported")
         super().add_param_group(param_group)
 
@@ -231,18 +225,16 @@ class FusedLISA(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         """One AdamW step over the active params that have a `.grad`, then a re-draw every switch_every
-        steps. Raises RuntimeError during CUDA graph capture, after release(), or if the model was
-        moved to where it cannot be followed (a dtype the kernels lack, mixed devices, FSDP2 shards)."""
-        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-            # Bias corrections and the switch are host-side per step; a captured graph would replay step 1's.
-            raise RuntimeError("FusedLISA.step() cannot be captured in a CUDA graph (torch.cuda.graph / "
-                               "mode='reduce-overhead' compile of the step): its per-step bias corrections and "
-                               "layer switches are computed on the host; capture the forward/backward only")
+        steps. Raises RuntimeError during CUDA graph capture, after release(), if the model was moved to
+        where it cannot be followed (a dtype the kernels lack, mixed devices, FSDP2 shards), for a `.grad`
+        of the wrong shape, or if a param group's layout keys were edited; nothing changes before a raise."""
+        validation.refuse_graph_capture()
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         self._check_binding()
+        self._check_groups()
         if loss is not None:
             self.observe_loss(loss)
         if (self._global_step + 1) % self.switch_every == 0:  # this step switches: parked params must fit too
@@ -255,31 +247,25 @@ class FusedLISA(torch.optim.Optimizer):
         if grad_scale is not None:
             grad_scale = grad_scale.to(device=self.device, dtype=torch.float32).reshape(1)
 
-        segments, seg_params = self._slots.segments()
+        parts = self._slots.segments()
+        self._binding.check_grad_shapes(i for _, seg_params in parts for i in seg_params)
         collect = self._binding.collect
-        enabled = [collect(i) for i in seg_params]
-        for i, on in zip(seg_params, enabled):
-            self._steps[i] += on
-        lean = self.moments != "fp32" or self.master_weights != "fp32"
-        hparams = _hparams(self.param_groups[0], [self._steps[i] for i in seg_params], enabled,
-                           ids=seg_params if lean else None)
+        enabled = [[collect(i) for i in seg_params] for _, seg_params in parts]
+        if not any(map(any, enabled)):
+            return loss  # no gradient anywhere: as torch's AdamW, nothing changes (nor does the schedule)
+        for (_, seg_params), on in zip(parts, enabled):
+            for i, e in zip(seg_params, on):
+                self._steps[i] += e
         self._store.wait_ready()
-        g = self.param_groups[0]
-        bufs = self._bufs
-        lean_args = dict(moments=self.moments, master_weights=self.master_weights, exp_avg_scale=bufs.exp_avg_scale,
-                         exp_avg_sq_scale=bufs.exp_avg_sq_scale, compensation=bufs.compensation,
-                         seed=self._sr_seed) if lean else {}
-        kernels.adamw_packed_(
-            bufs.kernel_param, bufs.grad, bufs.exp_avg, bufs.exp_avg_sq, segments, hparams,
-            beta1=g["betas"][0], beta2=g["betas"][1], eps=g["eps"],
-            param_lowp=bufs.lowp if bufs.master is not None else None,
-            grad_scale=grad_scale, backend=self.backend, check=False, **lean_args,
-            grad_sumsq=None if self._meter is None else self._meter.kernel_buffer(),
-        )
+        update.adamw_step(self._packed_state, parts, enabled, self._steps, self._group_of, backend=self.backend,
+                          grad_scale=grad_scale, seed=self._sr_seed,
+                          grad_sumsq=None if self._meter is None else self._meter.kernel_buffer())
         if self._binding.copy_mode:
-            for i, (off, n), on in zip(seg_params, segments.bounds, enabled):
-                if on:
-                    local(self._params[i]).copy_(bufs.param[off:off + n].view(self._shapes[i]))
+            state = self._packed_state
+            for (segments, seg_params), on in zip(parts, enabled):
+                for i, (off, n), e in zip(seg_params, segments.bounds, on):
+                    if e:
+                        local(self._params[i]).copy_(state.buffers_of(i).param[off:off + n].view(self._shapes[i]))
         self._global_step += 1
         if self._global_step % self.switch_every == 0:
             self._switch()
@@ -325,24 +311,40 @@ class FusedLISA(torch.optim.Optimizer):
         if self._live().moved():
             self._follow_move()
 
+    def _check_groups(self):
+        """param_groups edited in place: hyperparameters are read every step, but the state-format keys
+        decide the packed layout and the group list the param set. RuntimeError naming the group and key."""
+        if len(self.param_groups) != len(self._layout_keys):
+            raise RuntimeError(f"FusedLISA has {len(self._layout_keys)} param groups, param_groups now holds "
+                               f"{len(self.param_groups)}: groups cannot be added or removed after construction; "
+                               "give them to FusedLISA(param_groups=...)")
+        for k, (g, keys) in enumerate(zip(self.param_groups, self._layout_keys)):
+            now = tuple(g.get(key) for key in groups.LAYOUT_KEYS)
+            if now != keys:
+                key, was, new = next((n, a, b) for n, a, b in zip(groups.LAYOUT_KEYS, keys, now) if a != b)
+                raise RuntimeError(
+                    f"param_groups[{k}][{key!r}] was changed from {was!r} to {new!r}: the state format is fixed at "
+                    f"construction (it decides the packed layout); set it back, or take state_dict(), release() "
+                    f"and build a new FusedLISA with {key}={new!r} (load_state_dict converts the moments)")
+
     @torch.no_grad()
     def _follow_move(self):
         binding = self._binding
         dev, dt = binding.target()  # raises where following is impossible
-        if dt != self.param_dtype and self.master_weights != "fp32":
+        lean_masters = sorted({f.master_weights for f in self._packed_state.formats} - {"fp32"})
+        if dt != self.param_dtype and lean_masters:
             raise RuntimeError(
                 f"FusedLISA: the model was converted from {self.param_dtype} to {dt}, but master_weights="
-                f"{self.master_weights!r} keeps no fp32 master to convert from: convert the model back, or "
+                f"{lean_masters[0]!r} keeps no fp32 master to convert from: convert the model back, or "
                 "take state_dict(), release(), and build a new FusedLISA for the converted model")
         backend = kernels.resolve_backend(self._backend_request, dev)
         self._store.synchronize()
         was = (self.device, self.param_dtype)
-        old = binding.relocate(self._packed.total, dev, dt, self.moments, self.master_weights)
-        new = binding.bufs
+        olds = binding.relocate(dev, dt)
         old_store, self._store = self._store, self._make_store(dev)
         for b in range(len(self._block_params)):
             if b not in self._slot_of and old_store.has(b):
-                self._store.put(b, binding.parked_rows(self._packed.blocks[b], old_store.get(b), old, new))
+                self._store.put(b, binding.parked_rows(b, old_store.get(b), olds))
         old_store.release()  # (unregisters its pinned memory now, not at garbage collection)
         self.device, self.param_dtype, self.backend = dev, dt, backend
         if self._meter is not None:
@@ -393,111 +395,3 @@ class FusedLISA(torch.optim.Optimizer):
         state = [self._generator.get_state()]
         torch.distributed.broadcast_object_list(state, src=0)
         self._generator.set_state(state[0])
-
-
-def _validate_options(model, switch_every, inactive_moments, sampler):
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"FusedLISA takes the model (an nn.Module), got {type(model).__name__}")
-    if isinstance(switch_every, bool) or not isinstance(switch_every, int) or switch_every < 1:
-        raise ValueError(f"Invalid switch_every: {switch_every!r} (must be an integer >= 1)")
-    if inactive_moments not in POLICIES:
-        raise ValueError(f"Invalid inactive_moments: {inactive_moments!r}; choose one of {POLICIES}")
-    if not callable(sampler) and sampler not in sampling.SAMPLER_NAMES:
-        raise ValueError(f"Invalid sampler: {sampler!r}; choose one of {sampling.SAMPLER_NAMES} or pass a callable")
-
-
-def _validate_state_format(model, moments, master_weights) -> str:
-    """Check moments / master_weights before anything about the model changes; returns master_weights
-    with None resolved to "fp32". ValueError naming the bad value and the choices, or the dtype."""
-    from .kernels import quant
-
-    if moments not in quant.FORMATS:
-        raise ValueError(f"Invalid moments: {moments!r}; choose one of {quant.FORMATS}")
-    if master_weights is None:
-        master_weights = "fp32"
-    if master_weights not in quant.MASTER_WEIGHTS:
-        raise ValueError(f"Invalid master_weights: {master_weights!r}; choose one of (None,) + {quant.MASTER_WEIGHTS}")
-    if master_weights != "fp32":
-        dtypes = {p.dtype for p in model.parameters() if p.requires_grad and p.is_floating_point()}
-        allowed = (torch.bfloat16,) if master_weights == "stochastic" else (torch.bfloat16, torch.float16)
-        bad = sorted(str(d) for d in dtypes if d not in allowed)
-        if bad:
-            raise ValueError(
-                f"master_weights={master_weights!r} updates the params in place without an fp32 master, which "
-                f"needs {' or '.join(map(str, allowed))} params; this model's trainable params are {', '.join(bad)}: "
-                "convert the model (e.g. model.to(torch.bfloat16)) or use master_weights='fp32'")
-    return master_weights
-
-
-def _device_and_dtype(params):
-    """The one device and floating dtype of the trainable params; ValueError naming what was found."""
-    if not params:
-        raise ValueError("the model has no trainable parameters (all have requires_grad=False)")
-    devices = {p.device for p in params}
-    dtypes = {p.dtype for p in params}
-    if len(devices) > 1:
-        raise ValueError(f"all trainable parameters must be on one device, found {sorted(map(str, devices))}")
-    if len(dtypes) > 1 or not next(iter(dtypes)).is_floating_point:
-        raise ValueError(f"all trainable parameters must share one floating dtype, found {sorted(map(str, dtypes))}")
-    dtype = next(iter(dtypes))
-    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"unsupported parameter dtype {dtype}; use float32, bfloat16 or float16")
-    return next(iter(devices)), dtype
-
-
-def _hparams(group, steps, enabled, ids=None):
-    """[S, 4] float64 host table (one row per segment, `steps` its AdamW step count); bias corrections
-    computed once per distinct step count in Python floats, exactly as torch's AdamW computes them.
-    With `ids` (param index per segment): [S, 6], adding COL_PARAM_ID and COL_STEP (lean state)."""
-    lr, wd = group["lr"], group["weight_decay"]
-    if isinstance(lr, torch.Tensor):
-        lr = lr.item()
-    beta1, beta2 = group["betas"]
-    rows, memo = [], {}  # columns in contract order: step_size, decay, bc2_sqrt, enabled
-    for s, on in zip(steps, enabled):
-        if not on:
-            rows.append((0.0, 1.0, 1.0, 0.0))
-            continue
-        if s not in memo:
-            bc1 = 1 - beta1 ** s
-            bc2 = 1 - beta2 ** s
-            memo[s] = (lr / bc1, 1 - lr * wd, math.sqrt(bc2), 1.0)
-        rows.append(memo[s])
-    table = torch.tensor(rows, dtype=torch.float64).reshape(-1, N_COLS)
-    if ids is None:
-        return table
-    extra = torch.tensor([list(ids), list(steps)], dtype=torch.float64).T.reshape(-1, 2)
-    return torch.cat([table, extra], dim=1)
-
-
-def _check_ddp(model):
-    """Inactive blocks get no gradient: a DDP wrapper must be built to expect that (before FusedLISA, with
-    find_unused_parameters=True and no static_graph), or its second backward fails with a cryptic error."""
-    ddp = torch.nn.parallel.DistributedDataParallel
-    if isinstance(model, ddp) and (not model.find_unused_parameters or getattr(model, "static_graph", False)):
-        raise ValueError(
-            "FusedLISA trains a different set of blocks every switch_every steps, so DistributedDataParallel must "
-            "expect parameters without a gradient: wrap the model with DistributedDataParallel(model, "
-            "find_unused_parameters=True) (and without static_graph) before constructing FusedLISA; got "
-            f"find_unused_parameters={model.find_unused_parameters}, "
-            f"static_graph={getattr(model, 'static_graph', False)}")
-
-
-def _validate_hparams(lr, betas, eps, weight_decay):
-    if isinstance(lr, torch.Tensor):
-        if lr.numel() != 1:
-            raise ValueError(f"Invalid learning rate: tensor lr must have one element, got shape {tuple(lr.shape)}")
-        lr_value = lr.item()
-    else:
-        lr_value = lr
-    if not isinstance(lr_value, (int, float)) or not math.isfinite(lr_value) or lr_value < 0:
-        raise ValueError(f"Invalid learning rate: {lr}")
-    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-        raise ValueError(f"Invalid betas: {betas!r} (expected a pair (beta1, beta2))")
-    for k, b in enumerate(betas):
-        if not isinstance(b, (int, float)) or not 0.0 <= b < 1.0:
-            raise ValueError(f"Invalid beta parameter at index {k}: {b}")
-    if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
-        raise ValueError(f"Invalid epsilon value: {eps}")
-    if not isinstance(weight_decay, (int, float)) or not math.isfinite(weight_decay) or weight_decay < 0:
-        raise ValueError(f"Invalid weight_decay value: {weight_decay}")

@@ -5,6 +5,10 @@
 The always-trained region (embeddings, head, final norm, ...) is packed once. Each slot is as long as
 the largest block, so any block fits any slot and the buffers never grow: device memory is fixed at
 construction. Every segment (one parameter) starts at a multiple of ALIGN elements.
+
+Parameters whose optimizer state has another format (groups.StateFormat: moments, master weights) live
+in buffers of their own: one *partition* per format (`PackedState`), each with the layout above over its
+own parameters, and one kernel launch per step. A block in slot s occupies slot s of every partition.
 """
 from __future__ import annotations
 
@@ -149,3 +153,67 @@ class PackedBuffers:
 
     def nbytes(self) -> int:
         return sum(self.nbytes_by_kind().values())
+
+
+class PackedState:
+    """Every partition's layout (fixed) and buffers (replaced when the model moves).
+
+    formats: the StateFormat of each trained param (param index i = position); always: indices of the
+    always-trained params; blocks: indices of each block's params; params: the (rank-local) tensors, for
+    their sizes. Partitions come in the order their format first appears among the params.
+    """
+
+    def __init__(self, formats, always, blocks, params, n_slots: int, device, dtype):
+        self.formats = list(dict.fromkeys(formats))
+        self.part_of = [self.formats.index(f) for f in formats]
+        self.layouts = [
+            PackedLayout(always=Region.of([i for i in always if self.part_of[i] == p], params),
+                         blocks=tuple(Region.of([i for i in blk if self.part_of[i] == p], params) for blk in blocks),
+                         n_slots=n_slots)
+            for p in range(len(self.formats))]
+        self.bufs = self.allocate(device, dtype)
+
+    def allocate(self, device, dtype) -> list[PackedBuffers]:
+        return [PackedBuffers(lay.total, device, dtype, f.moments, f.master_weights)
+                for lay, f in zip(self.layouts, self.formats)]
+
+    def __len__(self) -> int:
+        return len(self.formats)
+
+    def buffers_of(self, i: int) -> PackedBuffers:
+        return self.bufs[self.part_of[i]]
+
+    def placements(self, slot_of: dict[int, int]):
+        """(param_index, offset in its partition, numel) of every packed param, partition by partition."""
+        return [e for lay in self.layouts for e in lay.placements(slot_of)]
+
+    def block_rows(self, block: int, slot: int, bufs=None) -> list[torch.Tensor]:
+        """The paged rows of `block` placed in `slot`: every partition's rows over the block's region, in
+        partition order (what the store saves for the block). `bufs`: other buffers of the same layout."""
+        bufs = self.bufs if bufs is None else bufs
+        return [r for lay, b in zip(self.layouts, bufs)
+                for r in b.rows(lay.slot_offset(slot), lay.blocks[block].length)]
+
+    def split_rows(self, rows, bufs=None) -> list[list[torch.Tensor]]:
+        """A block's concatenated rows (block_rows order, of `bufs`: default the current buffers) -> one
+        list per partition."""
+        rows, out, k = list(rows), [], 0
+        for b in self.bufs if bufs is None else bufs:
+            n = len(b.paged_names())
+            out.append(rows[k:k + n])
+            k += n
+        return out
+
+    def block_spec(self, block: int) -> list[tuple[torch.dtype, int]]:
+        """(dtype, numel) of each row the store keeps for `block`."""
+        return [(v.dtype, v.numel()) for v in self.block_rows(block, 0)]
+
+    def nbytes_by_kind(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for b in self.bufs:
+            for k, v in b.nbytes_by_kind().items():
+                out[k] = out.get(k, 0) + v
+        return out
+
+    def nbytes(self) -> int:
+        return sum(b.nbytes() for b in self.bufs)

@@ -1,8 +1,9 @@
 """Where a block's optimizer state lives while the block is not trained.
 
-A block's paged state is a list of rows, the slot contents of PackedBuffers.paged() (exp_avg,
-exp_avg_sq, and the fp32 master for low-precision models; later quantized moments with their fp32
-scales): each row is 1-D with its own dtype and length. The store never interprets them.
+A block's paged state is a list of rows, the slot contents of every partition's PackedBuffers.paged()
+(exp_avg, exp_avg_sq, quantized moments' fp32 scales, a Kahan compensation, and the fp32 master for
+low-precision models; packing.PackedState.block_rows): each row is 1-D with its own dtype and length.
+The store never interprets them.
 
     "host"    host memory reserved at construction (`reserve`); on CUDA pinned and copied on side streams
     "device"  kept on the device (what published LISA code does: memory grows with every block visited)
@@ -276,13 +277,13 @@ class MomentStore:
         return total
 
     # -- the switch --------------------------------------------------------------------------------
-    def switch(self, leaving, arriving, length_of, slot_views, init_master):
-        """Page out `leaving` blocks and page in (or zero) `arriving` ones.
+    def switch(self, leaving, arriving, rows_of, init_fresh):
+        """Page out `leaving` blocks and page in (or start fresh) `arriving` ones.
 
-        leaving / arriving: lists of (block, slot). slot_views(slot, length) -> list of per-row views of
-        that slot (row 0, 1: exp_avg, exp_avg_sq, zeroed for a fresh block). init_master(slot, block,
-        view) fills row 2 of a block that has no saved state (low-precision models only). Returns the
-        blocks that started from zero.
+        leaving / arriving: lists of (block, slot). rows_of(block, slot) -> the list of 1-D views of that
+        block's rows in that slot (what is saved and restored, in a fixed order). init_fresh(slot, block,
+        views) fills the views of an arriving block that has no saved state (zero moments, fp32 masters
+        from the params), on the page-in stream. Returns the blocks that started fresh.
         """
         cuda = self.out_stream is not None
         if cuda:
@@ -293,7 +294,7 @@ class MomentStore:
         if self.policy != "drop":
             with _on(self.out_stream):
                 for block, slot in leaving:
-                    views = slot_views(slot, length_of(block))
+                    views = rows_of(block, slot)
                     rows = self._buffer(block, row_spec(views))
                     if cuda and block in self._read:
                         self.out_stream.wait_event(self._read.pop(block))
@@ -304,7 +305,7 @@ class MomentStore:
                         self._written[block] = self._slot_free[slot] = _record(self.out_stream)
         with _on(self.in_stream):
             for block, slot in arriving:
-                views = slot_views(slot, length_of(block))
+                views = rows_of(block, slot)
                 if cuda and slot in self._slot_free:
                     self.in_stream.wait_event(self._slot_free.pop(slot))
                 if block in self._saved:
@@ -318,10 +319,7 @@ class MomentStore:
                         self._read[block] = _record(self.in_stream)
                 else:
                     fresh.append(block)
-                    views[0].zero_()
-                    views[1].zero_()
-                    if len(views) > 2:
-                        init_master(slot, block, views[2])
+                    init_fresh(slot, block, views)
             if cuda:
                 self._ready = [_record(self.in_stream), _record(self.out_stream)]
         return fresh

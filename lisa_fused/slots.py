@@ -2,21 +2,22 @@
 next: a leaving block's params get their own storage back and its state is paged out; an arriving
 block's params are bound into a free slot and its state is paged in (or started fresh).
 
-The packed layout (packing.PackedLayout) has one region for the always-trained params and
-`n_slots` equal slots for blocks; blocks that stay active keep their slot, so a switch touches only the
-blocks that change. Params are bound by binding.ParamBinding, state is paged by paging.MomentStore.
+The packed layout (packing.PackedLayout, one per state-format partition of packing.PackedState) has one
+region for the always-trained params and `n_slots` equal slots for blocks; a block in slot s sits in
+slot s of every partition. Blocks that stay active keep their slot, so a switch touches only the blocks
+that change. Params are bound by binding.ParamBinding, state is paged by paging.MomentStore.
 """
 from __future__ import annotations
 
 from .binding import ParamBinding
-from .packing import PackedLayout
+from .packing import PackedState
 from .paging import MomentStore
 
 
 class Slots:
     """`slot_of`: active block -> slot. `block_params[b]`: indices (into `params`) of block b's params."""
 
-    def __init__(self, packed: PackedLayout, block_params: list[range], params: list):
+    def __init__(self, packed: PackedState, block_params: list, params: list):
         self.packed = packed
         self.block_params = block_params
         self.params = params
@@ -29,18 +30,17 @@ class Slots:
         return tuple(sorted(self.slot_of))
 
     def segments(self):
-        """The kernel's (segments, param indices) for the current active set (cached per set)."""
+        """Per partition, the kernel's (segments, param indices) for the current active set (cached per set)."""
         key = tuple(sorted(self.slot_of.items()))
         if self._seg_key != key:
-            self._seg_cache = self.packed.segments(self.slot_of)
+            self._seg_cache = [lay.segments(self.slot_of) for lay in self.packed.layouts]
             self._seg_key = key
         return self._seg_cache
 
     def meter_blocks(self) -> list[int | None]:
-        """The block of each kernel segment (None: always trained), in the current segment order."""
-        _, seg_params = self.segments()
+        """The block of each kernel segment (None: always trained), partition after partition."""
         block_of = {i: b for b, ix in enumerate(self.block_params) for i in ix}
-        return [block_of.get(i) for i in seg_params]
+        return [block_of.get(i) for _, seg_params in self.segments() for i in seg_params]
 
     def set_trainable(self, b: int, flag: bool) -> None:
         for i in self.block_params[b]:
@@ -51,7 +51,8 @@ class Slots:
         whose state started fresh (no saved state, or the "drop" policy)."""
         new_active = tuple(sorted(new_active))
         leaving = [(b, s) for b, s in self.slot_of.items() if b not in new_active]
-        free = sorted(s for _, s in leaving) + sorted(set(range(self.packed.n_slots)) - set(self.slot_of.values()))
+        n_slots = self.packed.layouts[0].n_slots
+        free = sorted(s for _, s in leaving) + sorted(set(range(n_slots)) - set(self.slot_of.values()))
         arriving = [(b, free.pop(0)) for b in new_active if b not in self.slot_of]
         return self.activate(binding, store, leaving, [b for b, _ in arriving], [s for _, s in arriving], page)
 
@@ -66,30 +67,27 @@ class Slots:
             del self.slot_of[b]
             self.set_trainable(b, False)
         for b, s in zip(arriving, slots):
-            base = self.packed.slot_offset(s)
             self.set_trainable(b, True)  # before bind: the grad hook needs requires_grad
-            for i, off, _ in self.packed.blocks[b].entries:
-                binding.bind(i, base + off, write_master=not page)
+            for lay in self.packed.layouts:
+                base = lay.slot_offset(s)
+                for i, off, _ in lay.blocks[b].entries:
+                    binding.bind(i, base + off, write_master=not page)
             self.slot_of[b] = s
         if not page:
             return []
         # 2) optimizer state: paged on the copy stream (or reset).
-        bufs = binding.bufs
+        packed = self.packed
 
-        def slot_views(slot, length):
-            return bufs.rows(self.packed.slot_offset(slot), length)
-
-        def init_master(slot, block, _row2):
-            """A block arriving without saved state: rows past exp_avg/exp_avg_sq start fresh (scales
-            and compensation zero, the fp32 master from the params). The store hands over row 2 only."""
-            off = self.packed.slot_offset(slot)
-            views = bufs.rows(off, self.packed.blocks[block].length)
-            for name, v in zip(bufs.paged_names()[2:], views[2:]):
-                if name == "master":
-                    v.copy_(bufs.lowp[off:off + v.numel()])
-                else:
-                    v.zero_()
+        def init_fresh(slot, block, _views):
+            """A block arriving without saved state: moments, scales and compensation start at zero, the
+            fp32 master (low-precision models) from the params, in every partition."""
+            for lay, bufs in zip(packed.layouts, packed.bufs):
+                off = lay.slot_offset(slot)
+                for name, v in zip(bufs.paged_names(), bufs.rows(off, lay.blocks[block].length)):
+                    if name == "master":
+                        v.copy_(bufs.lowp[off:off + v.numel()])
+                    else:
+                        v.zero_()
 
         return store.switch(leaving=leaving, arriving=list(zip(arriving, slots)),
-                            length_of=lambda b: self.packed.blocks[b].length,
-                            slot_views=slot_views, init_master=init_master)
+                            rows_of=lambda b, slot: packed.block_rows(b, slot), init_fresh=init_fresh)

@@ -17,11 +17,11 @@ def describe(x) -> str:
     return str(x)
 
 
-def tiny_llama(n_layers=4, seed=0, dtype=torch.float32):
+def tiny_llama(n_layers=4, seed=0, dtype=torch.float32, hidden=32):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=n_layers,
+    cfg = LlamaConfig(vocab_size=97, hidden_size=hidden, intermediate_size=hidden * 3 // 2, num_hidden_layers=n_layers,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
     return LlamaForCausalLM(cfg).to(dtype)
 

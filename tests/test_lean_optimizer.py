@@ -37,23 +37,27 @@ def lm_step(model, opt, t):
 
 
 class Oracle:
-    """Per-parameter AdamW state in the lean format, each param stepped alone (one segment at offset 0)."""
+    """Per-parameter AdamW state in the lean format, each param stepped alone (one segment at offset 0).
+    min_quantized_size: the small-tensor rule, written here again: under 8bit/4bit a param with fewer
+    elements keeps fp32 moments."""
 
-    def __init__(self, opt, backend, device):
-        self.backend, self.moments, self.master = backend, opt.moments, opt.master_weights
+    def __init__(self, opt, backend, device, min_quantized_size=0):
+        self.backend, self.master = backend, opt.master_weights
         self.seed = opt.seed % 2**32
         self.steps = [0] * len(opt._params)
-        self.param, self.lowp, self.state = [], [], []
+        self.param, self.lowp, self.state, self.moments = [], [], [], []
         for p in opt._params:
             flat = p.detach().reshape(-1).clone()
             n = flat.numel()
+            small = opt.moments in quant.BLOCK and n < min_quantized_size
+            self.moments.append("fp32" if small else opt.moments)
             if self.master == "fp32":
                 self.param.append(flat.float())
                 self.lowp.append(None if p.dtype == torch.float32 else flat)
             else:
                 self.param.append(flat)
                 self.lowp.append(None)
-            self.state.append(quant.state_buffers(n, self.moments, self.master, p.dtype, device))
+            self.state.append(quant.state_buffers(n, self.moments[-1], self.master, p.dtype, device))
 
     def step(self, grads):
         b1, b2 = BETAS
@@ -67,19 +71,22 @@ class Oracle:
             st = dict(self.state[i])
             adamw_packed_(self.param[i], g.reshape(-1).clone(), st.pop("exp_avg"), st.pop("exp_avg_sq"),
                           Segments([(0, self.param[i].numel())]), hp, beta1=b1, beta2=b2, eps=EPS,
-                          param_lowp=self.lowp[i], backend=self.backend, moments=self.moments,
+                          param_lowp=self.lowp[i], backend=self.backend, moments=self.moments[i],
                           master_weights=self.master, seed=self.seed, **st)
 
     def value(self, i):
         return self.lowp[i] if self.lowp[i] is not None else self.param[i]
 
 
-def run_with_oracle(moments, master, backend, dtype=torch.bfloat16, steps=7, device="cpu", policy="host"):
-    model = tiny_llama(dtype=dtype).to(device)
+def run_with_oracle(moments, master, backend, dtype=torch.bfloat16, steps=7, device="cpu", policy="host",
+                    min_quantized_size=0, hidden=32):
+    """min_quantized_size=0 (quantize every param): the tiny Llama's tensors are all under 4096 elements."""
+    model = tiny_llama(dtype=dtype, hidden=hidden).to(device)
     init = {n: p.detach().clone() for n, p in model.named_parameters()}
     opt = FusedLISA(model, lr=LR, betas=BETAS, eps=EPS, weight_decay=WD, n_active_layers=2, switch_every=3,
-                    seed=5, moments=moments, master_weights=master, backend=backend, inactive_moments=policy)
-    oracle = Oracle(opt, backend, device)
+                    seed=5, moments=moments, master_weights=master, backend=backend, inactive_moments=policy,
+                    min_quantized_size=min_quantized_size)
+    oracle = Oracle(opt, backend, device, min_quantized_size)
     ever_active = set(opt.active_layers)
     for t in range(steps):
         opt.zero_grad()
@@ -131,6 +138,29 @@ def test_every_mode_equals_per_param_oracle(mode, backend, device):
             assert torch.equal(entry[key].reshape(-1), ref.cpu()), (opt._names[i], key)
 
 
+@pytest.mark.parametrize("policy", ["host", "device", "drop"])
+@pytest.mark.parametrize("mode", [("4bit", "kahan"), ("8bit", "fp32"), ("8bit", "stochastic")], ids=mode_id)
+def test_small_tensor_rule_mixes_formats_and_equals_oracle(mode, policy):
+    """hidden 64: embedding, head and projections have >= 4096 elements (quantized), norms 64 (fp32 moments):
+    two partitions, paged together across switches, each param bitwise its own format's oracle."""
+    if policy == "drop":
+        pytest.skip("the oracle keeps state across switches; 'drop' resets it (covered without groups)")
+    model, opt, oracle, init, ever_active = run_with_oracle(*mode, "cpu", steps=7, policy=policy,
+                                                            min_quantized_size=4096, hidden=64)
+    check_trained_and_frozen(model, opt, init, ever_active)
+    formats = opt.state_formats()
+    small = [n for n, p in model.named_parameters() if p.numel() < 4096]
+    assert small and all(formats[n] == f"fp32/{mode[1]}" for n in small), formats
+    assert all(formats[n] == f"{mode[0]}/{mode[1]}" for n, p in model.named_parameters() if p.numel() >= 4096)
+    st = opt.memory_stats()
+    assert st["small_tensor_numel"] == sum(p.numel() for n, p in model.named_parameters() if n in small)
+    assert st["small_tensor_moment_bytes"] == 8 * st["small_tensor_numel"]
+    sd = opt.state_dict()
+    for i, entry in sd["state"].items():
+        for key, ref in oracle.state[i].items():
+            assert torch.equal(entry[key].reshape(-1), ref.cpu()), (opt._names[i], key)
+
+
 @pytest.mark.parametrize("mode", [("4bit", "kahan"), ("8bit", "fp32")], ids=mode_id)
 def test_device_policy_keeps_lean_rows_resident_and_exact(mode):
     model, opt, _, init, ever_active = run_with_oracle(*mode, "cpu", steps=7, policy="device")
@@ -163,7 +193,7 @@ def test_resume_mid_interval_is_bitwise_exact(mode):
     def fresh(seed):
         model = tiny_llama(seed=seed, dtype=torch.bfloat16)
         return model, FusedLISA(model, lr=LR, weight_decay=WD, n_active_layers=2, switch_every=K, seed=seed,
-                                moments=moments, master_weights=master, backend="cpu")
+                                moments=moments, master_weights=master, backend="cpu", min_quantized_size=0)
 
     model, opt = fresh(0)
     for t in range(steps):
@@ -193,7 +223,7 @@ def test_resume_mid_interval_is_bitwise_exact(mode):
 def _trained(moments, master="fp32", steps=4):
     model = tiny_llama(dtype=torch.bfloat16)
     opt = FusedLISA(model, lr=LR, n_active_layers=2, switch_every=3, moments=moments, master_weights=master,
-                    backend="cpu")
+                    backend="cpu", min_quantized_size=0)  # (every tensor of the tiny Llama is under 4096)
     for t in range(steps):
         lm_step(model, opt, t)
     return model, opt
@@ -343,19 +373,27 @@ SETTINGS = [("fp32", "fp32"), ("bf16", "fp32"), ("8bit", "fp32"), ("8bit", "kaha
             ("4bit", "stochastic")]
 
 
-def expected_bytes(model, layout_always, blocks, gamma, moments, master):
+def expected_bytes(model, layout_always, blocks, gamma, moments, master, min_quantized_size=4096):
     """The byte formula, from the model's parameter shapes alone: every trained tensor padded to 256
-    elements; T = always-trained elements + gamma * the largest block's; per element: bf16 param 2, grad 2,
-    fp32 master 4 (master_weights="fp32"), compensation 2 ("kahan"), moments 8 | 4 | 2 | 1 (fp32 | bf16 |
-    8bit | 4bit, 4-bit rounded up to whole bytes), scales 2 * 4 B per 256 | 128 elements."""
+    elements. Under 8bit/4bit, tensors under min_quantized_size elements keep fp32 moments, in buffers of
+    their own (a second slot layout). Per layout, T = always-trained elements + gamma * the largest
+    block's; per element: bf16 param 2, grad 2, fp32 master 4 (master_weights="fp32"), compensation 2
+    ("kahan"), moments 8 | 4 | 2 | 1 (fp32 | bf16 | 8bit | 4bit, 4-bit rounded up to whole bytes), scales
+    2 * 4 B per 256 | 128 elements."""
     def padded(ps):
         return sum(-(-p.numel() // 256) * 256 for p in ps)
 
-    T = padded(layout_always) + gamma * max(padded(b) for b in blocks)
-    mom = {"fp32": 8 * T, "bf16": 4 * T, "8bit": 2 * T, "4bit": 2 * -(-T // 2)}[moments]
-    scales = 2 * 4 * -(-T // quant.BLOCK[moments]) if moments in quant.BLOCK else 0
-    return {"param_bytes": 2 * T, "grad_bytes": 2 * T, "master_bytes": 4 * T if master == "fp32" else 0,
-            "compensation_bytes": 2 * T if master == "kahan" else 0, "moment_bytes": mom, "scale_bytes": scales}
+    def total(keep):
+        return padded([p for p in layout_always if keep(p)]) + gamma * max(padded([p for p in b if keep(p)])
+                                                                            for b in blocks)
+
+    quantized = moments in quant.BLOCK
+    small = (lambda p: p.numel() < min_quantized_size) if quantized else (lambda p: False)
+    T, S = total(lambda p: not small(p)), total(small)
+    mom = {"fp32": 8 * T, "bf16": 4 * T, "8bit": 2 * T, "4bit": 2 * -(-T // 2)}[moments] + 8 * S
+    scales = 2 * 4 * -(-T // quant.BLOCK[moments]) if quantized else 0
+    return {"param_bytes": 2 * (T + S), "grad_bytes": 2 * (T + S), "master_bytes": 4 * (T + S) if master == "fp32" else 0,
+            "compensation_bytes": 2 * (T + S) if master == "kahan" else 0, "moment_bytes": mom, "scale_bytes": scales}
 
 
 @pytest.fixture(scope="module")
@@ -369,15 +407,17 @@ def meta_models():
 def test_memory_stats_match_the_byte_formula_at_real_shapes(name, meta_models):
     model = meta_models[name]
     for moments, master in SETTINGS:
-        opt = FusedLISA(model, n_active_layers=2, moments=moments, master_weights=master)  # buffers on meta
-        lay = opt.model_layout
-        want = expected_bytes(model, [p for _, p in lay.always], [[p for _, p in b] for b in lay.blocks], 2,
-                              moments, master)
-        st = opt.memory_stats()
-        assert {k: st[k] for k in want} == want, (name, moments, master)
-        assert st["device_bytes"] == sum(want.values())
-        assert st["extra_device_bytes"] == st["device_bytes"] - want["param_bytes"]
-        opt.release()
+        for min_size in (4096, 0):
+            opt = FusedLISA(model, n_active_layers=2, moments=moments, master_weights=master,  # buffers on meta
+                            min_quantized_size=min_size)
+            lay = opt.model_layout
+            want = expected_bytes(model, [p for _, p in lay.always], [[p for _, p in b] for b in lay.blocks], 2,
+                                  moments, master, min_size)
+            st = opt.memory_stats()
+            assert {k: st[k] for k in want} == want, (name, moments, master, min_size)
+            assert st["device_bytes"] == sum(want.values())
+            assert st["extra_device_bytes"] == st["device_bytes"] - want["param_bytes"]
+            opt.release()
 
 
 def test_leanest_setting_meets_lora_budget_at_llama3_8b(meta_models):

@@ -131,16 +131,21 @@ def test_store_round_trip_and_policies(device):
     def views(slot, ln):
         return [slots[slot, k, :ln] for k in range(n)]
 
+    def init_fresh(slot, block, rows):  # what FusedLISA's slots do: zero moments, a master from the params
+        rows[0].zero_()
+        rows[1].zero_()
+        rows[2].fill_(-1.0)
+
     for policy in ("host", "device", "drop"):
         store = MomentStore(policy, device)
         original = slots[0].clone()
-        fresh = store.switch(leaving=[(5, 0)], arriving=[(7, 0)], length_of=lambda b: length,
-                             slot_views=views, init_master=lambda s, b, v: v.fill_(-1.0))
+        fresh = store.switch(leaving=[(5, 0)], arriving=[(7, 0)], rows_of=lambda b, s: views(s, length),
+                             init_fresh=init_fresh)
         store.wait_ready()
         assert fresh == [7]
         assert torch.all(slots[0, :2] == 0) and torch.all(slots[0, 2] == -1)  # zeroed moments, master init
-        fresh = store.switch(leaving=[(7, 0)], arriving=[(5, 0)], length_of=lambda b: length,
-                             slot_views=views, init_master=lambda s, b, v: v.fill_(-1.0))
+        fresh = store.switch(leaving=[(7, 0)], arriving=[(5, 0)], rows_of=lambda b, s: views(s, length),
+                             init_fresh=init_fresh)
         store.wait_ready()
         if policy == "drop":
             assert fresh == [5] and store.nbytes() == 0

@@ -1,0 +1,84 @@
+"""The update of one FusedLISA step: the per-segment hyperparameter tables and the kernel launches.
+
+One launch per partition (state format, packing.PackedState), over every packed segment of it; a
+partition whose segments' groups differ in betas or eps (the kernel takes those as launch scalars) is
+launched once per distinct (beta1, beta2, eps). lr and weight_decay are per segment, in the table.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import kernels
+from .kernels.contract import N_COLS, Segments
+
+
+def hparam_table(groups, steps, enabled, ids=None) -> torch.Tensor:
+    """[S, 4] float64 host table (one row per segment: its param group, its AdamW step count, whether it
+    steps); bias corrections computed once per distinct (group, step) in Python floats, exactly as torch's
+    AdamW computes them. With `ids` (param index per segment): [S, 6], adding COL_PARAM_ID and COL_STEP
+    (lean state). Columns: kernels/contract.py."""
+    rows, memo = [], {}
+    for g, s, on in zip(groups, steps, enabled):
+        if not on:
+            rows.append((0.0, 1.0, 1.0, 0.0))
+            continue
+        key = (id(g), s)
+        if key not in memo:
+            lr = g["lr"].item() if isinstance(g["lr"], torch.Tensor) else g["lr"]
+            beta1, beta2 = g["betas"]
+            memo[key] = (lr / (1 - beta1 ** s), 1 - lr * g["weight_decay"], math.sqrt(1 - beta2 ** s), 1.0)
+        rows.append(memo[key])
+    table = torch.tensor(rows, dtype=torch.float64).reshape(-1, N_COLS)
+    if ids is None:
+        return table
+    extra = torch.tensor([list(ids), list(steps)], dtype=torch.float64).T.reshape(-1, 2)
+    return torch.cat([table, extra], dim=1)
+
+
+def _launches(segments: Segments, groups):
+    """[(beta1, beta2, eps, segments, positions)]: one entry when every segment's group shares betas and eps
+    (positions None), else one per distinct triple with a cached sub-Segments."""
+    keys = [(float(g["betas"][0]), float(g["betas"][1]), float(g["eps"])) for g in groups]
+    distinct = list(dict.fromkeys(keys))
+    if len(distinct) == 1:
+        return [(*distinct[0], segments, None)]
+    out = []
+    for key in distinct:
+        pos = tuple(j for j, k in enumerate(keys) if k == key)
+        sub = segments.cache.get(("subset", pos))
+        if sub is None:
+            sub = segments.cache[("subset", pos)] = Segments([segments.bounds[j] for j in pos])
+        out.append((*key, sub, pos))
+    return out
+
+
+def adamw_step(state, parts, enabled, steps, groups_of, *, backend: str, grad_scale=None, seed: int = 0,
+               grad_sumsq=None) -> None:
+    """AdamW over every partition of `state` (packing.PackedState), in place.
+
+    parts: per partition (Segments, param indices) of the packed params; enabled: per partition, whether each
+    segment steps; steps: every param's step count (already advanced); groups_of: every param's param group
+    (dict with lr, betas, eps, weight_decay); grad_sumsq: fp32 [total segments] device accumulator in
+    partition order (grad_norm sampler), or None."""
+    start = 0
+    for bufs, fmt, (segments, seg_params), on in zip(state.bufs, state.formats, parts, enabled):
+        n = len(seg_params)
+        sumsq, start = (None if grad_sumsq is None else grad_sumsq[start:start + n]), start + n
+        if n == 0:
+            continue
+        groups = [groups_of[i] for i in seg_params]
+        table = hparam_table(groups, [steps[i] for i in seg_params], on, ids=seg_params if fmt.lean else None)
+        lean = dict(moments=fmt.moments, master_weights=fmt.master_weights, exp_avg_scale=bufs.exp_avg_scale,
+                    exp_avg_sq_scale=bufs.exp_avg_sq_scale, compensation=bufs.compensation, seed=seed) \
+            if fmt.lean else {}
+        for beta1, beta2, eps, segs, pos in _launches(segments, groups):
+            sub = sumsq if pos is None or sumsq is None else torch.zeros(len(pos), dtype=sumsq.dtype, device=sumsq.device)
+            kernels.adamw_packed_(
+                bufs.kernel_param, bufs.grad, bufs.exp_avg, bufs.exp_avg_sq, segs,
+                table if pos is None else table[list(pos)], beta1=beta1, beta2=beta2, eps=eps,
+                param_lowp=bufs.lowp if bufs.master is not None else None, grad_scale=grad_scale,
+                backend=backend, check=False, grad_sumsq=sub, **lean)
+            if pos is not None and sumsq is not None:
+                sumsq.index_add_(0, torch.tensor(pos, device=sumsq.device), sub)

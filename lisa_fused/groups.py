@@ -186,3 +186,25 @@ def group_dicts(defaults: dict, param_groups, members: list[list[int]], params: 
     the Parameters of each (in the given member order)."""
     given = [{}] + [{k: v for k, v in g.items() if k != "params"} for g in (param_groups or [])]
     return [dict(defaults, **opts, params=[params[j] for j in idx]) for opts, idx in zip(given, members)]
+
+
+def layout_keys(param_groups) -> list[tuple]:
+    """What step() checks is unchanged: each group's state-format keys."""
+    return [tuple(g.get(k) for k in LAYOUT_KEYS) for g in param_groups]
+
+
+def check_unchanged(param_groups, keys: list[tuple]) -> None:
+    """param_groups edited in place: hyperparameters are read every step, but the state-format keys decide
+    the packed layout and the group list the param set. RuntimeError naming the group, the key and the fix."""
+    if len(param_groups) != len(keys):
+        raise RuntimeError(f"FusedLISA has {len(keys)} param groups, param_groups now holds {len(param_groups)}: "
+                           "add groups with opt.add_param_group(...) (or FusedLISA(param_groups=...)), not by "
+                           "editing the list")
+    for k, (g, was) in enumerate(zip(param_groups, keys)):
+        now = tuple(g.get(key) for key in LAYOUT_KEYS)
+        if now != was:
+            key, a, b = next((n, x, y) for n, x, y in zip(LAYOUT_KEYS, was, now) if x != y)
+            raise RuntimeError(
+                f"param_groups[{k}][{key!r}] was changed from {a!r} to {b!r}: the state format is fixed at "
+                f"construction (it decides the packed layout); set it back, or take state_dict(), release() and "
+                f"build a new FusedLISA with {key}={b!r} (load_state_dict converts the moments)")

@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from . import checkpoint, groups, introspect, kernels, sampling, update, validation
+from . import checkpoint, groups, introspect, kernels, rebuild, sampling, update, validation
 from .binding import ParamBinding, claim_check, local
 from .layers import find_layout
 from .packing import PackedBuffers, PackedLayout, PackedState
@@ -79,36 +79,43 @@ class FusedLISA(torch.optim.Optimizer):
                         master_weights="fp32" if master_weights is None else master_weights,
                         min_quantized_size=min_quantized_size)
         validation.check_options(model, switch_every, inactive_moments, sampler)
-        dtypes = validation.trainable_dtypes(model)
-        groups.validate_group_options(defaults, "FusedLISA", dtypes)
+        groups.validate_group_options(defaults, "FusedLISA", validation.trainable_dtypes(model))
         claim_check(model.named_parameters())  # another live FusedLISA, or flags a dropped one left frozen
-
         layout = find_layout(model, layers)
-        sampler = sampling.build_sampler(sampler, layout, sampler_options)  # validates the options
         validation.check_n_active(n_active_layers, layout)
         if n_active_layers < layout.num_blocks:
             validation.check_ddp(model)
-        named = list(layout.always) + [np for blk in layout.blocks for np in blk]
-        members = groups.resolve(model, named, param_groups, dtypes)
-        order = [j for m in members for j in m]  # param index i = position in the concatenated groups
-        params = [named[j][1] for j in order]
-        self.device, self.param_dtype = validation.device_and_dtype(params)
-        self.backend = kernels.resolve_backend(backend, self.device)
-        self._backend_request = backend
-        super().__init__(groups.group_dicts(defaults, param_groups, members, [p for _, p in named]), defaults)
-
-        self.model_layout = layout
-        self.n_active_layers = n_active_layers
-        self.switch_every = switch_every
-        self.inactive_moments = inactive_moments
-        self.seed = seed
-        self.moments, self.master_weights = moments, defaults["master_weights"]
+        self._model, self._backend_request = model, backend
+        self._sampler_spec = (sampler, sampler_options)
+        self.n_active_layers, self.switch_every, self.inactive_moments = n_active_layers, switch_every, inactive_moments
+        self.seed, self.moments, self.master_weights = seed, moments, defaults["master_weights"]
         self._sr_seed = int(seed) % (1 << 32)  # stochastic-rounding key (contract.py: [0, 2**32))
-        self._names = [named[j][0] for j in order]
-        self._params = params
+        self._binding = None
+        named, members = self._plan(layout, param_groups)
+        super().__init__(groups.group_dicts(defaults, param_groups, members, [p for _, p in named]), defaults)
+        self._build(layout, named, members)
+
+    def _plan(self, layout, param_groups):
+        """Everything that can refuse the groups, before anything changes: (named params, group members)."""
+        named = list(layout.always) + [np for blk in layout.blocks for np in blk]
+        members = groups.resolve(self._model, named, param_groups, validation.trainable_dtypes(self._model))
+        params = [named[j][1] for m in members for j in m]
+        self.device, self.param_dtype = validation.device_and_dtype(params)
+        self.backend = kernels.resolve_backend(self._backend_request, self.device)
+        self._sampler = sampling.build_sampler(*self._sampler_spec[:1], layout, self._sampler_spec[1])
+        return named, members
+
+    def _build(self, layout, named, members):
+        """Bind the params of `self.param_groups` (members: their indices in `named`) into fresh packed
+        buffers and activate the first draw. Param index i = position in the concatenated groups."""
+        order = [j for m in members for j in m]
+        self.model_layout = layout
+        self._names, self._params = [named[j][0] for j in order], [named[j][1] for j in order]
+        self._untrained = [(n, p) for n, p in self._model.named_parameters() if not p.requires_grad]
+        self._warned = set()
         self._group_of = [g for g in self.param_groups for _ in g["params"]]
-        self._layout_keys = [tuple(g[k] for k in groups.LAYOUT_KEYS) for g in self.param_groups]
-        local_params = [local(p) for p in params]
+        self._layout_keys = groups.layout_keys(self.param_groups)
+        local_params = [local(p) for p in self._params]
         self._shapes = [tuple(t.shape) for t in local_params]
         pos = {j: i for i, j in enumerate(order)}
         n_always = len(layout.always)
@@ -116,27 +123,24 @@ class FusedLISA(torch.optim.Optimizer):
         for blk in layout.blocks:
             self._block_params.append(sorted(pos[k] for k in range(j, j + len(blk))))
             j += len(blk)
-        formats = [groups.state_format(g, p.numel()) for g, p in zip(self._group_of, params)]
-        self._packed_state = PackedState(formats, always, self._block_params, local_params, n_active_layers,
+        formats = [groups.state_format(g, p.numel()) for g, p in zip(self._group_of, self._params)]
+        self._packed_state = PackedState(formats, always, self._block_params, local_params, self.n_active_layers,
                                          self.device, self.param_dtype)
         # FSDP2 (fully_shard) params are DTensors whose local shards live in FSDP's own padded storage,
         # which it all-gathers from: re-pointing .data would be ignored, so they are bound by copy instead
         # (packed buffers hold the rank-local shards; grads are copied in, updated shards copied back).
-        self._binding = None
-        self._binding = ParamBinding(self._names, params, self._shapes, self._packed_state,
-                                     copy_mode=any(isinstance(p, DTensor) for p in params))
+        self._binding = ParamBinding(self._names, self._params, self._shapes, self._packed_state,
+                                     copy_mode=any(isinstance(p, DTensor) for p in self._params))
         self._store = self._make_store(self.device)
-        self._steps = [0] * len(params)  # per-param AdamW step count (bias correction), host ints
+        self._steps = [0] * len(self._params)  # per-param AdamW step count (bias correction), host ints
         self._global_step = 0  # optimizer steps taken (skipped overflow steps excluded)
-        self._generator = torch.Generator().manual_seed(seed)
-        self._sampler = sampler
+        self._generator = torch.Generator().manual_seed(self.seed)
         self._sync_generator_from_rank0()
-
         # Pack the always-trained params once; they stay bound until release().
         for lay in self._packed_state.layouts:
             for i, off, n in lay.always.entries:
                 self._binding.bind(i, off, write_master=True)
-        self._slots = Slots(self._packed_state, self._block_params, params)  # active block -> slot, and the moves
+        self._slots = Slots(self._packed_state, self._block_params, self._params)  # block -> slot, and the moves
         first = self._draw()
         for b in range(layout.num_blocks):
             if b not in first:
@@ -145,7 +149,7 @@ class FusedLISA(torch.optim.Optimizer):
                                                list(range(len(first))), page=True))
         # grad_norm: the kernel adds each segment's ||g||^2 into this meter's device buffer (no second pass).
         self._meter = sampling.GradNormMeter(self._slots.meter_blocks(), self.device) \
-            if isinstance(sampler, sampling.GradNormSampler) else None
+            if isinstance(self._sampler, sampling.GradNormSampler) else None
 
     def _make_store(self, device) -> MomentStore:
         """The one place the paged store is built (at construction and when the model moves); the host store
@@ -202,9 +206,17 @@ class FusedLISA(torch.optim.Optimizer):
         return introspect.describe(self)
 
     def add_param_group(self, param_group):
-        if getattr(self, "_binding", None) is not None:
-            raise NotImplementedError("FusedLISA owns its parameters (the whole model); add_param_group is not supported")
-        super().add_param_group(param_group)
+        """Train more parameters of the model from now on (progressive unfreezing): `param_group` as in
+        torch ({"params": Parameters or name patterns, options...}; missing options take the constructor's)
+        for parameters FusedLISA does not train yet (frozen when it was built: set requires_grad=True
+        first). A parameter inside the block stack joins its block. The packed state is rebuilt around the
+        new set; every other parameter's state, the schedule and the sampler carry over exactly (through
+        state_dict). ValueError naming the parameter for one already trained, still frozen, or not in the
+        model; nothing changes before a raise."""
+        if not hasattr(self, "_params"):
+            return super().add_param_group(param_group)  # torch.optim.Optimizer.__init__ adding our groups
+        self._check_binding()
+        rebuild.add_param_group(self, param_group)
 
     def __reduce_ex__(self, protocol):
         raise TypeError(
@@ -234,7 +246,8 @@ class FusedLISA(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._check_binding()
-        self._check_groups()
+        groups.check_unchanged(self.param_groups, self._layout_keys)
+        self._check_flags()
         if loss is not None:
             self.observe_loss(loss)
         if (self._global_step + 1) % self.switch_every == 0:  # this step switches: parked params must fit too
@@ -311,47 +324,23 @@ class FusedLISA(torch.optim.Optimizer):
         if self._live().moved():
             self._follow_move()
 
-    def _check_groups(self):
-        """param_groups edited in place: hyperparameters are read every step, but the state-format keys
-        decide the packed layout and the group list the param set. RuntimeError naming the group and key."""
-        if len(self.param_groups) != len(self._layout_keys):
-            raise RuntimeError(f"FusedLISA has {len(self._layout_keys)} param groups, param_groups now holds "
-                               f"{len(self.param_groups)}: groups cannot be added or removed after construction; "
-                               "give them to FusedLISA(param_groups=...)")
-        for k, (g, keys) in enumerate(zip(self.param_groups, self._layout_keys)):
-            now = tuple(g.get(key) for key in groups.LAYOUT_KEYS)
-            if now != keys:
-                key, was, new = next((n, a, b) for n, a, b in zip(groups.LAYOUT_KEYS, keys, now) if a != b)
-                raise RuntimeError(
-                    f"param_groups[{k}][{key!r}] was changed from {was!r} to {new!r}: the state format is fixed at "
-                    f"construction (it decides the packed layout); set it back, or take state_dict(), release() "
-                    f"and build a new FusedLISA with {key}={new!r} (load_state_dict converts the moments)")
+    def _check_flags(self):
+        """requires_grad flipped by the user: on a param of an inactive block it means "train it when its
+        block is drawn" (frozen again now, INFO); a param FusedLISA does not train that now has a gradient is
+        ignored (WARNING once, naming add_param_group)."""
+        unfrozen = self._slots.refreeze_inactive()
+        if unfrozen:
+            logger.info("FusedLISA: requires_grad=True was set on %d params of inactive blocks (e.g. %r): they train "
+                        "when their block is drawn and stay frozen until then", len(unfrozen), self._names[unfrozen[0]])
+        for name, p in self._untrained:
+            if p.grad is not None and id(p) not in self._warned:
+                self._warned.add(id(p))
+                logger.warning("FusedLISA: parameter %r was frozen when FusedLISA was built, so it is not trained; it "
+                               "now has a gradient, which step() ignores: add it with opt.add_param_group({'params': "
+                               "[%r]}) to train it", name, name)
 
-    @torch.no_grad()
     def _follow_move(self):
-        binding = self._binding
-        dev, dt = binding.target()  # raises where following is impossible
-        lean_masters = sorted({f.master_weights for f in self._packed_state.formats} - {"fp32"})
-        if dt != self.param_dtype and lean_masters:
-            raise RuntimeError(
-                f"FusedLISA: the model was converted from {self.param_dtype} to {dt}, but master_weights="
-                f"{lean_masters[0]!r} keeps no fp32 master to convert from: convert the model back, or "
-                "take state_dict(), release(), and build a new FusedLISA for the converted model")
-        backend = kernels.resolve_backend(self._backend_request, dev)
-        self._store.synchronize()
-        was = (self.device, self.param_dtype)
-        olds = binding.relocate(dev, dt)
-        old_store, self._store = self._store, self._make_store(dev)
-        for b in range(len(self._block_params)):
-            if b not in self._slot_of and old_store.has(b):
-                self._store.put(b, binding.parked_rows(b, old_store.get(b), olds))
-        old_store.release()  # (unregisters its pinned memory now, not at garbage collection)
-        self.device, self.param_dtype, self.backend = dev, dt, backend
-        if self._meter is not None:
-            self._meter.to(dev)
-        log = logger.warning if dt != was[1] else logger.info
-        log("FusedLISA: the model's params got new storage (model.to(...): %s on %s -> %s on %s); the optimizer "
-            "followed (packed buffers, paged state, masters; backend %r)", was[1], was[0], dt, dev, backend)
+        rebuild.follow_move(self)
 
     def _draw(self) -> tuple[int, ...]:
         n = len(self._block_params)

@@ -22,6 +22,7 @@ class Slots:
         self.block_params = block_params
         self.params = params
         self.slot_of: dict[int, int] = {}
+        self.user_frozen: set[int] = set()  # params the user froze while their block was active
         self._seg_key = None
         self._seg_cache = None
 
@@ -43,8 +44,20 @@ class Slots:
         return [block_of.get(i) for _, seg_params in self.segments() for i in seg_params]
 
     def set_trainable(self, b: int, flag: bool) -> None:
+        """Freeze block b, or unfreeze it except the params the user froze (requires_grad=False while the
+        block was active: kept frozen across switches, as with torch's optimizers)."""
         for i in self.block_params[b]:
-            self.params[i].requires_grad_(flag)
+            self.params[i].requires_grad_(flag and i not in self.user_frozen)
+
+    def refreeze_inactive(self) -> list[int]:
+        """Params of inactive blocks that someone set requires_grad=True on: frozen again, and no longer
+        counted as frozen by the user (they train when their block is drawn). Returns them."""
+        out = [i for b, ix in enumerate(self.block_params) if b not in self.slot_of for i in ix
+               if self.params[i].requires_grad]
+        for i in out:
+            self.params[i].requires_grad_(False)
+            self.user_frozen.discard(i)
+        return out
 
     def move(self, new_active, binding: ParamBinding, store: MomentStore, page: bool) -> list[int]:
         """Make `new_active` the active set (blocks that stay keep their slot); returns the arriving blocks
@@ -63,6 +76,7 @@ class Slots:
         # 1) params: leaving blocks get their own storage back, arriving ones move into their slots.
         for b, _ in leaving:
             for i in self.block_params[b]:
+                (self.user_frozen.discard if self.params[i].requires_grad else self.user_frozen.add)(i)
                 binding.unbind(i)
             del self.slot_of[b]
             self.set_trainable(b, False)

@@ -7,7 +7,8 @@ break that binding behind the optimizer's back; each is handled here:
 
 * the model is moved or converted (`model.to(...)`, `.half()`, `.cuda()`; the Hugging Face Trainer calls
   `model.to(torch.device("cpu", 0))`): `Module._apply` keeps the Parameter objects and gives them new
-  `.data`. `moved()` notices it (one data_ptr per bound param) and `relocate()` follows the move.
+  `.data`. `moved()` notices it (one data_ptr per bound param); rebuild.follow_move fills new buffers
+  and `repoint()` binds the params to them.
 * gradients written by someone else (a new `.grad` tensor, DDP, a manual assignment, `p.grad.data = g`,
   another dtype or device, a non-contiguous tensor): `collect()` notices that `.grad` is not the view it
   handed out (the same object, still over the same memory, contiguous) and copies it into the packed
@@ -76,7 +77,7 @@ class ParamBinding:
 
     names, params, shapes: the trained parameters (param index i = position in these lists), their
     names and their (rank-local) shapes. state: packing.PackedState (its buffers are replaced by
-    `relocate`); param i lives in the buffers of its partition, `state.buffers_of(i)`.
+    `repoint`); param i lives in the buffers of its partition, `state.buffers_of(i)`.
     copy_mode: FSDP2 DTensor params, bound by copy. The optimizer decides *where* (offsets); this class
     does the re-pointing and checking, and records each param's requires_grad flag for `release()`.
     """
@@ -200,6 +201,14 @@ class ParamBinding:
             p.grad = self._public(i)
         return True
 
+    def copy_back(self, parts, enabled) -> None:
+        """Copy mode: each stepped param's updated value from its packed segment into its own storage.
+        parts: per partition (Segments, param indices); enabled: per partition, which segments stepped."""
+        for (segments, seg_params), on in zip(parts, enabled):
+            for i, (off, n), e in zip(seg_params, segments.bounds, on):
+                if e:
+                    local(self.params[i]).copy_(self.state.buffers_of(i).param[off:off + n].view(self.shapes[i]))
+
     def check_grad_shapes(self, indices) -> None:
         """Before any state changes in step(): every .grad of params `indices` has its param's shape
         (RuntimeError naming the first that does not, as collect() would raise half-way)."""
@@ -276,41 +285,12 @@ class ParamBinding:
         return dev, dt
 
     # -- following a move ---------------------------------------------------------------------------
-    @torch.no_grad()
-    def relocate(self, device, dtype) -> list[PackedBuffers]:
-        """Rebuild every partition's packed buffers on `device` for `dtype` params and re-bind every bound
-        param.
-
-        Values: the fp32 values the optimizer holds survive the move (masters of a low-precision model
-        become the params of an fp32 one; an fp32 model's params become the masters of a low-precision
-        one), and low-precision params are their masters rounded to nearest; except a param whose value
-        is not its old value converted (someone wrote it after the move, e.g. DDP's broadcast of rank 0's
-        weights), which keeps its new value (and its master becomes it). Moments move as they are. A
-        param's existing `.grad` (converted by Module._apply) is copied into the new grad buffer.
-        Lean state (moments / master_weights, the same before and after) moves as it is; without an fp32
-        master (kahan / stochastic: the dtype cannot change) the params keep their moved values.
-        Returns the old buffers, one per partition (for the store's conversion)."""
-        olds = self.state.bufs
-        news = self.state.allocate(device, dtype)
-        for old, new in zip(olds, news):
-            for name in ("master", "exp_avg", "exp_avg_sq", "exp_avg_scale", "exp_avg_sq_scale", "compensation"):
-                if getattr(new, name) is not None:
-                    getattr(new, name).copy_(getattr(old, name))
-        part_of = self.state.part_of
-        for i, off in self.offset.items():
-            old, new = olds[part_of[i]], news[part_of[i]]
-            moved = local(self.params[i]).detach()
-            if new.master is None:
-                self.view(new.lowp, i, off).copy_(moved)
-            elif not torch.equal(moved, self.view(old.param, i, off).to(device=moved.device, dtype=moved.dtype)):
-                # written after the move (a DDP wrapper's broadcast of rank 0's weights): that value wins
-                self.view(new.master, i, off).copy_(moved)
-        for new in news:
-            if new.lowp is not None and new.master is not None:  # params = masters rounded to nearest, as after a step
-                new.lowp.copy_(new.master)
+    def repoint(self, news: list[PackedBuffers]) -> None:
+        """Make `news` (same layout, new device/dtype; rebuild.py filled them) the buffers and re-point every
+        bound param's data and grad at them; an existing `.grad` (converted by Module._apply) is copied in."""
         self.state.bufs = news
         for i in sorted(self.offset):
-            off, p, new = self.offset[i], self.params[i], news[part_of[i]]
+            off, p, new = self.offset[i], self.params[i], news[self.state.part_of[i]]
             grad = p.grad
             p.grad = None
             self._drop(i)
@@ -325,41 +305,6 @@ class ParamBinding:
                 gv.copy_(grad)
                 p.grad = self._public(i)
         self._check = None
-        return olds
-
-    def parked_rows(self, block: int, rows, olds: list[PackedBuffers]) -> list[torch.Tensor]:
-        """A parked block's store rows (every partition's, PackedState.block_rows order) converted for the
-        current buffers after a move from `olds` (see relocate): its params take their masters (rounded, for
-        a low-precision model) unless written after the move; an fp32 -> low-precision move gives it masters
-        from its (converted) params."""
-        out = []
-        for k, (part_rows, old, new) in enumerate(zip(self.state.split_rows(rows, olds), olds, self.state.bufs)):
-            out += self._convert_rows(self.state.layouts[k].blocks[block], part_rows, old, new)
-        return out
-
-    def _convert_rows(self, region, state, old: PackedBuffers, new: PackedBuffers) -> list[torch.Tensor]:
-        state = [r.clone() for r in state]
-        names = old.paged_names()
-        if "master" not in names and "master" not in new.paged_names():
-            return state  # lean state without masters, same dtype: it moves as it is
-        if old.lowp is not None:
-            mi = names.index("master")
-            for i, off, n in region.entries:
-                p, master = local(self.params[i]).detach(), state[mi][off:off + n].view(self.shapes[i])
-                if torch.equal(p, master.to(old.lowp.dtype).to(device=p.device, dtype=p.dtype)):
-                    p.copy_(master)
-                else:
-                    master.copy_(p)
-        rows = [r for name, r in zip(names, state) if name != "master"]  # moments, scales
-        if new.lowp is not None:
-            if old.lowp is None:
-                own = torch.zeros(region.length)
-                for i, off, n in region.entries:
-                    own[off:off + n] = local(self.params[i]).detach().reshape(-1).float().cpu()
-                rows.append(own)
-            else:
-                rows.append(state[names.index("master")])
-        return rows
 
     # -- hand the model back ----------------------------------------------------------------------
     def release(self):

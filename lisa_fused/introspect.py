@@ -5,7 +5,20 @@ from collections import Counter
 
 
 def memory_stats(opt) -> dict[str, int]:
-    """Bytes the optimizer holds (ints); see FusedLISA.memory_stats."""
+    """Bytes the optimizer holds (ints), FusedLISA.memory_stats():
+
+    device_bytes        packed params/masters, grads, moments, scales, compensation on the model's device,
+                        plus resident block state under inactive_moments="device"
+    extra_device_bytes  device_bytes - param_bytes: what the optimizer adds to the model's own weights
+    param_bytes         what the trained params view (bf16/fp16, or the fp32 masters of an fp32 model)
+    master_bytes        fp32 masters of a low-precision model; grad_bytes: the packed grads
+    moment_bytes        exp_avg + exp_avg_sq (codes when quantized); scale_bytes: fp32 block scales
+    compensation_bytes  Kahan compensation (master_weights="kahan")
+    host_bytes          paged-out block state ("host"); pinned_bytes: page-locked host memory reserved
+    packed_bytes / store_bytes, active_numel / slot_numel: the packed buffers and store, in bytes / elements
+    small_tensor_numel  trained elements of quantized groups that keep fp32 moments (min_quantized_size),
+                        small_tensor_moment_bytes their moments' bytes (8 per element, wherever they are)
+    """
     packed_state = opt._live().state
     store = opt._store
     packed = packed_state.nbytes()

@@ -17,7 +17,7 @@ from torch import nn
 from . import checkpoint, groups, introspect, kernels, rebuild, sampling, update, validation
 from .binding import ParamBinding, claim_check, local
 from .layers import find_layout
-from .packing import PackedBuffers, PackedLayout, PackedState
+from .packing import PackedState
 from .paging import MomentStore
 from .slots import Slots
 
@@ -33,23 +33,17 @@ STATE_VERSION = checkpoint.STATE_VERSION
 
 class FusedLISA(torch.optim.Optimizer):
     """AdamW over the embedding, the head and `n_active_layers` sampled blocks, re-drawn every
-    `switch_every` steps, with a fused update over a packed buffer of the active layers only
+    `switch_every` steps, with a fused update over packed buffers of the active layers only
     (LISA: Pan et al., 2024, "LISA: Layerwise Importance Sampling for Memory-Efficient LLM Fine-Tuning").
 
     With inactive_moments="host" or "device" a run equals torch.optim.AdamW over all parameters where
-    frozen blocks simply have no gradient; with "drop" a re-activated block restarts from step 1.
-    A param steps iff its `.grad` is not None at step(), as in torch; a step where no param has a
-    gradient changes nothing and does not count towards `switch_every`. If the model is moved or
-    converted after construction (model.to(...), .half(), .cuda()), the next step()/zero_grad() follows it
-    (see binding.py); `release()` hands the model back. `sampler` picks the blocks: "uniform" (the paper),
-    "weight_norm", "grad_norm" (GRASS-style; grad norms come out of the update kernel's pass), "outlier"
-    (OwLore-style), "loss_feedback" (IST-style, fed by `observe_loss` or `step(closure)`) or a callable;
-    `sampler_options` (dict or sampling.SamplerOptions) tunes the adaptive ones (lisa_fused/sampling).
-    `moments` / `master_weights` choose the state format (kernels/contract.py); under "8bit"/"4bit" a
-    parameter with fewer than `min_quantized_size` elements keeps fp32 moments (bitsandbytes'
-    min_8bit_size rule). `param_groups`: a list of dicts overriding lr, betas, eps, weight_decay, moments,
-    master_weights, min_quantized_size for parameters given by Parameter or name pattern (groups.py);
-    `opt.param_groups[0]` holds the rest. The optimizer cannot be copied or pickled: save `state_dict()`.
+    frozen blocks simply have no gradient; with "drop" a re-activated block restarts from step 1. A param
+    steps iff its `.grad` is not None at step(), as in torch; a step where no param has a gradient changes
+    nothing and does not count towards `switch_every`. A moved or converted model is followed at the next
+    step()/zero_grad() (rebuild.py); `release()` hands the model back; copies and pickles are refused (save
+    `state_dict()`). Samplers: lisa_fused/sampling; state formats and the small-tensor rule
+    (`min_quantized_size`): kernels/contract.py, groups.py; `param_groups`: groups.py. Every keyword with
+    its default and choices: docs/usage.md.
     """
 
     # GradScaler hands us grad_scale / found_inf instead of unscaling and checking itself.
@@ -111,8 +105,6 @@ class FusedLISA(torch.optim.Optimizer):
         order = [j for m in members for j in m]
         self.model_layout = layout
         self._names, self._params = [named[j][0] for j in order], [named[j][1] for j in order]
-        self._untrained = [(n, p) for n, p in self._model.named_parameters() if not p.requires_grad]
-        self._warned = set()
         self._group_of = [g for g in self.param_groups for _ in g["params"]]
         self._layout_keys = groups.layout_keys(self.param_groups)
         local_params = [local(p) for p in self._params]
@@ -140,7 +132,8 @@ class FusedLISA(torch.optim.Optimizer):
         for lay in self._packed_state.layouts:
             for i, off, n in lay.always.entries:
                 self._binding.bind(i, off, write_master=True)
-        self._slots = Slots(self._packed_state, self._block_params, self._params)  # block -> slot, and the moves
+        untrained = [(n, p) for n, p in self._model.named_parameters() if not p.requires_grad]
+        self._slots = Slots(self._packed_state, self._block_params, self._params, self._names, untrained)
         first = self._draw()
         for b in range(layout.num_blocks):
             if b not in first:
@@ -158,16 +151,9 @@ class FusedLISA(torch.optim.Optimizer):
         store.reserve({b: self._packed_state.block_spec(b) for b in range(len(self._block_params))})
         return store
 
-    @property
-    def _bufs(self) -> PackedBuffers:
-        """The packed buffers when all trained params share one state format."""
-        return self._live().bufs
-
-    @property
-    def _packed(self) -> PackedLayout:
-        """The slot layout when all trained params share one state format."""
-        (layout,) = self._packed_state.layouts
-        return layout
+    _bufs = property(lambda self: self._live().bufs, doc="The packed buffers (one state format only).")
+    _packed = property(lambda self: self._packed_state.layouts[0] if len(self._packed_state) == 1 else None,
+                       doc="The slot layout (one state format only).")
 
     # ------------------------------------------------------------------------------------ public API
     @property
@@ -176,14 +162,9 @@ class FusedLISA(torch.optim.Optimizer):
         return self._slots.active
 
     def memory_stats(self) -> dict[str, int]:
-        """Bytes the optimizer holds (ints): device_bytes (packed params/masters, grads, moments, scales,
-        compensation, plus resident block state under "device"), host_bytes (paged-out block state),
-        and the packed buffers by kind: param_bytes (what the trained params view: bf16/fp16, or the
-        fp32 masters of an fp32 model), master_bytes (fp32 masters of a low-precision model), grad_bytes,
-        moment_bytes (exp_avg + exp_avg_sq, codes when quantized), scale_bytes (fp32 block scales),
-        compensation_bytes (Kahan); extra_device_bytes = device_bytes - param_bytes (what the optimizer
-        adds to the model's own weights); small_tensor_numel / small_tensor_moment_bytes: trained elements
-        of quantized groups that keep fp32 moments (min_quantized_size) and those moments' bytes."""
+        """Bytes the optimizer holds, as ints: device_bytes, host_bytes, extra_device_bytes and the packed
+        buffers by kind (param/master/grad/moment/scale/compensation_bytes); introspect.memory_stats says
+        what each key counts."""
         return introspect.memory_stats(self)
 
     def state_formats(self) -> dict[str, str]:
@@ -247,7 +228,7 @@ class FusedLISA(torch.optim.Optimizer):
                 loss = closure()
         self._check_binding()
         groups.check_unchanged(self.param_groups, self._layout_keys)
-        self._check_flags()
+        self._slots.check_flags()
         if loss is not None:
             self.observe_loss(loss)
         if (self._global_step + 1) % self.switch_every == 0:  # this step switches: parked params must fit too
@@ -273,12 +254,8 @@ class FusedLISA(torch.optim.Optimizer):
         update.adamw_step(self._packed_state, parts, enabled, self._steps, self._group_of, backend=self.backend,
                           grad_scale=grad_scale, seed=self._sr_seed,
                           grad_sumsq=None if self._meter is None else self._meter.kernel_buffer())
-        if self._binding.copy_mode:
-            state = self._packed_state
-            for (segments, seg_params), on in zip(parts, enabled):
-                for i, (off, n), e in zip(seg_params, segments.bounds, on):
-                    if e:
-                        local(self._params[i]).copy_(state.buffers_of(i).param[off:off + n].view(self._shapes[i]))
+        if self._binding.copy_mode:  # FSDP2: the updated shards go back to FSDP's storage
+            self._binding.copy_back(parts, enabled)
         self._global_step += 1
         if self._global_step % self.switch_every == 0:
             self._switch()
@@ -290,11 +267,7 @@ class FusedLISA(torch.optim.Optimizer):
         step before step() (the loss belongs to the blocks active now), or pass step(closure), which
         calls it; LISACallback does it from the Trainer's logs. ValueError/TypeError for a non-scalar."""
         self._live()
-        if isinstance(loss, torch.Tensor):
-            if loss.numel() != 1:
-                raise ValueError(f"observe_loss takes a scalar loss, got a tensor of shape {tuple(loss.shape)}")
-        elif isinstance(loss, bool) or not isinstance(loss, (int, float)):
-            raise TypeError(f"observe_loss takes a float or a 1-element tensor, got {type(loss).__name__}")
+        validation.check_loss(loss)
         self._sampler.observe_loss(loss, self.active_layers)
 
     def sampler_probabilities(self) -> list[float] | None:
@@ -322,25 +295,7 @@ class FusedLISA(torch.optim.Optimizer):
     def _check_binding(self):
         """The model was moved or converted since the last call: follow it, or raise naming the param."""
         if self._live().moved():
-            self._follow_move()
-
-    def _check_flags(self):
-        """requires_grad flipped by the user: on a param of an inactive block it means "train it when its
-        block is drawn" (frozen again now, INFO); a param FusedLISA does not train that now has a gradient is
-        ignored (WARNING once, naming add_param_group)."""
-        unfrozen = self._slots.refreeze_inactive()
-        if unfrozen:
-            logger.info("FusedLISA: requires_grad=True was set on %d params of inactive blocks (e.g. %r): they train "
-                        "when their block is drawn and stay frozen until then", len(unfrozen), self._names[unfrozen[0]])
-        for name, p in self._untrained:
-            if p.grad is not None and id(p) not in self._warned:
-                self._warned.add(id(p))
-                logger.warning("FusedLISA: parameter %r was frozen when FusedLISA was built, so it is not trained; it "
-                               "now has a gradient, which step() ignores: add it with opt.add_param_group({'params': "
-                               "[%r]}) to train it", name, name)
-
-    def _follow_move(self):
-        rebuild.follow_move(self)
+            rebuild.follow_move(self)
 
     def _draw(self) -> tuple[int, ...]:
         n = len(self._block_params)
@@ -379,8 +334,4 @@ class FusedLISA(torch.optim.Optimizer):
 
     def _sync_generator_from_rank0(self):
         """Every rank must draw the same blocks: take rank 0's generator state when distributed."""
-        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-            return
-        state = [self._generator.get_state()]
-        torch.distributed.broadcast_object_list(state, src=0)
-        self._generator.set_state(state[0])
+        sampling.sync_generator_from_rank0(self._generator)

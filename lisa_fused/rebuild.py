@@ -6,7 +6,8 @@ import logging
 
 import torch
 
-from . import groups, kernels, validation
+from . import groups, kernels
+from .binding import local
 from .layers import find_layout
 
 logger = logging.getLogger("lisa_fused")
@@ -15,7 +16,7 @@ logger = logging.getLogger("lisa_fused")
 @torch.no_grad()
 def follow_move(opt) -> None:
     """The model's params got new storage (model.to(...), .half(), .cuda()): rebuild the packed buffers and
-    the paged store where the params went (binding.relocate says what survives). RuntimeError naming the
+    the paged store where the params went (_moved_buffers says what survives). RuntimeError naming the
     param where following is impossible; nothing changes before it."""
     binding = opt._binding
     dev, dt = binding.target()  # raises where following is impossible
@@ -28,11 +29,12 @@ def follow_move(opt) -> None:
     backend = kernels.resolve_backend(opt._backend_request, dev)
     opt._store.synchronize()
     was = (opt.device, opt.param_dtype)
-    olds = binding.relocate(dev, dt)
+    olds = binding.state.bufs
+    binding.repoint(_moved_buffers(binding, dev, dt))
     old_store, opt._store = opt._store, opt._make_store(dev)
     for b in range(len(opt._block_params)):
         if b not in opt._slot_of and old_store.has(b):
-            opt._store.put(b, binding.parked_rows(b, old_store.get(b), olds))
+            opt._store.put(b, _parked_rows(binding, b, old_store.get(b), olds))
     old_store.release()  # (unregisters its pinned memory now, not at garbage collection)
     opt.device, opt.param_dtype, opt.backend = dev, dt, backend
     if opt._meter is not None:
@@ -40,6 +42,68 @@ def follow_move(opt) -> None:
     log = logger.warning if dt != was[1] else logger.info
     log("FusedLISA: the model's params got new storage (model.to(...): %s on %s -> %s on %s); the optimizer "
         "followed (packed buffers, paged state, masters; backend %r)", was[1], was[0], dt, dev, backend)
+
+
+def _moved_buffers(binding, device, dtype):
+    """New packed buffers on `device` for `dtype` params, filled from the current ones.
+
+    Values: the fp32 values the optimizer holds survive the move (masters of a low-precision model become
+    the params of an fp32 one; an fp32 model's params become the masters of a low-precision one), and
+    low-precision params are their masters rounded to nearest; except a param whose value is not its old
+    value converted (someone wrote it after the move, e.g. DDP's broadcast of rank 0's weights), which
+    keeps its new value (and its master becomes it). Moments move as they are. Lean state (moments /
+    master_weights, the same before and after) moves as it is; without an fp32 master (kahan / stochastic:
+    the dtype cannot change) the params keep their moved values."""
+    state = binding.state
+    olds, news = state.bufs, state.allocate(device, dtype)
+    for old, new in zip(olds, news):
+        for name in ("master", "exp_avg", "exp_avg_sq", "exp_avg_scale", "exp_avg_sq_scale", "compensation"):
+            if getattr(new, name) is not None:
+                getattr(new, name).copy_(getattr(old, name))
+    for i, off in binding.offset.items():
+        old, new = olds[state.part_of[i]], news[state.part_of[i]]
+        moved = local(binding.params[i]).detach()
+        if new.master is None:
+            binding.view(new.lowp, i, off).copy_(moved)
+        elif not torch.equal(moved, binding.view(old.param, i, off).to(device=moved.device, dtype=moved.dtype)):
+            # written after the move (a DDP wrapper's broadcast of rank 0's weights): that value wins
+            binding.view(new.master, i, off).copy_(moved)
+    for new in news:
+        if new.lowp is not None and new.master is not None:  # params = masters rounded to nearest, as after a step
+            new.lowp.copy_(new.master)
+    return news
+
+
+def _parked_rows(binding, block: int, rows, olds) -> list[torch.Tensor]:
+    """A parked block's store rows (every partition's, PackedState.block_rows order) converted for the
+    current buffers after a move from `olds`: its params take their masters (rounded, for a low-precision
+    model) unless written after the move; an fp32 -> low-precision move gives it masters from its
+    (converted) params."""
+    state, out = binding.state, []
+    for k, (part, old, new) in enumerate(zip(state.split_rows(rows, olds), olds, state.bufs)):
+        region, part = state.layouts[k].blocks[block], [r.clone() for r in part]
+        names = old.paged_names()
+        if "master" not in names and "master" not in new.paged_names():
+            out += part  # lean state without masters, same dtype: it moves as it is
+            continue
+        if old.lowp is not None:
+            mi = names.index("master")
+            for i, off, n in region.entries:
+                p, master = local(binding.params[i]).detach(), part[mi][off:off + n].view(binding.shapes[i])
+                if torch.equal(p, master.to(old.lowp.dtype).to(device=p.device, dtype=p.dtype)):
+                    p.copy_(master)
+                else:
+                    master.copy_(p)
+        out += [r for name, r in zip(names, part) if name != "master"]  # moments, scales
+        if new.lowp is not None:
+            if old.lowp is None:
+                own = torch.zeros(region.length)
+                for i, off, n in region.entries:
+                    own[off:off + n] = local(binding.params[i]).detach().reshape(-1).float().cpu()
+                out.append(own)
+            else:
+                out.append(part[names.index("master")])
+    return out
 
 
 def add_param_group(opt, param_group: dict) -> None:

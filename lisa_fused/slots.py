@@ -9,18 +9,25 @@ that change. Params are bound by binding.ParamBinding, state is paged by paging.
 """
 from __future__ import annotations
 
+import logging
+
 from .binding import ParamBinding
 from .packing import PackedState
 from .paging import MomentStore
 
 
-class Slots:
-    """`slot_of`: active block -> slot. `block_params[b]`: indices (into `params`) of block b's params."""
+logger = logging.getLogger("lisa_fused")
 
-    def __init__(self, packed: PackedState, block_params: list, params: list):
+
+class Slots:
+    """`slot_of`: active block -> slot. `block_params[b]`: indices (into `params`, named `names`) of block
+    b's params. `untrained`: the model's (name, param) pairs FusedLISA does not train (frozen at construction)."""
+
+    def __init__(self, packed: PackedState, block_params: list, params: list, names=(), untrained=()):
         self.packed = packed
         self.block_params = block_params
-        self.params = params
+        self.params, self.names, self.untrained = params, names, untrained
+        self._warned: set[int] = set()
         self.slot_of: dict[int, int] = {}
         self.user_frozen: set[int] = set()  # params the user froze while their block was active
         self._seg_key = None
@@ -48,6 +55,21 @@ class Slots:
         block was active: kept frozen across switches, as with torch's optimizers)."""
         for i in self.block_params[b]:
             self.params[i].requires_grad_(flag and i not in self.user_frozen)
+
+    def check_flags(self) -> None:
+        """requires_grad flipped by the user: on a param of an inactive block it means "train it when its
+        block is drawn" (frozen again now, INFO); a param FusedLISA does not train that now has a gradient
+        is ignored (WARNING once, naming add_param_group)."""
+        unfrozen = self.refreeze_inactive()
+        if unfrozen:
+            logger.info("FusedLISA: requires_grad=True was set on %d params of inactive blocks (e.g. %r): they train "
+                        "when their block is drawn and stay frozen until then", len(unfrozen), self.names[unfrozen[0]])
+        for name, p in self.untrained:
+            if p.grad is not None and id(p) not in self._warned:
+                self._warned.add(id(p))
+                logger.warning("FusedLISA: parameter %r was frozen when FusedLISA was built, so it is not trained; it "
+                               "now has a gradient, which step() ignores: add it with opt.add_param_group({'params': "
+                               "[%r]}) to train it", name, name)
 
     def refreeze_inactive(self) -> list[int]:
         """Params of inactive blocks that someone set requires_grad=True on: frozen again, and no longer

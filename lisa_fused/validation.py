@@ -66,3 +66,12 @@ def refuse_graph_capture() -> None:
         raise RuntimeError("FusedLISA.step() cannot be captured in a CUDA graph (torch.cuda.graph / "
                            "mode='reduce-overhead' compile of the step): its per-step bias corrections and "
                            "layer switches are computed on the host; capture the forward/backward only")
+
+
+def check_loss(loss) -> None:
+    """observe_loss takes a float or a 1-element tensor (ValueError / TypeError otherwise)."""
+    if isinstance(loss, torch.Tensor):
+        if loss.numel() != 1:
+            raise ValueError(f"observe_loss takes a scalar loss, got a tensor of shape {tuple(loss.shape)}")
+    elif isinstance(loss, bool) or not isinstance(loss, (int, float)):
+        raise TypeError(f"observe_loss takes a float or a 1-element tensor, got {type(loss).__name__}")

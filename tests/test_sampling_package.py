@@ -22,7 +22,7 @@ PUBLIC = {
     "build_sampler": "registry",
     "SamplerOptions": "options",
     "Sampler": "base", "SamplerFn": "base", "checked_draw": "base", "uniform": "base",
-    "UniformSampler": "base", "CallableSampler": "base",
+    "UniformSampler": "base", "CallableSampler": "base", "sync_generator_from_rank0": "base",
     "WeightNormSampler": "weight_norm", "weight_norm_sampler": "weight_norm",
     "GradNormSampler": "grad_norm", "GradNormMeter": "grad_norm",
     "OutlierSampler": "outlier", "block_outlier_ratios": "outlier",

@@ -34,7 +34,7 @@ Modules (each imports only the ones listed above it; this file re-exports their 
 """
 from __future__ import annotations
 
-from .base import CallableSampler, Sampler, SamplerFn, UniformSampler, checked_draw, uniform
+from .base import CallableSampler, Sampler, SamplerFn, UniformSampler, checked_draw, sync_generator_from_rank0, uniform
 from .grad_norm import GradNormMeter, GradNormSampler
 from .loss_feedback import LossFeedbackSampler
 from .options import SamplerOptions
@@ -45,7 +45,7 @@ from .weight_norm import WeightNormSampler, weight_norm_sampler
 __all__ = [
     "ADAPTIVE_SAMPLERS", "SAMPLERS", "SAMPLER_NAMES", "build_sampler",
     "SamplerOptions",
-    "Sampler", "SamplerFn", "checked_draw", "uniform", "UniformSampler", "CallableSampler",
+    "Sampler", "SamplerFn", "checked_draw", "uniform", "UniformSampler", "CallableSampler", "sync_generator_from_rank0",
     "WeightNormSampler", "weight_norm_sampler",
     "GradNormSampler", "GradNormMeter",
     "OutlierSampler", "block_outlier_ratios",

@@ -212,3 +212,13 @@ def _blocks(n_blocks: int, active_blocks: Sequence[int], what: str) -> list[int]
     if len(set(idx)) != len(idx) or any(not 0 <= b < n_blocks for b in idx):
         raise ValueError(f"{what}: active_blocks {list(active_blocks)} are not distinct blocks in [0, {n_blocks})")
     return idx
+
+
+def sync_generator_from_rank0(generator: torch.Generator) -> None:
+    """Every rank must draw the same blocks: take rank 0's generator state when torch.distributed is
+    initialized (one broadcast; nothing otherwise)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    state = [generator.get_state()]
+    torch.distributed.broadcast_object_list(state, src=0)
+    generator.set_state(state[0])

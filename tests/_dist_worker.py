@@ -81,6 +81,26 @@ def scenario_ddp(rank, world, bucket_view=False):
     return {"seq": seq, "params": flat(model), "active": opt.active_layers, "changed": changed(model, before)}
 
 
+def scenario_ddp_no_sync(rank, world):
+    """Gradient accumulation under DDP: each step two micro-batches per rank, the first backward inside
+    ddp.no_sync() (no all-reduce), the second outside; the grads accumulate in FusedLISA's packed views and
+    the second backward all-reduces the sum. Each micro loss is halved, so a step equals one over the batch."""
+    model = MLPStack(WIDTH, N_LAYERS, seed=rank)  # DDP broadcasts rank 0's params
+    ddp = DDP(model, find_unused_parameters=True)
+    opt = make_opt(ddp, rank)
+    before, seq = snapshot(model), []
+    for x, y in batches():
+        n = x.shape[0] // world
+        xs, ys = x[rank * n:(rank + 1) * n], y[rank * n:(rank + 1) * n]
+        seq.append(opt.active_layers)
+        with ddp.no_sync():
+            (torch.nn.functional.mse_loss(ddp(xs[:n // 2]), ys[:n // 2]) / 2).backward()
+        (torch.nn.functional.mse_loss(ddp(xs[n // 2:]), ys[n // 2:]) / 2).backward()
+        opt.step()
+        opt.zero_grad()
+    return {"seq": seq, "params": flat(model), "changed": changed(model, before)}
+
+
 def scenario_ddp_optimizer_first(rank, world):
     """The wrong order: FusedLISA freezes the inactive blocks before DDP is built, so DDP never registers
     them; when they become active their gradients are not all-reduced and the ranks drift apart."""
@@ -250,6 +270,7 @@ def scenario_trainer_ddp(rank, world):
 SCENARIOS = {
     "ddp": scenario_ddp,
     "ddp_bucket_view": lambda r, w: scenario_ddp(r, w, bucket_view=True),
+    "ddp_no_sync": scenario_ddp_no_sync,
     "ddp_optimizer_first": scenario_ddp_optimizer_first,
     "ddp_bad_settings": scenario_ddp_bad_settings,
     "generator_sync": scenario_generator_sync,

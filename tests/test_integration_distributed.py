@@ -89,6 +89,15 @@ def test_ddp_matches_single_process(results, single_process, name):
     assert_trained_changed_frozen_kept(r0)
 
 
+def test_ddp_gradient_accumulation_with_no_sync_matches_single_process(results, single_process):
+    """Two micro-batches per step, the first under ddp.no_sync(): equal to one process over the batch."""
+    r0, r1 = scenario(results, "ddp_no_sync")
+    assert r0["seq"] == r1["seq"]
+    assert torch.equal(r0["params"], r1["params"])
+    assert_matches_single(r0, single_process)
+    assert_trained_changed_frozen_kept(r0)
+
+
 def test_ddp_built_after_fused_lisa_diverges(results):
     """Documents the wrong order: DDP built after FusedLISA froze the inactive blocks never all-reduces the
     blocks that become active later, so the ranks drift apart (silently: hence LISACallback for the Trainer)."""

@@ -129,6 +129,5 @@ class LISACallback(TrainerCallback):
 
 def _set_blocks_trainable(opt: FusedLISA, trainable) -> None:
     keep = set(trainable)
-    for b, block in enumerate(opt.model_layout.blocks):
-        for _, p in block:
-            p.requires_grad_(b in keep)
+    for b in range(opt.model_layout.num_blocks):
+        opt._slots.set_trainable(b, b in keep)  # (keeps frozen what the user froze)

@@ -17,8 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-BOS, EOS, PAD = 256, 257, 258
-BYTE_VOCAB = 259
+from ..presets import BOS, BYTE_VOCAB, EOS, PAD  # noqa: F401  (byte-token ids, defined with the presets)
 
 # Base-training text: source files of these modules (a package means its __init__.py).
 BASE_MODULES = (

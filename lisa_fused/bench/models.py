@@ -1,10 +1,9 @@
 """Model presets (nothing downloaded) and model loading.
 
-`tiny` is sized for a 2-core CPU and byte tokens. Every other preset is the planner's
-(`lisa_fused.plan.models.PRESETS`: Llama-2-7B, Llama-3-8B, Llama-3.2-1B, Qwen2.5-7B, Mistral-7B, Gemma-2-9B
-shapes from their published config.json) with its real vocabulary size, so memory matches the real
-model; byte ids use its first 259 rows. They are meant for a GPU in bf16 and start from a seeded random
-init (no base training).
+The presets live in `lisa_fused.presets` (shared with the planner): `tiny`, sized for a 2-core CPU and
+byte tokens, and the published Llama-2-7B, Llama-3-8B, Llama-3.2-1B, Qwen2.5-7B, Mistral-7B, Gemma-2-9B
+shapes with their real vocabulary sizes, so memory matches the real model; byte ids use their first 259
+rows. Those are meant for a GPU in bf16 and start from a seeded random init (no base training).
 """
 from __future__ import annotations
 
@@ -12,13 +11,10 @@ import os
 
 import torch
 
-from ..plan.models import PRESETS as PLAN_PRESETS
-from .data import BYTE_VOCAB, EOS, PAD, BOS
+from .. import presets
+from ..presets import ALIASES, BYTE_TOKEN_IDS, TINY  # noqa: F401  (TINY, ALIASES: importable from here too)
 
-TINY = dict(hidden_size=128, intermediate_size=352, num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=4,
-            vocab_size=BYTE_VOCAB, max_position_embeddings=2048, tie_word_embeddings=False)
-PRESETS = ("tiny", *sorted(PLAN_PRESETS))
-ALIASES = {"llama-1b": "llama-3.2-1b"}  # the bench's earlier name for the Llama-3.2-1B shape
+PRESETS = presets.BENCH_NAMES
 # What each preset runs with unless told otherwise.
 PRESET_DEFAULTS = {name: dict(dtype="bfloat16", base_steps=0) for name in (*PRESETS, *ALIASES)}
 PRESET_DEFAULTS["tiny"] = dict(dtype="float32", base_steps=100)
@@ -32,13 +28,7 @@ def model_config(preset: str | None, model_path: str | None):
         from transformers import AutoConfig
 
         return AutoConfig.from_pretrained(model_path, local_files_only=True)
-    import transformers
-
-    ids = dict(bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD)
-    if preset == "tiny":
-        return transformers.LlamaConfig(**TINY, **ids)
-    cls, kwargs = PLAN_PRESETS[ALIASES.get(preset, preset)]
-    return getattr(transformers, cls)(**kwargs, **ids)
+    return presets.make_config(preset, **BYTE_TOKEN_IDS)
 
 
 def num_layers(config) -> int:

@@ -1,7 +1,7 @@
 """Model configs for the planner: presets written in code (no download), a config.json, or a local model
 folder; and the model built on the `meta` device (no memory) from one.
 
-Preset shapes are copied from each model's published config.json on the Hugging Face hub.
+The presets (published shapes and the bench's `tiny`) are `lisa_fused.presets`.
 """
 from __future__ import annotations
 
@@ -10,44 +10,10 @@ import os
 
 import torch
 
-# name -> (config class in transformers, its kwargs)
-PRESETS = {
-    "llama-2-7b": ("LlamaConfig", dict(
-        hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-        num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5)),
-    "llama-3-8b": ("LlamaConfig", dict(
-        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-        num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0,
-        rms_norm_eps=1e-5)),
-    "llama-3.2-1b": ("LlamaConfig", dict(
-        hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-        num_key_value_heads=8, head_dim=64, vocab_size=128256, max_position_embeddings=131072,
-        rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=True)),
-    "qwen2.5-7b": ("Qwen2Config", dict(
-        hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-        num_key_value_heads=4, vocab_size=152064, max_position_embeddings=131072, rope_theta=1000000.0,
-        rms_norm_eps=1e-6, tie_word_embeddings=False)),
-    "mistral-7b": ("MistralConfig", dict(
-        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-        num_key_value_heads=8, vocab_size=32768, max_position_embeddings=32768, rope_theta=1000000.0,
-        sliding_window=None, rms_norm_eps=1e-5)),
-    "gemma-2-9b": ("Gemma2Config", dict(
-        hidden_size=3584, intermediate_size=14336, num_hidden_layers=42, num_attention_heads=16,
-        num_key_value_heads=8, head_dim=256, vocab_size=256000, max_position_embeddings=8192,
-        query_pre_attn_scalar=256, sliding_window=4096, final_logit_softcapping=30.0,
-        attn_logit_softcapping=50.0)),
-}
+from .. import presets
 
-
-def _bench_tiny():
-    from ..bench.data import BOS, EOS, PAD
-    from ..bench.models import TINY
-
-    return "LlamaConfig", dict(TINY, bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD)
-
-
-def preset_names() -> list[str]:
-    return sorted(PRESETS) + ["tiny"]
+PRESETS = presets.PUBLISHED  # name -> (config class in transformers, its kwargs); "tiny" is presets.TINY
+preset_names = presets.names
 
 
 def load_config(model: str):
@@ -55,11 +21,8 @@ def load_config(model: str):
 
     Raises ValueError with one line naming `model` when it is none of these or cannot be read.
     """
-    import transformers
-
-    if model in PRESETS or model == "tiny":
-        cls, kwargs = PRESETS[model] if model != "tiny" else _bench_tiny()
-        return getattr(transformers, cls)(**kwargs)
+    if model in presets.names():
+        return presets.make_config(model)
     path = os.path.join(model, "config.json") if os.path.isdir(model) else model
     if not os.path.exists(path):
         if os.sep in model or model.endswith(".json") or os.path.isdir(model):  # meant as a path
@@ -68,6 +31,8 @@ def load_config(model: str):
                              f"preset ({', '.join(preset_names())})")
         raise ValueError(f"MODEL {model!r}: not a preset ({', '.join(preset_names())}), a config.json or a "
                          f"folder with one")
+    import transformers
+
     try:
         with open(path) as f:
             raw = json.load(f)

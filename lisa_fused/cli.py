@@ -2,6 +2,9 @@
 
     lisa-fused bench [options]   fine-tune one model with full AdamW, LoRA and FusedLISA; table + JSON + PNG
     lisa-fused plan MODEL [...]  predicted peak memory per method and state setting; what fits --gpu-mem
+
+Arguments are parsed before torch is imported (names come from torch-free modules: lisa_fused.presets,
+lisa_fused.bench's METHODS, SAMPLER_NAMES below), so --help and argument errors answer at once.
 """
 from __future__ import annotations
 
@@ -9,6 +12,11 @@ import argparse
 import os
 import sys
 
+from . import presets
+from .bench import DEFAULT_METHODS, METHODS
+
+# = lisa_fused.sampling.SAMPLER_NAMES, which imports torch (tests/test_cli_fast.py keeps them equal)
+SAMPLER_NAMES = ("uniform", "weight_norm", "grad_norm", "outlier", "loss_feedback")
 
 def _int_at_least(low: int):
     def parse(text: str) -> int:
@@ -33,12 +41,10 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def _name_list(kind: str, choices):
-    """An argparse type for a comma-separated list of distinct `kind` names from `choices()` (called
-    lazily: the bench modules import torch)."""
+def _name_list(kind: str, allowed):
+    """An argparse type for a comma-separated list of distinct `kind` names from `allowed`."""
 
     def parse(text: str) -> list[str]:
-        allowed = choices()
         names = [m.strip() for m in text.split(",") if m.strip()]
         for name in names:
             if name not in allowed:
@@ -52,20 +58,8 @@ def _name_list(kind: str, choices):
     return parse
 
 
-def _sampler_names():
-    from .sampling import SAMPLER_NAMES
-
-    return SAMPLER_NAMES
-
-
-def _method_names():
-    from .bench.methods import METHODS
-
-    return METHODS
-
-
-_samplers = _name_list("sampler", _sampler_names)
-_methods = _name_list("method", _method_names)
+_samplers = _name_list("sampler", SAMPLER_NAMES)
+_methods = _name_list("method", METHODS)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -96,7 +90,7 @@ def _plan_methods(text: str) -> list[str]:
 
 
 def _size(text: str) -> int:
-    from .plan.report import parse_size
+    from .plan.report import parse_size  # torch-free (plan/__init__ imports the planner lazily)
 
     try:
         return parse_size(text)
@@ -116,10 +110,8 @@ def _add_plan(sub) -> None:
                     "setting, without downloading or allocating the model: it is built on the meta device, "
                     "the optimizers run on it and one step is traced with fake tensors.",
         formatter_class=_HelpFormatter)
-    from .plan.models import preset_names
-
     p.add_argument("model", metavar="MODEL",
-                   help=f"a preset ({', '.join(preset_names())}), a config.json or a local model folder")
+                   help=f"a preset ({', '.join(presets.names())}), a config.json or a local model folder")
     p.add_argument("--gpu-mem", type=_size, default=None, metavar="SIZE",
                    help="device memory to fit, e.g. 24GiB, 80GB (G = GiB); without it no fit columns")
     p.add_argument("--batch-size", type=_int_at_least(1), default=1, help="sequences per step")
@@ -181,9 +173,7 @@ def run_plan(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .bench.methods import DEFAULT_METHODS, METHODS
-    from .bench.models import ALIASES, DTYPES, PRESETS
-
+    """The `lisa-fused` parser; building it and parsing with it import no torch."""
     parser = _Parser(prog="lisa-fused", description="FusedLISA tools.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     b = sub.add_parser(
@@ -193,8 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "The default (tiny preset) runs offline in about three minutes on a quiet 2-core CPU "
                     "(base training once, then each method twice: a memory pass and a timed pass).",
         formatter_class=_HelpFormatter)
-    b.add_argument("--preset", choices=(*PRESETS, *ALIASES), default="tiny", metavar="PRESET",
-                   help="model shape, random init, no download: " + ", ".join(PRESETS) + " (the same as "
+    b.add_argument("--preset", choices=(*presets.BENCH_NAMES, *presets.ALIASES), default="tiny", metavar="PRESET",
+                   help="model shape, random init, no download: " + ", ".join(presets.BENCH_NAMES) + " (the same as "
                         "`lisa-fused plan`'s; llama-1b = llama-3.2-1b); all but tiny are meant for a GPU")
     b.add_argument("--model", metavar="PATH", help="local Hugging Face checkpoint directory (overrides --preset)")
     b.add_argument("--data", metavar="PATH", help="fine-tuning text: a .txt file, or .jsonl with a \"text\" field "
@@ -202,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--methods", type=_methods, default=list(DEFAULT_METHODS),
                    help="comma list of " + ",".join(METHODS) + " (lora-fa: LoRA with A frozen, peft's LoRA-FA optimizer)")
     b.add_argument("--samplers", type=_samplers, default=["uniform"],
-                   help="comma list of FusedLISA samplers (uniform,weight_norm,grad_norm,outlier,loss_feedback): "
+                   help=f"comma list of FusedLISA samplers ({','.join(SAMPLER_NAMES)}): "
                         "each lisa method runs once per sampler")
     b.add_argument("--seeds", type=_int_at_least(1), default=1,
                    help="repeat each method (but full, which is deterministic) with seeds seed..seed+N-1 of the "
@@ -213,7 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batch-size", type=_int_at_least(1), default=4, help="sequences per step")
     b.add_argument("--seq-len", type=_int_at_least(2), default=128, help="tokens per sequence")
     b.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda if available)")
-    b.add_argument("--dtype", type=lambda t: PLAN_DTYPES.get(t, t), choices=sorted(DTYPES), default=None,
+    b.add_argument("--dtype", type=lambda t: PLAN_DTYPES.get(t, t), choices=sorted(set(PLAN_DTYPES.values())),
+                   default=None,
                    help="parameter dtype, also bf16/fp16/fp32 as in `plan` (default: float32 for tiny, bfloat16 "
                         "for the large presets)")
     b.add_argument("--gamma", type=_int_at_least(1), default=2, help="FusedLISA active blocks")

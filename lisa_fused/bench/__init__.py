@@ -7,6 +7,11 @@ JSON, PNG), bench.py (the whole benchmark, driven by cli.py).
 
 import os as _os
 
+# The methods (methods.py builds each) and those run without --methods; here, torch-free, so that the
+# CLI validates --methods before it imports torch.
+METHODS = ("full", "lora", "lora-fa", "lisa", "lisa-device", "lisa-8bit", "lisa-4bit", "lisa-4bit-sr")
+DEFAULT_METHODS = ("full", "lora", "lisa", "lisa-device")
+
 
 def this_package_code(call: str) -> str:
     """`python -c` code that imports the lisa_fused this process imported (its package root first on

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
-METHODS = ("full", "lora", "lora-fa", "lisa", "lisa-device", "lisa-8bit", "lisa-4bit", "lisa-4bit-sr")
-DEFAULT_METHODS = ("full", "lora", "lisa", "lisa-device")  # what `lisa-fused bench` runs without --methods
+from . import DEFAULT_METHODS, METHODS  # noqa: F401  (defined torch-free for the CLI's parser)
+
 # FusedLISA keywords of each LISA method (README, "Lean optimizer state")
 LISA_KWARGS = {"lisa": dict(inactive_moments="host"), "lisa-device": dict(inactive_moments="device"),
                "lisa-8bit": dict(inactive_moments="host", moments="8bit"),

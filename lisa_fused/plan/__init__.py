@@ -22,6 +22,23 @@ JSON (`--json PATH`), one object:
 """
 from __future__ import annotations
 
-from .models import PRESETS, load_config, meta_model, preset_names  # noqa: F401
-from .planner import LISA_SETTINGS, Planner, Row, Skipped, plan  # noqa: F401
-from .report import format_table, parse_size, to_json  # noqa: F401
+import importlib
+
+# Public name -> the submodule that defines it. Imported on first use (PEP 562), so that `lisa-fused`
+# can parse a --gpu-mem size (report.parse_size) without importing torch.
+_EXPORTS = {**dict.fromkeys(("PRESETS", "load_config", "meta_model", "preset_names"), "models"),
+            **dict.fromkeys(("LISA_SETTINGS", "Planner", "Row", "Skipped", "plan"), "planner"),
+            **dict.fromkeys(("format_table", "parse_size", "to_json"), "report")}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING
 
-from .planner import Row, Skipped, as_dict
+if TYPE_CHECKING:  # planner imports torch; parse_size (the CLI's --gpu-mem) must not
+    from .planner import Row, Skipped
 
 GIB = 2**30
 
@@ -54,5 +56,7 @@ def format_table(rows: list[Row], gpu_mem: int | None) -> str:
 
 
 def to_json(header: dict, rows: list[Row], skipped: list[Skipped]) -> str:
+    from .planner import as_dict
+
     return json.dumps({**header, "rows": [as_dict(r) for r in rows], "skipped": [as_dict(s) for s in skipped]},
                       indent=1)

@@ -121,14 +121,14 @@ class Planner:
         self.gradient_checkpointing = gradient_checkpointing
         self.lora_rank, self.gamma = lora_rank, gamma
         self.vocab_size = int(config.vocab_size)
-        layout = find_layout(self._meta())
+        self._lisa_model = self._meta()  # the full-depth meta model, reused by _lisa_meta
+        layout = find_layout(self._lisa_model)
         self.n_blocks, self.stack_path = layout.num_blocks, layout.stack_path
         if not 1 <= gamma <= self.n_blocks:
             raise ValueError(f"--gamma {gamma}: must be in 1..{self.n_blocks}, the model's number of blocks")
         self._act_cache: dict[int, int] = {}
         self._lisa_events: dict[tuple[int, int], dict] = {}
         self._stats_cache: dict[tuple, tuple] = {}
-        self._lisa_model = None
 
     # ------------------------------------------------------------------ building blocks
     def _meta(self, n_blocks: int | None = None):
@@ -218,9 +218,12 @@ class Planner:
 
         def build(n_blocks):
             model, stack = self._blocks(n_blocks)
-            with warnings.catch_warnings():  # peft calls a transformers property deprecated in v5
+            # On meta (peft's .to() cannot swap fakes), and the adapters are created there too: peft would
+            # otherwise allocate and initialize them in host memory, then move them (~0.2 s at 8B).
+            with warnings.catch_warnings(), torch.device("meta"):
+                # peft calls a transformers property deprecated in v5
                 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
-                return get_peft_model(model, copy.deepcopy(cfg)), stack  # on meta: peft's .to() cannot swap fakes
+                return get_peft_model(model, copy.deepcopy(cfg)), stack
 
         adamw = lambda m: self._adamw([p for p in m.parameters() if p.requires_grad])  # noqa: E731
         # From 1 and 2 blocks: peft takes ~6 s to wrap a 7B model, even on meta.

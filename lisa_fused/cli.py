@@ -18,6 +18,7 @@ from .bench import DEFAULT_METHODS, METHODS
 # = lisa_fused.sampling.SAMPLER_NAMES, which imports torch (tests/test_cli_fast.py keeps them equal)
 SAMPLER_NAMES = ("uniform", "weight_norm", "grad_norm", "outlier", "loss_feedback")
 
+
 def _int_at_least(low: int):
     def parse(text: str) -> int:
         try:

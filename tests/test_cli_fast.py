@@ -35,8 +35,8 @@ def _child(code: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
 
 
-def _run_cli(argv: list[str]) -> tuple[int, list[str], subprocess.CompletedProcess]:
-    proc = _child(CHILD.format(root=str(PACKAGE_ROOT), argv=argv, watched=HEAVY))
+def _run_cli(argv: list[str], watched=HEAVY) -> tuple[int, list[str], subprocess.CompletedProcess]:
+    proc = _child(CHILD.format(root=str(PACKAGE_ROOT), argv=argv, watched=watched))
     result = json.loads(proc.stderr.strip().splitlines()[-1])
     return result["code"], result["loaded"], proc
 
@@ -56,6 +56,13 @@ def test_help_and_argument_errors_import_no_torch(argv, code, text):
     assert got == code, proc.stderr[-2000:]
     assert text in proc.stdout + proc.stderr
     assert loaded == [], f"`lisa-fused {' '.join(argv)}` imported {loaded} before answering"
+
+
+def test_a_plan_without_lora_rows_imports_no_peft():
+    code, loaded, proc = _run_cli(["plan", "tiny", "--methods", "full,lisa", "--seq-len", "16"],
+                                  watched=("torch", "peft", "lisa_fused.bench.methods"))
+    assert code == 0 and "| lisa " in proc.stdout, proc.stderr[-2000:]
+    assert loaded == ["torch"], loaded
 
 
 def test_importing_lisa_fused_cli_imports_no_torch_and_fusedlisa_still_imports():

@@ -151,7 +151,7 @@ def run_one(label, builder, run, seed, hp, args) -> dict:
     eval_loss = evaluate(model, run.tokens["ft_eval"], args.seq_len, args.batch_size, args.eval_windows,
                          run.device)
     out = {"seed": seed, "train_loss": statistics.fmean(trace["loss"][-args.tail:]), "eval_loss": eval_loss,
-           "loss_curve": trace["loss"], "backend": backend, "wall_s": wall,
+           "loss_curve": [round(x, 5) for x in trace["loss"]], "backend": backend, "wall_s": wall,
            "load_avg": [load0, os.getloadavg()[0]]}
     if history is None:
         out.update(fp32_state=fp32_state(opt, model), n_params=len(before))
@@ -161,8 +161,9 @@ def run_one(label, builder, run, seed, hp, args) -> dict:
             out.update(fp32_state=[n for n, f in opt.state_formats().items() if f.startswith("fp32/")],
                        n_params=len(before))
         opt.release()  # own storage back before the comparison
-        ever = {b for active in history[:len(trace["loss"])] for b in active}  # the last entry never trained
-        out["active_history"] = [list(a) for a in history[:len(trace["loss"])]]
+        history = history[:len(trace["loss"])]  # the set drawn after the last step never trained
+        ever = {b for active in history for b in active}
+        out["intervals"] = [[i, list(a)] for i, a in enumerate(history) if i == 0 or a != history[i - 1]]
     after = dict(model.named_parameters())
     trained = [n for n, _ in layout.always] + [n for b in sorted(ever) for n, _ in layout.blocks[b]]
     frozen = [n for b in range(len(layout.blocks)) if b not in ever for n, _ in layout.blocks[b]]
@@ -247,7 +248,9 @@ def format_markdown(res: dict) -> str:
              "", f"Task: {h['task']}", "", *([f"Note: {h['note']}", ""] if h["note"] else []),
              "Loss: mean ± std over seeds. Gap: the row's mean minus its reference row's (and %, and the std of "
              "the per-seed differences); w/l: seeds on which the row's loss is below / above the reference's. "
-             "Rows without `minq` run the installed FusedLISA's default quantization threshold.",
+             "Rows without `minq` run the installed FusedLISA's default quantization threshold. A seed changes the "
+             "init, base training and batches, so the std over seeds is mostly task spread; the paired sd "
+             "(same seed, same batches) is the sharper comparison.",
              "", "| row | seeds | train loss | eval loss | reference | train gap w/l | eval gap w/l | backend | s/run |",
              "|---|---|---|---|---|---|---|---|---|"]
     skipped = []
@@ -264,11 +267,11 @@ def format_markdown(res: dict) -> str:
     for g in res["goals"]:
         cell = [f"{g[k]['gap']:+.4f} / {g[k]['bound']:.4f}" if k in g else "-" for k in ("train_loss", "eval_loss")]
         lines.append(f"| {g['row']} | {g['goal']} ({g['ref']}) | {cell[0]} | {cell[1]} | {g['holds']} |")
-    lines += ["", "## Params whose Adam moments stay fp32 (not quantized, not bf16), seed "
-              f"{h['config']['seed']}", ""]
+    lines += ["", "## Params whose Adam moments stay fp32 (not quantized, not bf16)", ""]
     for label, r in res["rows"].items():
-        if r["status"] == "ok" and "fp32_state" in r["seeds"][0]:
-            lines.append(f"- {label}: {_compact(r['seeds'][0]['fp32_state'], r['seeds'][0]['n_params'])}")
+        if "fp32_state" in r:
+            lines.append(f"- {label}: {_compact(r['fp32_state'], r['n_params'])}"
+                         + ("" if r["fp32_state_same_every_seed"] else " (seed 0; OTHER SEEDS DIFFER)"))
     return "\n".join(lines) + "\n"
 
 
@@ -359,6 +362,10 @@ def main(argv=None) -> int:
             if row["status"] != "ok":
                 print(f"lean_quality: {label}: {row['status']}: {row['reason']}", file=sys.stderr, flush=True)
                 break
+        states = [(s.pop("fp32_state", None), s.pop("n_params", None)) for s in row["seeds"]]
+        if states and states[0][0] is not None:  # the same every seed unless a format depends on the data
+            row.update(fp32_state=states[0][0], n_params=states[0][1],
+                       fp32_state_same_every_seed=all(x == states[0] for x in states))
         for b in {s["backend"] for s in row["seeds"]}:
             if "FALLBACK" in b:
                 print(f"lean_quality: WARNING {label} ran {b}", file=sys.stderr, flush=True)
@@ -367,7 +374,7 @@ def main(argv=None) -> int:
            "goals": check_goals(rows)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(res, indent=1, default=str))
+    (out / "results.json").write_text(json.dumps(res, default=str))
     md = format_markdown(res)
     (out / "results.md").write_text(md)
     print(md, end="")

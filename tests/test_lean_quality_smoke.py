@@ -42,8 +42,9 @@ def test_rows_train_check_and_skip_with_reasons(tmp_path):
     if "min_quantized_size" not in inspect.signature(FusedLISA).parameters:
         expected["FusedLISA 8bit all minq=0"] = "SKIPPED"
     assert {k: r["status"] for k, r in res["rows"].items()} == expected
-    n_params = sum(1 for _ in lq.build_model(lq.model_config("tiny", None), model_path=None, dtype=torch.float32,
-                                             device=torch.device("cpu"), seed=0).parameters())
+    model = lq.build_model(lq.model_config("tiny", None), model_path=None, dtype=torch.float32,
+                           device=torch.device("cpu"), seed=0)
+    n_params = len(list(model.parameters()))
     for label, r in res["rows"].items():
         if r["status"] == "SKIPPED":
             assert ("ImportError" in r["reason"]) if label.startswith("torchao") else ("rejects" in r["reason"])
@@ -57,8 +58,16 @@ def test_rows_train_check_and_skip_with_reasons(tmp_path):
             assert run["backend"] == "cpu", run["backend"]
         if label.endswith("g2"):
             assert run["checked_frozen"] > 0 and len(run["never_active_blocks"]) >= 4  # 2 intervals x 2 blocks
-    if expected["torchao AdamW8bit"] == "ok":  # the lean row's gap to torchao of the same bits is reported
-        assert "train_loss_vs_ref" in res["rows"]["FusedLISA 8bit all"]
+    # which params keep fp32 moments: torchao's rule (>= 4096 elements and a multiple of its 256 block: the
+    # 259 x 128 embedding and head are not); FusedLISA's min_quantized_size (4096: only the norms)
+    assert res["rows"]["torch AdamW"]["fp32_state"] == [n for n, _ in model.named_parameters()]
+    if expected["torchao AdamW8bit"] == "ok":
+        assert {"lm_head.weight", "model.embed_tokens.weight", "model.norm.weight"} <= set(
+            res["rows"]["torchao AdamW8bit"]["fp32_state"])
+        assert "train_loss_vs_ref" in res["rows"]["FusedLISA 8bit all"]  # gap to torchao of the same bits
+    if hasattr(FusedLISA, "state_formats"):
+        assert sorted(res["rows"]["FusedLISA 8bit all"]["fp32_state"]) == sorted(
+            n for n, p in model.named_parameters() if p.numel() < 4096)
 
 
 def test_a_row_that_trains_nothing_fails(tmp_path, monkeypatch):

@@ -15,7 +15,6 @@ Run `python tests/test_ptx.py` to print the per-mode report.
 from __future__ import annotations
 
 import importlib.util
-import inspect
 import json
 import os
 import re
@@ -25,10 +24,13 @@ from pathlib import Path
 
 import pytest
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+# shared with benchmarks/kernel_cost.py: signatures for the offline compile, ptxas' report
+from offline_sm90 import ARCH, _ptxas_report, _signature  # noqa: E402
+
 # 64 registers per thread leave room for 32 resident warps per SM of 64K registers (50% occupancy); the
 # kernel needs 40-46 (4 elements per thread per block) with Triton 3.6 and 3.9; the old one 78-96.
 MAX_REGISTERS = 64
-ARCH = 90
 
 # Per mode: pointer types that differ from *fp32, constexpr flags, runtime scalars' types, and how many
 # fp32 streams are loaded / stored in the main loop (one 128-bit access each at 4 elements per thread).
@@ -48,8 +50,6 @@ MODES = {
         fp32_loads=3, fp32_stores=3, lowp_loads=1, lowp_stores=1,
     ),
 }
-INT_SCALARS = {"lerp_small"}  # every other runtime scalar that is not a pointer is fp32
-FLOAT_SCALARS = {"lerp_w", "lerp_w_minus_1", "beta2", "one_minus_beta2", "eps"}
 
 
 # ------------------------------------------------------------------------------ compile (subprocess side)
@@ -63,49 +63,6 @@ def _kernel_module():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def _signature(fn, mode: dict) -> tuple[dict, dict, dict]:
-    """(signature, constexprs, attrs) for triton.compiler.ASTSource, as a launch on aligned tensors."""
-    signature, constexprs, attrs = {}, {}, {}
-    for i, param in enumerate(fn.params):
-        name = param.name
-        if param.is_constexpr:
-            signature[name] = "constexpr"
-            values = {**mode["constexprs"], **mode["layout"]}
-            if name in values:
-                constexprs[name] = values[name]
-            elif param.default is not inspect.Parameter.empty:  # a mode flag added later, off by default
-                constexprs[name] = param.default
-            else:
-                raise KeyError(f"constexpr {name} of {fn.__name__} has no value in tests/test_ptx.py MODES")
-        elif name.endswith("_ptr"):
-            signature[name] = mode["pointers"].get(name, "*i64" if name == "chunks_ptr" else "*fp32")
-            attrs[(i,)] = [["tt.divisibility", 16]]  # torch allocations are 16-byte aligned, as at launch
-        elif name in INT_SCALARS:
-            signature[name] = "i32"
-        elif name in FLOAT_SCALARS:
-            signature[name] = "fp32"
-        else:
-            raise KeyError(f"runtime argument {name} of {fn.__name__}: add its type to tests/test_ptx.py")
-    return signature, constexprs, attrs
-
-
-def _ptxas_report(ptx: str) -> dict:
-    import tempfile
-
-    from triton.backends.nvidia.compiler import get_ptxas
-
-    arch = re.search(r"^\.target\s+(\w+)", ptx, re.M).group(1)
-    with tempfile.TemporaryDirectory() as tmp:
-        src = Path(tmp) / "kernel.ptx"
-        src.write_text(ptx)
-        out = subprocess.run([get_ptxas(ARCH).path, f"-arch={arch}", "-v", str(src), "-o", str(Path(tmp) / "k.o")],
-                             capture_output=True, text=True, check=True)
-    text = out.stdout + out.stderr
-    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
-    return dict(registers=int(re.search(r"Used (\d+) registers", text).group(1)),
-                spill_bytes=int(spills.group(1)) + int(spills.group(2)), ptxas=text.strip())
 
 
 def main_loop(ptx: str) -> list[str]:

@@ -20,8 +20,9 @@ How it counts (per element of the packed buffer, steady state: a full chunk, eve
   code byte is loaded by both of its elements (x2) and stored by one thread per pair in Triton, by the
   even thread's whole path in CUDA (x2). Scales must be read and written iff quantized (every element
   loads its block's scale; one lane per block stores it); the code table may be read (Triton: global
-  gathers from L1; CUDA: shared memory); grad_scale read iff used; no other stream, and no local memory.
-  The SASS path must issue as many global accesses, of as many bytes, as the PTX path.
+  gathers from L1; CUDA: shared memory); grad_scale read iff used; no other stream. The SASS path must
+  move the PTX path's bytes, less at most the code-table gathers (ptxas merges repeated ones). Local
+  memory (spills) is reported, not counted as DRAM bytes.
 - instr/elt: SASS warp instructions on the main-loop path (offline_sm90.py: the longest path head to back
   edge, divergent if-blocks counted as executed, IEEE div/sqrt slow-path calls not) over the elements one
   warp handles per iteration: CUDA fp32 kernel 32 * (16 / grad bytes), CUDA lean 32, Triton

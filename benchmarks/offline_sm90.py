@@ -11,7 +11,9 @@ back: shared by tests/test_ptx.py (Triton signatures, ptxas report) and benchmar
   denormal or huge operands) ends no path. PTX: by global accesses, then instructions. Both count
   if-without-else blocks of divergent branches (lane 0 writes, even threads write a byte) as executed,
   as a warp whose lanes go both ways executes them; uniform branches (the lerp weight) take the longer
-  side. An inner backward branch raises: the count would need a trip count.
+  side. An inner backward branch raises: the count would need a trip count. sass_loop_matching: the
+  longest path with given accesses, for a kernel that picks modes at run time (a guarded access taken
+  or not; an indirect jump, a switch's jump table, may go to any block start after it).
 - Provenance: each PTX global access is traced through its address registers to the kernel parameter
   (index, byte offset) it derives from; values loaded from memory end the trace (indices read from the
   chunk table are data, not pointers).

@@ -79,10 +79,11 @@ class ParamBinding:
     names and their (rank-local) shapes. state: packing.PackedState (its buffers are replaced by
     `repoint`); param i lives in the buffers of its partition, `state.buffers_of(i)`.
     copy_mode: FSDP2 DTensor params, bound by copy. The optimizer decides *where* (offsets); this class
-    does the re-pointing and checking, and records each param's requires_grad flag for `release()`.
+    does the re-pointing and checking, and records each param's requires_grad flag for `release()`
+    (`user_flags`: those flags, when `params` replace Parameter objects FusedLISA had already frozen).
     """
 
-    def __init__(self, names, params, shapes, state: PackedState, copy_mode: bool):
+    def __init__(self, names, params, shapes, state: PackedState, copy_mode: bool, user_flags=None):
         self.names, self.params, self.shapes = names, params, shapes
         self.state = state
         self.copy_mode = copy_mode
@@ -93,9 +94,14 @@ class ParamBinding:
         self._grad_ptr: dict[int, int] = {}  # bound param -> data_ptr of its grad slot
         self._hooks: dict[int, object] = {}
         self._check = None  # (bound params, their expected data_ptrs), rebuilt after a re-binding
+        self._version: dict[int, int] = {}  # copy mode: bound param -> its shard's version counter when last synced
         me = weakref.ref(self)
-        for p in params:
-            _OWNERS[p] = (me, p.requires_grad)
+        for k, p in enumerate(params):
+            _OWNERS[p] = (me, p.requires_grad if user_flags is None else user_flags[k])
+
+    def user_flags(self) -> list[bool]:
+        """The requires_grad flag each param had before FusedLISA froze anything (what release() restores)."""
+        return [_OWNERS[p][1] if p in _OWNERS else p.requires_grad for p in self.params]
 
     @property
     def bufs(self) -> PackedBuffers:
@@ -132,6 +138,7 @@ class ParamBinding:
         self._gview[i] = gv = self.view(bufs.grad, i, off)
         self._grad_ptr[i] = gv.data_ptr()
         if self.copy_mode:  # p keeps its own storage; step() copies grads in and values back
+            self._version[i] = local(p)._version
             return
         p.data = view
         self._ptr[i] = view.data_ptr()
@@ -157,6 +164,7 @@ class ParamBinding:
 
     def _drop(self, i):
         del self.offset[i]
+        self._version.pop(i, None)
         self._ptr.pop(i, None)
         self._grad_ptr.pop(i, None)
         self._gview.pop(i, None)
@@ -201,13 +209,54 @@ class ParamBinding:
             p.grad = self._public(i)
         return True
 
-    def copy_back(self, parts, enabled) -> None:
-        """Copy mode: each stepped param's updated value from its packed segment into its own storage.
-        parts: per partition (Segments, param indices); enabled: per partition, which segments stepped."""
+    def write_back(self, parts, enabled) -> None:
+        """Copy mode, after the kernel: each stepped param's updated value from its packed segment into its
+        own (FSDP2) storage. parts: per partition (Segments, param indices); enabled: which segments stepped."""
         for (segments, seg_params), on in zip(parts, enabled):
             for i, (off, n), e in zip(seg_params, segments.bounds, on):
                 if e:
-                    local(self.params[i]).copy_(self.state.buffers_of(i).param[off:off + n].view(self.shapes[i]))
+                    t = local(self.params[i])
+                    t.copy_(self.state.buffers_of(i).param[off:off + n].view(self.shapes[i]))
+                    self._version[i] = t._version
+
+    def reread(self, force: bool = False) -> None:
+        """Copy mode: give the packed params the values now in the params' own (FSDP2) storage, which someone
+        may have written since the last step (a checkpoint loaded into the shards after construction, as the
+        Trainer's and torch.distributed.checkpoint's resumes do); that value wins. Params without an fp32
+        master of a low-precision param (or `force`, at load_state_dict): every bound param, one foreach copy
+        per partition (no sync). With fp32 masters of low-precision params, re-reading the rounded params every
+        step would lose the masters' precision, so between loads only params whose version counter moved (an
+        in-place write through the param itself) are re-read, and their masters with them."""
+        for k, bufs in enumerate(self.state.bufs):
+            masters = bufs.lowp is not None and bufs.master is not None
+            mine = [i for i in self.offset if self.state.part_of[i] == k]
+            idx = mine if (force or not masters) else [i for i in mine
+                                                       if local(self.params[i])._version != self._version.get(i)]
+            if not idx:
+                continue
+            src = [local(self.params[i]).detach() for i in idx]
+            torch._foreach_copy_([self.view(bufs.param, i, self.offset[i]) for i in idx], src)
+            if masters:
+                torch._foreach_copy_([self.view(bufs.master, i, self.offset[i]) for i in idx], src)
+            for i, t in zip(idx, src):
+                self._version[i] = t._version
+
+    @torch.no_grad()
+    def adopt_written_params(self) -> None:
+        """Before the first step, with fp32 masters of low-precision params: a packed param that differs from
+        its rounded master was written after construction (DeepSpeed's and DDP's broadcast of rank 0's weights
+        into `.data`, weights loaded into the model), so its value becomes the master. (The masters equal the
+        params at construction; re-checking every step would cost a pass over the buffers.)"""
+        if self.copy_mode:
+            self.reread(force=True)
+            return
+        chunk = 1 << 24  # ~11 B of temporaries per element: at most ~180 MB at a time, whatever the model
+        for b in self.state.bufs:
+            if b.master is None or b.lowp is None:
+                continue
+            for start in range(0, b.master.numel(), chunk):
+                m, lp = b.master[start:start + chunk], b.lowp[start:start + chunk]
+                m.copy_(torch.where(lp != m.to(lp.dtype), lp.float(), m))
 
     def check_grad_shapes(self, indices) -> None:
         """Before any state changes in step(): every .grad of params `indices` has its param's shape

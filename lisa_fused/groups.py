@@ -208,3 +208,18 @@ def check_unchanged(param_groups, keys: list[tuple]) -> None:
                 f"param_groups[{k}][{key!r}] was changed from {a!r} to {b!r}: the state format is fixed at "
                 f"construction (it decides the packed layout); set it back, or take state_dict(), release() and "
                 f"build a new FusedLISA with {key}={b!r} (load_state_dict converts the moments)")
+
+
+def index_params(layout, members: list[list[int]]):
+    """Where each trained param sits: (order, always, block_params). `members` are the groups' indices into
+    the layout's named params (always-trained first, then block by block); param index i = position in the
+    concatenated groups, order[i] its index in the layout; always / block_params[b]: the param indices of
+    the always-trained params and of block b, ascending."""
+    order = [j for m in members for j in m]
+    pos = {j: i for i, j in enumerate(order)}
+    n_always = len(layout.always)
+    always, blocks, j = sorted(pos[j] for j in range(n_always)), [], n_always
+    for blk in layout.blocks:
+        blocks.append(sorted(pos[k] for k in range(j, j + len(blk))))
+        j += len(blk)
+    return order, always, blocks

@@ -31,19 +31,43 @@ The Trainer works with FusedLISA without this callback on one process; the callb
   re-pointed just before autograd writes a gradient); this only makes FusedLISA see a model the Trainer
   moved (`model.to(...)`) before the first forward rather than at the first step.
 
+Under FSDP (`fsdp=...`) the Trainer refuses `optimizers=`, and under DeepSpeed it drops it (it rebuilds
+the optimizer in `deepspeed_init`); pass the optimizer as a class and kwargs instead, which the Trainer
+calls in `create_optimizer` before accelerate shards or wraps the model:
+
+    trainer = Trainer(model=model, args=args, train_dataset=ds,
+                      optimizer_cls_and_kwargs=(FusedLISAFactory, dict(lr=1e-5, n_active_layers=2, switch_every=20)),
+                      callbacks=[LISACallback()])
+
 See docs/integration.md for the settings each setup needs.
 """
 from __future__ import annotations
 
 import logging
 
+from torch import nn
 from transformers import TrainerCallback
 
+from .binding import _OWNERS
 from .optimizer import FusedLISA
 
 logger = logging.getLogger("lisa_fused")
 
-__all__ = ["LISACallback", "unwrap_optimizer"]
+__all__ = ["FusedLISAFactory", "LISACallback", "unwrap_optimizer"]
+
+
+class FusedLISAFactory:
+    """`Trainer(optimizer_cls_and_kwargs=(FusedLISAFactory, kwargs))`: the Trainer (transformers >= 5.24,
+    trainer.py `create_optimizer`: a class that is not a torch Optimizer is a factory, called as
+    `FusedLISAFactory()(model, **kwargs)`) builds FusedLISA(model, **kwargs) on its model when training
+    starts: before accelerate's FSDP2 sharding (which FusedLISA then follows) and before DeepSpeed's
+    initialize. kwargs are FusedLISA's keyword arguments (lr is FusedLISA's, not args.learning_rate)."""
+
+    def __call__(self, model, **kwargs) -> FusedLISA:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"FusedLISAFactory is called with the model; got {type(model).__name__}: this transformers "
+                            "version does not call optimizer factories (transformers >= 5.24 does)")
+        return FusedLISA(model, **kwargs)
 
 
 def unwrap_optimizer(optimizer) -> FusedLISA | None:
@@ -75,12 +99,26 @@ class LISACallback(TrainerCallback):
 
     def on_init_end(self, args, state, control, **kwargs):
         opt = self._opt(kwargs)
+        if opt is not None and (getattr(args, "deepspeed", None) or getattr(args, "hf_deepspeed_config", None)):
+            raise ValueError(
+                "Trainer(optimizers=(FusedLISA(...), ...)) under DeepSpeed: the Trainer drops that optimizer "
+                "(transformers' deepspeed_init sets trainer.optimizer = None and builds AdamW over whatever is "
+                "trainable, so LISA would not run); pass optimizer_cls_and_kwargs=(FusedLISAFactory, dict(...)) "
+                "from lisa_fused.hf instead")
         if opt is not None:  # every block trainable while the Trainer wraps the model (DDP registration)
             _set_blocks_trainable(opt, range(opt.model_layout.num_blocks))
 
     def on_train_begin(self, args, state, control, **kwargs):
         opt = self._opt(kwargs)
         if opt is None:
+            model = kwargs.get("model")
+            driven = [n for n, p in (model.named_parameters() if model is not None else ())
+                      if p in _OWNERS and _OWNERS[p][0]() is not None]
+            if driven:
+                raise RuntimeError(
+                    f"LISACallback: a FusedLISA drives this model ({driven[0]!r}, ...) but the Trainer steps a "
+                    f"{type(kwargs.get('optimizer')).__name__}: the Trainer replaced the FusedLISA (under DeepSpeed it "
+                    "drops optimizers=); pass optimizer_cls_and_kwargs=(FusedLISAFactory, dict(...)) instead")
             logger.warning("LISACallback: the Trainer's optimizer is not a FusedLISA; nothing to do")
             return
         _set_blocks_trainable(opt, opt.active_layers)

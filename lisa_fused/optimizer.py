@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from . import checkpoint, groups, introspect, kernels, rebuild, sampling, update, validation
+from . import checkpoint, dcp, engines, groups, introspect, kernels, rebuild, sampling, update, validation
 from .binding import ParamBinding, claim_check, local
 from .layers import find_layout
 from .packing import PackedState
@@ -85,9 +85,14 @@ class FusedLISA(torch.optim.Optimizer):
         self.seed, self.moments, self.master_weights = seed, moments, defaults["master_weights"]
         self._sr_seed = int(seed) % (1 << 32)  # stochastic-rounding key (contract.py: [0, 2**32))
         self._binding = None
+        self._generator = torch.Generator().manual_seed(seed)
+        self._sync_generator_from_rank0()
         named, members = self._plan(layout, param_groups)
         super().__init__(groups.group_dicts(defaults, param_groups, members, [p for _, p in named]), defaults)
         self._build(layout, named, members)
+        # torch.distributed.checkpoint's _init_optim_state runs step() with zero grads when opt.state is
+        # empty; FusedLISA keeps its state in packed buffers, so opt.state is a (never empty) view of it.
+        self.state = engines.StateView(self)
 
     def _plan(self, layout, param_groups):
         """Everything that can refuse the groups, before anything changes: (named params, group members)."""
@@ -99,22 +104,22 @@ class FusedLISA(torch.optim.Optimizer):
         self._sampler = sampling.build_sampler(*self._sampler_spec[:1], layout, self._sampler_spec[1])
         return named, members
 
-    def _build(self, layout, named, members):
+    def _build(self, layout, named, members, active=None, user_flags=None):
         """Bind the params of `self.param_groups` (members: their indices in `named`) into fresh packed
-        buffers and activate the first draw. Param index i = position in the concatenated groups."""
-        order = [j for m in members for j in m]
+        buffers and activate `active` (None: the next draw). Param index i = position in the concatenated
+        groups. user_flags: the requires_grad flags release() restores (rebuild.rebind: new Parameter objects
+        that copied flags FusedLISA had set). Every group becomes an engines.WatchedGroup: a wrapper that swaps
+        a group's params (accelerate's FSDP2 prepare, DeepSpeed's optimizer wrappers) is followed or refused
+        at that moment (engines.py)."""
+        engines.watch_groups(self)  # (first: _group_of holds these group objects)
+        order, always, self._block_params = groups.index_params(layout, members)
+        self._group_sizes = [len(m) for m in members]
         self.model_layout = layout
         self._names, self._params = [named[j][0] for j in order], [named[j][1] for j in order]
         self._group_of = [g for g in self.param_groups for _ in g["params"]]
         self._layout_keys = groups.layout_keys(self.param_groups)
         local_params = [local(p) for p in self._params]
         self._shapes = [tuple(t.shape) for t in local_params]
-        pos = {j: i for i, j in enumerate(order)}
-        n_always = len(layout.always)
-        always, self._block_params, j = sorted(pos[j] for j in range(n_always)), [], n_always
-        for blk in layout.blocks:
-            self._block_params.append(sorted(pos[k] for k in range(j, j + len(blk))))
-            j += len(blk)
         formats = [groups.state_format(g, p.numel()) for g, p in zip(self._group_of, self._params)]
         self._packed_state = PackedState(formats, always, self._block_params, local_params, self.n_active_layers,
                                          self.device, self.param_dtype)
@@ -122,19 +127,18 @@ class FusedLISA(torch.optim.Optimizer):
         # which it all-gathers from: re-pointing .data would be ignored, so they are bound by copy instead
         # (packed buffers hold the rank-local shards; grads are copied in, updated shards copied back).
         self._binding = ParamBinding(self._names, self._params, self._shapes, self._packed_state,
-                                     copy_mode=any(isinstance(p, DTensor) for p in self._params))
-        self._store = self._make_store(self.device)
+                                     copy_mode=any(isinstance(p, DTensor) for p in self._params), user_flags=user_flags)
+        self._store = MomentStore.reserved(self.inactive_moments, self.device, self._packed_state)
         self._steps = [0] * len(self._params)  # per-param AdamW step count (bias correction), host ints
         self._global_step = 0  # optimizer steps taken (skipped overflow steps excluded)
-        self._generator = torch.Generator().manual_seed(self.seed)
-        self._sync_generator_from_rank0()
         # Pack the always-trained params once; they stay bound until release().
         for lay in self._packed_state.layouts:
             for i, off, n in lay.always.entries:
                 self._binding.bind(i, off, write_master=True)
-        untrained = [(n, p) for n, p in self._model.named_parameters() if not p.requires_grad]
+        ours = {id(p) for p in self._params}
+        untrained = [(n, p) for n, p in self._model.named_parameters() if not p.requires_grad and id(p) not in ours]
         self._slots = Slots(self._packed_state, self._block_params, self._params, self._names, untrained)
-        first = self._draw()
+        first = self._draw() if active is None else tuple(active)
         for b in range(layout.num_blocks):
             if b not in first:
                 self._slots.set_trainable(b, False)
@@ -143,17 +147,6 @@ class FusedLISA(torch.optim.Optimizer):
         # grad_norm: the kernel adds each segment's ||g||^2 into this meter's device buffer (no second pass).
         self._meter = sampling.GradNormMeter(self._slots.meter_blocks(), self.device) \
             if isinstance(self._sampler, sampling.GradNormSampler) else None
-
-    def _make_store(self, device) -> MomentStore:
-        """The one place the paged store is built (at construction and when the model moves); the host store
-        is pinned now, not inside step() on a block's first visit."""
-        store = MomentStore(self.inactive_moments, device)
-        store.reserve({b: self._packed_state.block_spec(b) for b in range(len(self._block_params))})
-        return store
-
-    _bufs = property(lambda self: self._live().bufs, doc="The packed buffers (one state format only).")
-    _packed = property(lambda self: self._packed_state.layouts[0] if len(self._packed_state) == 1 else None,
-                       doc="The slot layout (one state format only).")
 
     # ------------------------------------------------------------------------------------ public API
     @property
@@ -233,14 +226,12 @@ class FusedLISA(torch.optim.Optimizer):
             self.observe_loss(loss)
         if (self._global_step + 1) % self.switch_every == 0:  # this step switches: parked params must fit too
             self._binding.check_unbound()
-        found_inf = getattr(self, "found_inf", None)
-        if found_inf is not None and found_inf.item():
-            # GradScaler overflow: the step never happened (one host sync, only in this AMP mode).
+        overflow, grad_scale = update.amp_scaling(self)
+        if overflow:  # GradScaler: the step never happened
             return loss
-        grad_scale = getattr(self, "grad_scale", None)
-        if grad_scale is not None:
-            grad_scale = grad_scale.to(device=self.device, dtype=torch.float32).reshape(1)
 
+        if self._global_step == 0:  # e.g. DeepSpeed broadcast rank 0's weights after construction
+            self._binding.adopt_written_params()
         parts = self._slots.segments()
         self._binding.check_grad_shapes(i for _, seg_params in parts for i in seg_params)
         collect = self._binding.collect
@@ -255,7 +246,7 @@ class FusedLISA(torch.optim.Optimizer):
                           grad_scale=grad_scale, seed=self._sr_seed,
                           grad_sumsq=None if self._meter is None else self._meter.kernel_buffer())
         if self._binding.copy_mode:  # FSDP2: the updated shards go back to FSDP's storage
-            self._binding.copy_back(parts, enabled)
+            self._binding.write_back(parts, enabled)
         self._global_step += 1
         if self._global_step % self.switch_every == 0:
             self._switch()
@@ -276,15 +267,20 @@ class FusedLISA(torch.optim.Optimizer):
         return self._sampler.probabilities()
 
     def state_dict(self):
-        """torch's optimizer format plus a "lisa" section; see checkpoint.py."""
-        self._live()
-        return checkpoint.state_dict(self)
+        """torch's optimizer format plus a "lisa" section (checkpoint.py); under torch.distributed, the
+        layout that torch.distributed.checkpoint keeps whole (dcp.py)."""
+        self._check_binding()
+        sd = checkpoint.state_dict(self)
+        return dcp.to_dcp_layout(self, sd) if dcp.distributed() else sd
 
     def load_state_dict(self, state_dict):
-        """Exact resume, also across param dtypes (documented in checkpoint.py). Raises ValueError naming
-        the mismatch (model, policy, shapes) before anything changes."""
+        """Exact resume, also across param dtypes (checkpoint.py), from either layout (dcp.py). Raises
+        ValueError naming the mismatch (model, policy, shapes) before anything changes."""
         self._check_binding()
-        checkpoint.load_state_dict(self, state_dict)
+        if self._binding.copy_mode:  # the model's shards were (typically) just loaded: their values win
+            self._binding.reread(force=True)
+        checkpoint.load_state_dict(self, dcp.from_dcp_layout(self, state_dict) if dcp.is_dcp_layout(state_dict)
+                                   else state_dict)
 
     # ------------------------------------------------------------------------------ internals
     def _live(self) -> ParamBinding:
@@ -293,8 +289,13 @@ class FusedLISA(torch.optim.Optimizer):
         return self._binding
 
     def _check_binding(self):
-        """The model was moved or converted since the last call: follow it, or raise naming the param."""
-        if self._live().moved():
+        """A wrapper replaced the params in place in param_groups (engines.check_group), FSDP2 shards were
+        written since (binding.reread), or the model was moved or converted: follow, or raise naming it."""
+        self._live()
+        engines.check_group(self)  # (may rebind: self._binding is then new)
+        if self._binding.copy_mode:
+            self._binding.reread()  # e.g. a checkpoint loaded into the FSDP2 shards after construction
+        if self._binding.moved():
             rebuild.follow_move(self)
 
     def _draw(self) -> tuple[int, ...]:

@@ -161,6 +161,15 @@ class MomentStore:
         self._slot_free: dict[int, torch.cuda.Event] = {}  # slot -> end of the page-out that read it
         self._ready: list[torch.cuda.Event] = []  # what the next step kernel waits for
 
+    @classmethod
+    def reserved(cls, policy: str, device, packed) -> "MomentStore":
+        """The store FusedLISA builds (at construction and when the model moves), with every block's rows
+        reserved for `packed` (packing.PackedState) now: the host store is pinned here, not inside step() on a
+        block's first visit."""
+        store = cls(policy, device)
+        store.reserve({b: packed.block_spec(b) for b in range(len(packed.layouts[0].blocks))})
+        return store
+
     @property
     def stream(self):
         """The page-out stream (kept for callers of the one-stream store)."""

@@ -1,5 +1,6 @@
-"""Rebuilding a FusedLISA's packed state after construction: when the model moved (`follow_move`) and when
-parameters join (`add_param_group`). Both keep every parameter's optimizer state and the schedule."""
+"""Rebuilding a FusedLISA's packed state after construction: when the model moved (`follow_move`), when
+parameters join (`add_param_group`), and when a wrapper swapped the Parameter objects before the first step
+(`rebind`: accelerate's FSDP2 prepare). Each keeps every parameter's optimizer state and the schedule."""
 from __future__ import annotations
 
 import logging
@@ -9,6 +10,7 @@ import torch
 from . import groups, kernels
 from .binding import local
 from .layers import find_layout
+from .paging import MomentStore
 
 logger = logging.getLogger("lisa_fused")
 
@@ -31,7 +33,7 @@ def follow_move(opt) -> None:
     was = (opt.device, opt.param_dtype)
     olds = binding.state.bufs
     binding.repoint(_moved_buffers(binding, dev, dt))
-    old_store, opt._store = opt._store, opt._make_store(dev)
+    old_store, opt._store = opt._store, MomentStore.reserved(opt.inactive_moments, dev, opt._packed_state)
     for b in range(len(opt._block_params)):
         if b not in opt._slot_of and old_store.has(b):
             opt._store.put(b, _parked_rows(binding, b, old_store.get(b), olds))
@@ -104,6 +106,38 @@ def _parked_rows(binding, block: int, rows, olds) -> list[torch.Tensor]:
             else:
                 out.append(part[names.index("master")])
     return out
+
+
+@torch.no_grad()
+def rebind(opt, new_params) -> None:
+    """Start over on new Parameter objects for the same parameters, in the same order (`new_params`, one per
+    opt._params): accelerate's FSDP2 prepare swaps in their DTensor shards. Buffers, store, slots and meter
+    are rebuilt over them with the same groups, active blocks, generator, sampler and user-frozen params;
+    engines.follow_params allows it only before the first step (no optimizer state to carry over)."""
+    from . import engines, validation
+
+    active, flags, frozen = opt.active_layers, opt._binding.user_flags(), set(opt._slots.user_frozen)
+    mapping = {id(p): q for p, q in zip(opt._params, new_params)}
+    opt._store.synchronize()
+    opt._binding.release()
+    opt._binding = None
+    opt._store.release()
+    engines.replace_layout_params(opt.model_layout, mapping)
+    layout = opt.model_layout
+    named = list(layout.always) + [np for blk in layout.blocks for np in blk]
+    index = {id(p): j for j, (_, p) in enumerate(named)}
+    members, start = [], 0
+    for n in opt._group_sizes:
+        members.append([index[id(q)] for q in new_params[start:start + n]])
+        start += n
+    opt.device, opt.param_dtype = validation.device_and_dtype(list(new_params))
+    opt.backend = kernels.resolve_backend(opt._backend_request, opt.device)
+    for g, idx in zip(opt.param_groups, members):
+        dict.__setitem__(g, "params", [named[j][1] for j in idx])  # (not the watched assignment)
+    opt._build(layout, named, members, active=active, user_flags=flags)
+    opt._slots.user_frozen |= frozen
+    logger.info("FusedLISA: followed a parameter switch (%d params, now %s on %s; copy mode %s)", len(new_params),
+                opt.param_dtype, opt.device, opt._binding.copy_mode)
 
 
 def add_param_group(opt, param_group: dict) -> None:

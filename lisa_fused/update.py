@@ -14,6 +14,19 @@ from . import kernels
 from .kernels.contract import N_COLS, Segments
 
 
+def amp_scaling(opt):
+    """(overflow, grad_scale) from torch.amp.GradScaler, which hands `opt.found_inf` / `opt.grad_scale` over
+    (FusedLISA._step_supports_amp_scaling): overflow skips the step entirely (one host sync, only in this AMP
+    mode); grad_scale, a 1-element fp32 tensor on the optimizer's device, the kernel divides the grads by."""
+    found_inf = getattr(opt, "found_inf", None)
+    if found_inf is not None and found_inf.item():
+        return True, None
+    grad_scale = getattr(opt, "grad_scale", None)
+    if grad_scale is not None:
+        grad_scale = grad_scale.to(device=opt.device, dtype=torch.float32).reshape(1)
+    return False, grad_scale
+
+
 def hparam_table(groups, steps, enabled, ids=None) -> torch.Tensor:
     """[S, 4] float64 host table (one row per segment: its param group, its AdamW step count, whether it
     steps); bias corrections computed once per distinct (group, step) in Python floats, exactly as torch's

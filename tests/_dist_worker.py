@@ -16,7 +16,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from lisa_fused import FusedLISA
-from helpers import MLPStack
+from lisa_fused.checkpoint import state_dict as plain_state_dict  # (under torch.distributed, opt.state_dict()
+from helpers import MLPStack                                     # has the DCP layout: lisa_fused/dcp.py)
 
 # Shared with the single-process reference in the test.
 WIDTH, N_LAYERS, N_ACTIVE, K, STEPS, LR, BATCH = 37, 5, 2, 2, 6, 1e-2, 8
@@ -132,7 +133,7 @@ def scenario_generator_sync(rank, world):
     at_construction = opt._generator.get_state()
     other = MLPStack(WIDTH, N_LAYERS, seed=0)
     donor = FusedLISA(other, lr=LR, n_active_layers=N_ACTIVE, switch_every=K, seed=0, backend="torch")
-    sd = donor.state_dict()
+    sd = plain_state_dict(donor)
     sd["lisa"]["generator"] = torch.Generator().manual_seed(1000 + rank).get_state()  # differs per rank
     opt.load_state_dict(sd)
     after_load = opt._generator.get_state()
@@ -160,7 +161,8 @@ def scenario_fsdp2(rank, world):
     data = batches()
     before = snapshot(model)
     seq = train(model, opt, data[:3], rank, world)
-    sd = opt.state_dict()
+    sd = opt.state_dict()  # the DCP layout (DTensor rows), saved and loaded per rank here
+    local_shapes = {i: tuple(e["exp_avg"].shape) for i, e in plain_state_dict(opt)["state"].items()}
     resumed = _fsdp2_model(seed=1)
     with torch.no_grad():
         for p, q in zip(resumed.parameters(), model.parameters()):
@@ -177,7 +179,7 @@ def scenario_fsdp2(rank, world):
     return {"seq": seq, "params": flat(resumed), "copy_mode": opt2._binding.copy_mode,
             "changed": changed(resumed, before),
             "inactive_grads": inactive_grads, "active_grads": active_grads,
-            "state_shapes": {i: tuple(e["exp_avg"].shape) for i, e in sd["state"].items()},
+            "state_shapes": local_shapes,
             "local_shapes": [tuple(p.to_local().shape) for p in opt2._params],
             "global_shapes": [tuple(p.shape) for p in opt2._params]}
 
@@ -199,7 +201,7 @@ def scenario_ddp_adaptive(rank, world, sampler):
     before = snapshot(model)
     seq = train(ddp, opt, batches(steps=4 * STEPS), rank, world, observe=True)
     return {"seq": seq, "params": flat(model), "changed": changed(model, before),
-            "sampler": opt.state_dict()["lisa"]["sampler"]}
+            "sampler": plain_state_dict(opt)["lisa"]["sampler"]}
 
 
 def scenario_fsdp2_grad_norm(rank, world):
@@ -210,7 +212,7 @@ def scenario_fsdp2_grad_norm(rank, world):
     before = snapshot(model)
     seq = train(model, opt, batches(steps=4 * STEPS), rank, world)
     return {"seq": seq, "params": flat(model), "changed": changed(model, before),
-            "sampler": opt.state_dict()["lisa"]["sampler"]}
+            "sampler": plain_state_dict(opt)["lisa"]["sampler"]}
 
 
 def scenario_fsdp2_mixed_precision(rank, world):

@@ -102,3 +102,33 @@ def assert_trained_changed_frozen_kept(model, before: dict, ever_active):
         should = m is None or int(m.group(1)) in ever
         moved = not torch.equal(p.detach(), before[name])
         assert moved == should, f"{name}: {'unchanged' if should else 'changed'} (blocks ever active: {sorted(ever)})"
+
+
+def run_two_processes(worker: str, out, timeout_s: int, env_extra=None) -> dict:
+    """torchrun --standalone --nproc_per_node=2 tests/WORKER OUT; returns {scenario: (rank0, rank1)} from the
+    OUT/rank{r}.pt files the worker writes. Fails the test (pytest.fail) on a timeout or a non-zero exit,
+    with the log's tail; the launcher runs in its own session so a hang kills its workers too."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import pytest
+
+    here = Path(__file__).resolve().parent
+    env = dict(os.environ, **(env_extra or {}),
+               PYTHONPATH=os.pathsep.join([str(here.parent), str(here), os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(here / worker), str(out)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        log, _ = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        log, _ = proc.communicate()
+        pytest.fail(f"2-process run of {worker} timed out after {timeout_s}s:\n{log[-4000:]}")
+    assert proc.returncode == 0, f"torchrun {worker} failed ({proc.returncode}):\n{log[-4000:]}"
+    ranks = [torch.load(Path(out) / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    return {name: (ranks[0][name], ranks[1][name]) for name in ranks[0]}

@@ -16,7 +16,7 @@ from helpers import TOL, MLPStack, assert_close_rel, lm_batch, tiny_llama
 
 
 def buffer_ptr(opt):
-    return opt._bufs.param.untyped_storage().data_ptr()
+    return opt._binding.bufs.param.untyped_storage().data_ptr()
 
 
 def in_buffer(opt, p):
@@ -112,7 +112,7 @@ def test_model_cuda_after_construction_follows(dtype):
     model = tiny_llama(dtype=dtype)
     opt = FusedLISA(model, lr=3e-3, weight_decay=0.1, n_active_layers=2, switch_every=2, seed=1)
     ref, _ = run_with_moves(model, opt, steps=7, moves={3: lambda m: m.cuda()}, inputs_on="cuda")
-    assert opt.device.type == "cuda" and opt._bufs.param.is_cuda
+    assert opt.device.type == "cuda" and opt._binding.bufs.param.is_cuda
     assert_follows_reference(opt, ref, 1e-5)
 
 
@@ -170,9 +170,9 @@ def test_move_seen_by_zero_grad_too():
     opt = FusedLISA(model, n_active_layers=5, backend="torch")
     model.to(torch.bfloat16)
     opt.zero_grad()
-    assert opt.param_dtype == torch.bfloat16 and opt._bufs.lowp is not None
+    assert opt.param_dtype == torch.bfloat16 and opt._binding.bufs.lowp is not None
     model(torch.randn(4, 3, dtype=torch.bfloat16)).sum().backward()
-    assert all(in_buffer(opt, p.grad) or p.grad.untyped_storage().data_ptr() == opt._bufs.grad.untyped_storage().data_ptr()
+    assert all(in_buffer(opt, p.grad) or p.grad.untyped_storage().data_ptr() == opt._binding.bufs.grad.untyped_storage().data_ptr()
                for p in model.parameters())
 
 
@@ -261,7 +261,7 @@ def test_backward_after_set_to_none_accumulates_into_the_packed_buffer():
         model(input_ids=x, labels=x).loss.backward()
         for p in model.parameters():
             if p.requires_grad:
-                assert p.grad.untyped_storage().data_ptr() == opt._bufs.grad.untyped_storage().data_ptr()
+                assert p.grad.untyped_storage().data_ptr() == opt._binding.bufs.grad.untyped_storage().data_ptr()
             else:
                 assert p.grad is None
         opt.step()

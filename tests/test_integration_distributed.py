@@ -4,45 +4,24 @@ scenario of tests/_dist_worker.py (a launch costs far more than a scenario); eac
 from __future__ import annotations
 
 import math
-import os
 import re
-import signal
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 import _dist_worker as W
-from helpers import MLPStack
+from helpers import MLPStack, run_two_processes
 
 pytestmark = [pytest.mark.distributed,
               pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")]
 
 TIMEOUT_S = 300
-HERE = Path(__file__).resolve().parent
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     """Launch the 2-process group once; {scenario: (rank0 result, rank1 result)}."""
-    out = tmp_path_factory.mktemp("dist")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE.parent), str(HERE), os.environ.get("PYTHONPATH", "")]))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(HERE / "_dist_worker.py"), str(out)]
-    # Own session, so a hang kills torchrun *and* its workers, not just the launcher.
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        log, _ = proc.communicate(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        log, _ = proc.communicate()
-        pytest.fail(f"2-process run timed out after {TIMEOUT_S}s:\n{log[-4000:]}")
-    assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{log[-4000:]}"
-    ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
-    return {name: (ranks[0][name], ranks[1][name]) for name in ranks[0]}
+    return run_two_processes("_dist_worker.py", tmp_path_factory.mktemp("dist"), TIMEOUT_S)
 
 
 def scenario(results, name):

@@ -56,7 +56,7 @@ class StepRecorder(TrainerCallback):
         opt = unwrap_optimizer(optimizer)
         self.lrs.append(opt.param_groups[0]["lr"])
         self.active.append(opt.active_layers)
-        buf = opt._bufs.grad.untyped_storage().data_ptr()
+        buf = opt._binding.bufs.grad.untyped_storage().data_ptr()
         grads = [p.grad for p in model.parameters() if p.requires_grad]
         self.packed_grads.append(all(g.untyped_storage().data_ptr() == buf for g in grads))
 

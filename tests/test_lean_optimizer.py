@@ -306,7 +306,7 @@ def test_master_weights_default_and_fp16_kahan():
                     backend="cpu")
     for t in range(3):
         lm_step(model, opt, t)
-    assert opt._bufs.compensation.dtype == torch.float16 and opt._bufs.master is None
+    assert opt._binding.bufs.compensation.dtype == torch.float16 and opt._binding.bufs.master is None
     assert opt.memory_stats()["master_bytes"] == 0
 
 
@@ -449,7 +449,7 @@ def test_model_conversion_with_lean_moments_and_masters_is_followed():
     before = opt.state_dict()
     model.float()
     lm_step(model, opt, 4)  # follows the move, then steps
-    assert opt.param_dtype == torch.float32 and opt._bufs.exp_avg.dtype == torch.uint8
+    assert opt.param_dtype == torch.float32 and opt._binding.bufs.exp_avg.dtype == torch.uint8
     after = opt.state_dict()
     moved = [i for i in before["state"] if opt._steps[i] == int(before["state"][i]["step"])]
     assert moved, "some params (parked blocks) did not step after the move"

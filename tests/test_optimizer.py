@@ -145,7 +145,7 @@ def test_param_without_grad_is_skipped_like_adamw():
 def test_device_bytes_flat_over_500_switches():
     model = MLPStack(n_layers=6)
     opt = FusedLISA(model, lr=1e-3, n_active_layers=2, switch_every=1, inactive_moments="host", seed=1)
-    packed_ptr = opt._bufs.exp_avg.data_ptr()
+    packed_ptr = opt._binding.bufs.exp_avg.data_ptr()
     g = torch.Generator().manual_seed(0)
 
     def one_step():
@@ -160,9 +160,9 @@ def test_device_bytes_flat_over_500_switches():
         one_step()
     last = opt.memory_stats()
     assert last["device_bytes"] == first["device_bytes"] > 0
-    assert opt._bufs.exp_avg.data_ptr() == packed_ptr
+    assert opt._binding.bufs.exp_avg.data_ptr() == packed_ptr
     # every block has been paged out by now; host state holds the 4 inactive blocks (+ stale copies)
-    assert last["host_bytes"] >= 4 * opt._packed.blocks[0].length * 2 * 4
+    assert last["host_bytes"] >= 4 * opt._packed_state.layouts[0].blocks[0].length * 2 * 4
 
 
 def test_device_policy_grows_host_policy_does_not():
@@ -292,7 +292,7 @@ def test_constructor_freezes_inactive_blocks_and_packs_grads():
     model(input_ids=x, labels=x).loss.backward()
     for p in model.parameters():
         if p.requires_grad:  # gradients landed straight in the packed buffer
-            assert p.grad.untyped_storage().data_ptr() == opt._bufs.grad.untyped_storage().data_ptr()
+            assert p.grad.untyped_storage().data_ptr() == opt._binding.bufs.grad.untyped_storage().data_ptr()
         else:
             assert p.grad is None
 

@@ -173,7 +173,7 @@ def test_host_store_is_pinned_and_exact_size():
     store.synchronize()
     assert set(store._blocks) == set(range(len(model.layers)))  # all reserved at construction
     for block, h in store._blocks.items():
-        length = opt._packed.blocks[block].length
+        length = opt._packed_state.layouts[0].blocks[block].length
         assert all(r.is_pinned() and r.numel() == length for r in h.rows), block
         assert h.nbytes < 2 * length * 4 + 2 * paging.ROW_ALIGN + mmap.PAGESIZE  # exact size, no power of 2
     assert opt.memory_stats()["pinned_bytes"] == store.pinned_bytes() > 0
@@ -223,7 +223,7 @@ def test_host_store_is_pinned_at_construction_and_never_leaks(pinner):
     assert opt.state_dict()["state"].keys() == sd["state"].keys()
     saved = next(b for b in range(n_blocks) if store.has(b))
     state = store.get(saved)  # uniform rows: one [n_rows, numel] view over the padded, registered rows
-    assert state.shape == (3, opt._packed.blocks[saved].length) and state.dtype == torch.float32
+    assert state.shape == (3, opt._packed_state.layouts[0].blocks[saved].length) and state.dtype == torch.float32
     assert state[1, 5:9].data_ptr() == store._blocks[saved].rows[1][5:9].data_ptr()
 
     # a block whose layout changes gets new rows: the old range is unregistered first

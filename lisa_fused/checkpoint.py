@@ -167,9 +167,12 @@ def _validate(opt, state_dict):
     theirs = [(n, tuple(s)) for n, s in lisa["params"]]
     if theirs != mine:
         diff = next(((a, b) for a, b in zip(theirs, mine) if a != b), None)
+        hint = ("; the saved run trained more params: if it called add_param_group, call it the same way before "
+                "load_state_dict" if len(theirs) > len(mine) and theirs[:len(mine)] == mine else
+                "; build the FusedLISA with the saved run's model, frozen params and param_groups")
         raise ValueError(
             f"state_dict is from a different model or param_groups: it has {len(theirs)} trainable params, this "
-            f"optimizer {len(mine)}" + (f"; first mismatch: saved {diff[0]} vs here {diff[1]}" if diff else ""))
+            f"optimizer {len(mine)}" + (f"; first mismatch: saved {diff[0]} vs here {diff[1]}" if diff else "") + hint)
     for key in ("n_active_layers", "inactive_moments"):
         if lisa[key] != getattr(opt, key):
             raise ValueError(f"state_dict has {key}={lisa[key]!r}, this optimizer {getattr(opt, key)!r}")

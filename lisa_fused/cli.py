@@ -157,6 +157,12 @@ def run_plan(args) -> int:
     print(format_table(rows, args.gpu_mem))
     for s in skipped:
         print(f"skipped lisa {s.setting}: {s.reason}")
+    if args.gpu_mem and rows and not any(r.fits for r in rows):
+        act = min(rows, key=lambda r: r.peak_bytes)
+        print(f"nothing fits {args.gpu_mem / 2**30:.1f} GiB (the leanest row needs {act.peak_bytes / 2**30:.2f} GiB, "
+              f"{act.activation_bytes / 2**30:.2f} of it activations): "
+              + ("try --gradient-checkpointing, " if not args.gradient_checkpointing else "")
+              + "a shorter --seq-len or a smaller --batch-size, or more memory")
     if planner.trace_device != args.device:
         print(f"note: traced on {planner.trace_device} fake tensors (this torch has no {args.device}); "
               f"temporaries follow {planner.trace_device} kernels")
@@ -175,7 +181,10 @@ def run_plan(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The `lisa-fused` parser; building it and parsing with it import no torch."""
+    from . import __version__
+
     parser = _Parser(prog="lisa-fused", description="FusedLISA tools.")
+    parser.add_argument("--version", action="version", version=f"lisa-fused {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     b = sub.add_parser(
         "bench", help="fine-tune a model with full AdamW, LoRA and FusedLISA and compare them",

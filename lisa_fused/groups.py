@@ -137,7 +137,7 @@ def resolve(model, named: list, param_groups, param_dtypes=()) -> list[list[int]
     owner: dict[int, int] = {}
     members: list[list[int]] = []
     for g, group in enumerate(param_groups, start=1):
-        where = f"param_groups[{g - 1}]"
+        where = f"param_groups[{g - 1}] (opt.param_groups[{g}])"
         if not isinstance(group, dict):
             raise TypeError(f"{where} must be a dict with 'params' and options, got {type(group).__name__}")
         validate_group_options(group, where, param_dtypes)
@@ -194,13 +194,17 @@ def layout_keys(param_groups) -> list[tuple]:
 
 
 def check_unchanged(param_groups, keys: list[tuple]) -> None:
-    """param_groups edited in place: hyperparameters are read every step, but the state-format keys decide
-    the packed layout and the group list the param set. RuntimeError naming the group, the key and the fix."""
+    """param_groups edited in place: hyperparameters are read every step (ValueError naming the group for an
+    invalid one, as at construction), but the state-format keys decide the packed layout and the group list
+    the param set (RuntimeError naming the group, the key and the fix)."""
     if len(param_groups) != len(keys):
         raise RuntimeError(f"FusedLISA has {len(keys)} param groups, param_groups now holds {len(param_groups)}: "
                            "add groups with opt.add_param_group(...) (or FusedLISA(param_groups=...)), not by "
                            "editing the list")
     for k, (g, was) in enumerate(zip(param_groups, keys)):
+        # the hyperparameters, as at construction (an edit or a scheduler may have set them to anything)
+        validate_group_options({key: g[key] for key in ("lr", "betas", "eps", "weight_decay") if key in g},
+                               f"opt.param_groups[{k}] (edited in place)")
         now = tuple(g.get(key) for key in LAYOUT_KEYS)
         if now != was:
             key, a, b = next((n, x, y) for n, x, y in zip(LAYOUT_KEYS, was, now) if x != y)

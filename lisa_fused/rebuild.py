@@ -145,9 +145,10 @@ def add_param_group(opt, param_group: dict) -> None:
     last, build and load the state back; the new params start with empty state. Their indices come after
     every existing param's, so the saved indices stay valid. A group that cannot be planned is refused with
     the optimizer rebuilt exactly as it was."""
-    where = f"add_param_group (param_groups[{len(opt.param_groups) - 1}] of param_groups=)"
+    where = f"add_param_group (the new opt.param_groups[{len(opt.param_groups)}])"
     if not isinstance(param_group, dict):
         raise TypeError(f"{where}: expected a dict with 'params' and options, got {type(param_group).__name__}")
+    groups.validate_group_options(param_group, where, {opt.param_dtype})
     names = {id(p): n for n, p in opt._model.named_parameters()}
     items = param_group.get("params")
     items = [items] if isinstance(items, (str, torch.Tensor)) else list(items or [])
@@ -192,9 +193,11 @@ def add_param_group(opt, param_group: dict) -> None:
 
 
 def _plan(opt, group0, given):
-    """Set param_groups for (group0 options, given groups) on the model as it is now; (layout, named, members)."""
+    """Set param_groups for (group0 options, given groups) on the model as it is now; (layout, named, members).
+    Keys FusedLISA does not read (an LR scheduler's "initial_lr", ...) are kept in the groups, not validated."""
     layout = find_layout(opt._model, opt.model_layout.stack)
-    named, members = opt._plan(layout, given)
+    known = [{k: v for k, v in g.items() if k == "params" or k in groups.GROUP_KEYS} for g in given]
+    named, members = opt._plan(layout, known)
     opt.param_groups = groups.group_dicts(group0, given, members, [p for _, p in named])
     return layout, named, members
 

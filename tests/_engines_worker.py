@@ -122,7 +122,7 @@ def _trainer_run(rank, world, out, steps=6, save_steps=0, resume=None, optimizer
         output_dir=out, use_cpu=True, report_to=[], max_steps=steps, per_device_train_batch_size=BATCH,
         learning_rate=LR, logging_steps=100, disable_tqdm=True, seed=0, lr_scheduler_type="constant",
         save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500, max_grad_norm=1.0,
-        fsdp="full_shard", fsdp_config={"fsdp_version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"],
+        fsdp=True, fsdp_config={"fsdp_version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"],
                                         "reshard_after_forward": True, "state_dict_type": "SHARDED_STATE_DICT"})
     model = tiny_llama(N_LAYERS, seed=0)
     data = [{"input_ids": x, "labels": x} for x in lm_batches(steps, world).reshape(-1, SEQ)]
@@ -152,7 +152,7 @@ def _trainer_run(rank, world, out, steps=6, save_steps=0, resume=None, optimizer
 
 
 def scenario_trainer_fsdp2(rank, world):
-    """TrainingArguments(fsdp="full_shard", fsdp_config={"fsdp_version": 2}) with FusedLISAFactory: six
+    """TrainingArguments(fsdp=True, fsdp_config={"fsdp_version": 2, ...}) with FusedLISAFactory: six
     steps spanning switches, then a run that checkpoints at step 3 (accelerate's FSDP2 save: DCP's
     get_optimizer_state_dict, full state dict) and one resumed from it (set_optimizer_state_dict)."""
     out = f"{OUT_DIR}/trainer_fsdp2"

@@ -43,6 +43,7 @@ def _run_cli(argv: list[str], watched=HEAVY) -> tuple[int, list[str], subprocess
 
 @pytest.mark.parametrize("argv,code,text", [
     (["--help"], 0, "FusedLISA tools."),
+    (["--version"], 0, "lisa-fused 0.1.0"),
     (["plan", "--help"], 0, "gemma-2-9b, llama-2-7b"),
     (["bench", "--help"], 0, "--switch-every"),
     (["plan", "--gpu-mem", "banana", "llama-3-8b"], 2, "--gpu-mem: 'banana': not a size"),

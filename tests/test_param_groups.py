@@ -126,16 +126,16 @@ def test_name_patterns_pick_params_tied_names_and_modules():
 
 
 @pytest.mark.parametrize("groups,err,match", [
-    ([{"params": "no_such_module"}], ValueError, r"param_groups\[0\]: pattern 'no_such_module' names no trained parameter"),
+    ([{"params": "no_such_module"}], ValueError, r"param_groups\[0\] \(opt.param_groups\[1\]\): pattern 'no_such_module' names no trained parameter"),
     ([{"params": ["lm_head"]}, {"params": "lm_head.weight"}], ValueError,
-     r"param_groups\[1\]: parameter 'lm_head.weight' is already in param_groups\[0\]"),
-    ([{"params": "lm_head", "momentum": 0.9}], ValueError, r"param_groups\[0\]: unknown key 'momentum'"),
-    ([{"params": "lm_head", "moments": "3bit"}], ValueError, r"param_groups\[0\]: Invalid moments: '3bit'"),
+     r"param_groups\[1\] \(opt.param_groups\[2\]\): parameter 'lm_head.weight' is already in param_groups\[0\]"),
+    ([{"params": "lm_head", "momentum": 0.9}], ValueError, r"param_groups\[0\] \(opt.param_groups\[1\]\): unknown key 'momentum'"),
+    ([{"params": "lm_head", "moments": "3bit"}], ValueError, r"param_groups\[0\] \(opt.param_groups\[1\]\): Invalid moments: '3bit'"),
     ([{"params": "lm_head", "master_weights": "kahan"}], ValueError,
-     r"param_groups\[0\]: master_weights='kahan' .* this model's trainable params are torch.float32"),
-    ([{"params": "lm_head", "lr": -1.0}], ValueError, r"param_groups\[0\]: Invalid learning rate: -1.0"),
-    ([{"params": []}], ValueError, r"param_groups\[0\]: 'params' is empty"),
-    ([{"lr": 1.0}], ValueError, r"param_groups\[0\] has no 'params'"),
+     r"param_groups\[0\] \(opt.param_groups\[1\]\): master_weights='kahan' .* this model's trainable params are torch.float32"),
+    ([{"params": "lm_head", "lr": -1.0}], ValueError, r"param_groups\[0\] \(opt.param_groups\[1\]\): Invalid learning rate: -1.0"),
+    ([{"params": []}], ValueError, r"param_groups\[0\] \(opt.param_groups\[1\]\): 'params' is empty"),
+    ([{"lr": 1.0}], ValueError, r"param_groups\[0\] \(opt.param_groups\[1\]\) has no 'params'"),
     ({"params": "lm_head"}, TypeError, "param_groups must be a list of dicts"),
     ([{"params": [3]}], TypeError, r"'params' items must be Parameters or name patterns \(str\), got int"),
 ])
@@ -292,3 +292,52 @@ def test_grad_norm_meter_sums_every_launch_when_groups_split_a_partition():
     seg_params = [i for _, sp in opt._slots.segments() for i in sp]
     want = torch.stack([opt._params[i].grad.double().square().sum() for i in seg_params]).float()
     assert torch.allclose(opt._meter.sumsq, want, rtol=1e-5), (opt._meter.sumsq - want).abs().max()
+
+
+@pytest.mark.parametrize("key,value,match", [("betas", (0.9, 1.5), "Invalid beta parameter at index 1: 1.5"),
+                                             ("lr", -1e-3, "Invalid learning rate: -0.001"),
+                                             ("weight_decay", float("nan"), "Invalid weight_decay value: nan")])
+def test_an_invalid_hyperparameter_edited_in_place_raises_naming_the_group(key, value, match):
+    model = tiny_llama(n_layers=4)
+    opt = FusedLISA(model, lr=LR, n_active_layers=2, backend="cpu", param_groups=[{"params": "lm_head"}])
+    x = lm_batch(0)
+    model(input_ids=x, labels=x).loss.backward()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    good = opt.param_groups[1][key]
+    opt.param_groups[1][key] = value
+    with pytest.raises(ValueError, match=r"opt.param_groups\[1\] \(edited in place\): " + match):
+        opt.step()
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    opt.param_groups[1][key] = good
+    opt.step()
+    assert not torch.equal(model.lm_head.weight, before["lm_head.weight"])
+
+
+def test_add_param_group_with_an_lr_scheduler_attached():
+    """Schedulers add keys of their own to every group ("initial_lr"); add_param_group keeps them and
+    trains the new params; a typo in the new group's keys is still refused, with nothing changed."""
+    model = tiny_llama(n_layers=4)
+    model.model.norm.weight.requires_grad_(False)
+    opt = FusedLISA(model, lr=LR, n_active_layers=2, backend="cpu", param_groups=[{"params": "lm_head"}])
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0 / (t + 1))
+    for t in range(2):
+        opt.zero_grad()
+        x = lm_batch(t)
+        model(input_ids=x, labels=x).loss.backward()
+        opt.step()
+        sched.step()
+    model.model.norm.weight.requires_grad_(True)
+    with pytest.raises(ValueError, match=r"add_param_group \(the new opt.param_groups\[2\]\): unknown key 'learning_rate'"):
+        opt.add_param_group({"params": [model.model.norm.weight], "learning_rate": 1e-3})
+    assert len(opt.param_groups) == 2 and opt.param_groups[0]["initial_lr"] == LR
+    lrs = [g["lr"] for g in opt.param_groups]
+    assert lrs == [LR / 3, LR / 3]
+    opt.add_param_group({"params": [model.model.norm.weight], "lr": 1e-3})
+    assert [g["initial_lr"] for g in opt.param_groups[:2]] == [LR, LR]
+    assert [g["lr"] for g in opt.param_groups] == lrs + [1e-3]
+    before = model.model.norm.weight.detach().clone()
+    opt.zero_grad()
+    x = lm_batch(5)
+    model(input_ids=x, labels=x).loss.backward()
+    opt.step()  # (the scheduler itself knows 2 groups: torch's LambdaLR refuses a third, for any optimizer)
+    assert not torch.equal(model.model.norm.weight, before)

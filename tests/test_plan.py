@@ -111,6 +111,9 @@ def test_presets_build_on_meta():
 
 def test_parse_size():
     assert parse_size("24GiB") == 24 * 2**30 and parse_size("80GB") == 80 * 10**9 and parse_size("16G") == 16 * 2**30
+    assert parse_size("1e9B") == 10**9
+    with pytest.raises(ValueError, match=r"--gpu-mem '24': give a unit, e.g. 24GiB"):
+        parse_size("24")
     for bad in ("-5GiB", "lots", "3 parsecs"):
         with pytest.raises(ValueError, match=repr(bad)):
             parse_size(bad)
@@ -145,7 +148,7 @@ def test_plan_cli_max_gamma_and_batch_respect_the_limit(tmp_path, capsys):
     row = json.loads((tmp_path / "a.json").read_text())["rows"][0]
     limit = row["peak_bytes"] + 1  # gamma 2 fits, gamma 3 (more state) does not
     main(["plan", str(tmp_path), "--device", "cuda", "--dtype", "fp32", "--batch-size", "2", "--seq-len", "8",
-          "--methods", "lisa", "--gpu-mem", str(limit), "--json", str(tmp_path / "b.json")])
+          "--methods", "lisa", "--gpu-mem", f"{limit}B", "--json", str(tmp_path / "b.json")])
     row = json.loads((tmp_path / "b.json").read_text())["rows"][0]
     assert row["fits"] and row["max_gamma"] == 2 and row["max_batch_size"] == 2
     capsys.readouterr()
@@ -153,7 +156,9 @@ def test_plan_cli_max_gamma_and_batch_respect_the_limit(tmp_path, capsys):
           "--json", str(tmp_path / "c.json")])
     row = json.loads((tmp_path / "c.json").read_text())["rows"][0]
     assert not row["fits"] and row["max_gamma"] == 0 and row["max_batch_size"] == 0
-    line = next(ln for ln in capsys.readouterr().out.splitlines() if "inactive_moments=host " in ln + " ")
+    out = capsys.readouterr().out
+    assert "nothing fits 0.0 GiB" in out and "try --gradient-checkpointing" in out
+    line = next(ln for ln in out.splitlines() if "inactive_moments=host " in ln + " ")
     assert [c.strip() for c in line.split("|")[9:11]] == ["none", "none"], line  # max batch, max gamma
 
 

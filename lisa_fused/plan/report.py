@@ -11,8 +11,9 @@ GIB = 2**30
 
 
 def parse_size(text: str) -> int:
-    """'24GiB', '24GB', '80G' (G = GiB), '512MiB', '1e9' -> bytes. ValueError names the text."""
-    units = {"": 1, "B": 1, "K": 2**10, "KIB": 2**10, "KB": 10**3, "M": 2**20, "MIB": 2**20, "MB": 10**6,
+    """'24GiB', '24GB', '80G' (G = GiB), '512MiB', '1e9B' -> bytes. ValueError names the text; a bare number
+    is refused (a unit forgotten: '24' would be 24 bytes, which nothing fits)."""
+    units = {"B": 1, "K": 2**10, "KIB": 2**10, "KB": 10**3, "M": 2**20, "MIB": 2**20, "MB": 10**6,
              "G": GIB, "GIB": GIB, "GB": 10**9, "T": 2**40, "TIB": 2**40, "TB": 10**12}
     s = text.strip().upper()
     number = s.rstrip("KMGTIB")
@@ -21,6 +22,8 @@ def parse_size(text: str) -> int:
         value = float(number)
     except ValueError:
         raise ValueError(f"--gpu-mem {text!r}: not a size; write e.g. 24GiB, 80GB or 16G") from None
+    if not unit:
+        raise ValueError(f"--gpu-mem {text!r}: give a unit, e.g. {number}GiB (GiB, GB, MiB, MB, G = GiB; B for bytes)")
     if unit not in units:
         raise ValueError(f"--gpu-mem {text!r}: unknown unit {unit!r}; use GiB, GB, MiB, MB or G (= GiB)")
     if not value > 0:

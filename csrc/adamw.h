@@ -49,6 +49,12 @@ struct PackedArgs {
 void adamw_cpu(const PackedArgs& a, int num_threads);
 // The copy of the CPU loop this machine runs: "avx2+fma" (fused multiply-adds) or "baseline".
 const char* cpu_kernel_isa();
+// The quantizer's code search as the kernels run it (adamw_math.h code_of, bucket tables built from the
+// [4][256] `qtable` of format `moments` (kMom8bit / kMom4bit)) on n fp32 values x / 1: out[i] = code of
+// x[i] in the exp_avg (which = 0) or exp_avg_sq (which = 1) map. vectorized: the AVX2 copy where this
+// CPU has it, else the scalar one. For tests (tests/test_lean_kernels.py); throws on bad codes.
+void nearest_codes_cpu(const float* x, int64_t n, const float* qtable, int moments, int which, bool vectorized,
+                       uint8_t* out);
 
 // True when this binary contains the CUDA kernel (adamw_cuda.cu was compiled by nvcc).
 bool has_cuda();

@@ -4,6 +4,8 @@
 // square root per element keep one core near its divider's limit, and 8-wide vectors run it about twice
 // as fast in cache. Each copy rounds like torch's kernel for the same CPU (adamw_math.h, madd); built
 // with -ffp-contract=off so that the compiler adds no FMA of its own.
+#include <memory>
+#include <mutex>
 #include <stdexcept>
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
@@ -101,62 +103,111 @@ ChunkFn pick_lowp(int lowp, bool scale, bool small) {
 // ALIGN and chunk lengths multiples of it too, so every piece is exactly one block of one segment.
 constexpr int kPiece = 256;
 
-// Codes of n values of one block: the scalar search of adamw_math.h, and (AVX2 copy) the same search 8
-// lanes at a time with gathers. Identical comparisons on identical fp32 inputs: identical codes.
-template <int kBits>
-LF_HD void block_codes(const float* x, float absmax, const float* mid, uint8_t* out, int n) {
-  for (int i = 0; i < n; ++i) out[i] = static_cast<uint8_t>(nearest_code<kBits>(normalize(x[i], absmax), mid));
+// Codes of n values of one block: the scalar code_of of adamw_math.h, and (AVX2 copy) the same lookup 8
+// lanes at a time with gathers; for the 16-value 4-bit m map, 15 broadcast compares (faster here than
+// gathers), the definition itself. Identical comparisons on identical fp32 inputs: identical codes.
+template <int kMap>
+LF_HD void block_codes(const float* x, float absmax, const uint8_t* base, const float* mid, uint8_t* out, int n) {
+  for (int i = 0; i < n; ++i) out[i] = static_cast<uint8_t>(code_of<kMap>(normalize(x[i], absmax), base, mid));
 }
 
 #ifdef LF_AVX2_COPY
-template <int kBits>
-__attribute__((target("avx2,fma"))) inline void block_codes_avx2(const float* x, float absmax, const float* mid,
-                                                                 uint8_t* out, int n) {
-  if constexpr (kBits == 4) {
-    // 15 midpoints: count the ones below xn with broadcast compares (no gathers; the same count)
-    const float inv_guard = absmax == 0.0f ? 1.0f : absmax;
-    for (int i = 0; i < n; ++i) {
-      const float xn = absmax == 0.0f ? 0.0f : x[i] / inv_guard;
-      uint32_t c = 0;
-      for (int k = 0; k < 15; ++k) c += mid[k] < xn ? 1u : 0u;
-      out[i] = static_cast<uint8_t>(c);
-    }
-    return;
-  }
+template <int kMap>
+__attribute__((target("avx2,fma"))) inline void block_codes_avx2(const float* x, float absmax, const uint8_t* base,
+                                                                 const float* mid, uint8_t* out, int n) {
   const __m256 a = _mm256_set1_ps(absmax == 0.0f ? 1.0f : absmax);
   const __m256 keep = _mm256_castsi256_ps(_mm256_set1_epi32(absmax == 0.0f ? 0 : -1));  // 0/0 -> 0
   int i = 0;
   for (; i + 8 <= n; i += 8) {
     const __m256 xn = _mm256_and_ps(_mm256_div_ps(_mm256_loadu_ps(x + i), a), keep);
-    __m256i pos = _mm256_setzero_si256();
-    for (int step = 1 << (kBits - 1); step > 0; step >>= 1) {
-      const __m256i idx = _mm256_add_epi32(pos, _mm256_set1_epi32(step - 1));
-      const __m256 lt = _mm256_cmp_ps(_mm256_i32gather_ps(mid, idx, 4), xn, _CMP_LT_OQ);
-      pos = _mm256_add_epi32(pos, _mm256_and_si256(_mm256_castps_si256(lt), _mm256_set1_epi32(step)));
+    __m256i code;
+    if constexpr (kMap == kCode4bitM) {  // 15 midpoints: count those below xn (no gathers; the same count)
+      code = _mm256_setzero_si256();
+      for (int k = 0; k < 15; ++k) {  // + 1 where mid[k] < xn
+        code = _mm256_sub_epi32(code, _mm256_castps_si256(_mm256_cmp_ps(_mm256_set1_ps(mid[k]), xn, _CMP_LT_OQ)));
+      }
+    } else if constexpr (kMap == kCode4bitV) {  // code_linear16; max(NaN, 0) is 0 with the NaN first
+      const __m256 t = _mm256_ceil_ps(_mm256_sub_ps(_mm256_mul_ps(xn, _mm256_set1_ps(16.0f)), _mm256_set1_ps(1.5f)));
+      code = _mm256_cvttps_epi32(_mm256_min_ps(_mm256_max_ps(t, _mm256_setzero_ps()), _mm256_set1_ps(15.0f)));
+    } else {  // code_by_bucket
+      constexpr CodeBuckets b = CodeMapTraits<kMap>::kB;
+      const __m256i u = _mm256_castps_si256(xn);
+      const __m256i mag = b.is_signed ? _mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)) : u;
+      __m256i j = _mm256_sub_epi32(_mm256_srli_epi32(mag, b.shift), _mm256_set1_epi32(static_cast<int>(b.first)));
+      j = _mm256_min_epi32(_mm256_max_epi32(j, _mm256_setzero_si256()), _mm256_set1_epi32(static_cast<int>(b.count)));
+      if (b.is_signed) j = _mm256_add_epi32(j, _mm256_and_si256(_mm256_srai_epi32(u, 31), _mm256_set1_epi32(b.side())));
+      // 4 bytes from base + j (the table is padded by 3), the low one is the entry
+      const __m256i c = _mm256_and_si256(_mm256_i32gather_epi32(reinterpret_cast<const int*>(base), j, 1),
+                                         _mm256_set1_epi32(0xff));
+      const __m256 lt = _mm256_cmp_ps(_mm256_i32gather_ps(mid, c, 4), xn, _CMP_LT_OQ);
+      code = _mm256_sub_epi32(c, _mm256_castps_si256(lt));  // + 1 where mid[c] < xn
     }
     alignas(32) uint32_t lanes[8];
-    _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), pos);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), code);
     for (int k = 0; k < 8; ++k) out[i + k] = static_cast<uint8_t>(lanes[k]);
   }
-  block_codes<kBits>(x + i, absmax, mid, out + i, n - i);
+  block_codes<kMap>(x + i, absmax, base, mid, out + i, n - i);
 }
 #endif
 
-template <int kBits, bool kFused>
-LF_HD void codes_of(const float* x, float absmax, const float* mid, uint8_t* out, int n) {
+template <int kMap, bool kFused>
+LF_HD void codes_of(const float* x, float absmax, const uint8_t* base, const float* mid, uint8_t* out, int n) {
 #ifdef LF_AVX2_COPY
   if constexpr (kFused) {
-    block_codes_avx2<kBits>(x, absmax, mid, out, n);
+    block_codes_avx2<kMap>(x, absmax, base, mid, out, n);
     return;
   }
 #endif
-  block_codes<kBits>(x, absmax, mid, out, n);
+  block_codes<kMap>(x, absmax, base, mid, out, n);
+}
+
+// The bucket tables of one launch's format (adamw_math.h code_by_bucket), built from its midpoints.
+struct CodeTables {
+  uint8_t m[code_table_bytes<kCode8bitM>() + 3];
+  uint8_t v[code_table_bytes<kCode8bitV>() + 3];
+};
+
+template <int kMap>
+void build_code_table(uint8_t* out, const float* mid) {
+  constexpr CodeBuckets b = CodeMapTraits<kMap>::kB;
+  for (uint32_t e = 0; e < b.entries(); ++e) out[e] = bucket_base<CodeMapTraits<kMap>::kBits>(e, b, mid);
+  out[b.entries()] = out[b.entries() + 1] = out[b.entries() + 2] = 0;
+}
+
+void build_code_tables(CodeTables& t, int moments, const float* qt) {
+  if (moments == kMom8bit) {
+    build_code_table<kCode8bitM>(t.m, qt + kQTableRow);
+    build_code_table<kCode8bitV>(t.v, qt + 3 * kQTableRow);
+  } else if (moments == kMom4bit) {
+    build_code_table<kCode4bitM>(t.m, qt + kQTableRow);
+  }
+}
+
+// The tables of a format's kernel table, built once per process (the 8-bit ones take ~45 us) and kept
+// per (format, table contents): callers pass quant.kernel_table, the same 4 KB every launch.
+const CodeTables& code_tables(int moments, const float* qt) {
+  struct Entry {
+    int moments;
+    std::vector<float> qtable;
+    std::unique_ptr<CodeTables> tables;
+  };
+  static std::mutex mu;
+  static std::vector<Entry> cache;
+  const std::lock_guard<std::mutex> lock(mu);
+  for (const Entry& e : cache) {
+    if (e.moments == moments && memcmp(e.qtable.data(), qt, 4 * kQTableRow * sizeof(float)) == 0) return *e.tables;
+  }
+  auto tables = std::make_unique<CodeTables>();
+  build_code_tables(*tables, moments, qt);
+  cache.push_back(Entry{moments, std::vector<float>(qt, qt + 4 * kQTableRow), std::move(tables)});
+  return *cache.back().tables;
 }
 
 struct LeanSeg {
   SegScalars s;
   int64_t offset;  // segment start in the packed buffer (SR indices are relative to it)
   uint32_t key_p, key_m, key_v;
+  const CodeTables* codes;  // the launch's bucket tables (quantized formats)
 };
 
 template <bool kFused>
@@ -258,8 +309,8 @@ LF_HD float lean_piece(const PackedArgs& a, int64_t b, int64_t e, const LeanSeg&
       reinterpret_cast<float*>(a.exp_avg_sq_scale)[blk] = av;
       uint8_t cm[kPiece], cv[kPiece];
       if (four) {
-        codes_of<4, kFused>(M, am, qt + kQTableRow, cm, n);
-        codes_of<4, kFused>(V, av, qt + 3 * kQTableRow, cv, n);
+        codes_of<kCode4bitM, kFused>(M, am, ls.codes->m, qt + kQTableRow, cm, n);
+        codes_of<kCode4bitV, kFused>(V, av, nullptr, qt + 3 * kQTableRow, cv, n);
         if (n & 1) { cm[n] = 0; cv[n] = 0; }  // an odd tail's high nibble is written as 0
         auto m = reinterpret_cast<uint8_t*>(a.exp_avg) + b / 2, v = reinterpret_cast<uint8_t*>(a.exp_avg_sq) + b / 2;
         for (int j = 0; j < (n + 1) / 2; ++j) {
@@ -268,8 +319,8 @@ LF_HD float lean_piece(const PackedArgs& a, int64_t b, int64_t e, const LeanSeg&
         }
       } else {
         auto m = reinterpret_cast<uint8_t*>(a.exp_avg) + b, v = reinterpret_cast<uint8_t*>(a.exp_avg_sq) + b;
-        codes_of<8, kFused>(M, am, qt + kQTableRow, m, n);
-        codes_of<8, kFused>(V, av, qt + 3 * kQTableRow, v, n);
+        codes_of<kCode8bitM, kFused>(M, am, ls.codes->m, qt + kQTableRow, m, n);
+        codes_of<kCode8bitV, kFused>(V, av, ls.codes->v, qt + 3 * kQTableRow, v, n);
       }
       break;
     }
@@ -336,6 +387,8 @@ void lean_cpu(const PackedArgs& a, int num_threads) {
   const bool sr = a.n_cols >= kNumColsLean;
   const int64_t n_chunks = a.n_chunks;
   std::vector<float> partial(a.grad_sumsq != 0 ? n_chunks : 0, 0.0f);
+  const CodeTables* codes = a.moments == kMom8bit || a.moments == kMom4bit
+                                ? &code_tables(a.moments, reinterpret_cast<const float*>(a.qtable)) : nullptr;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads < 1 ? 1 : num_threads)
   for (int64_t c = 0; c < n_chunks; ++c) {
     const int64_t seg = chunks[3 * c];
@@ -350,6 +403,7 @@ void lean_cpu(const PackedArgs& a, int num_threads) {
     ls.key_p = segment_key(a.seed, pid, step, kLaneParam);
     ls.key_m = segment_key(a.seed, pid, step, kLaneExpAvg);
     ls.key_v = segment_key(a.seed, pid, step, kLaneExpAvgSq);
+    ls.codes = codes;
     const float s = fn(a, chunks[3 * c + 1], chunks[3 * c + 2], ls, small);
     if (a.grad_sumsq != 0) partial[c] = s;
   }
@@ -364,6 +418,32 @@ void lean_cpu(const PackedArgs& a, int num_threads) {
 }  // namespace
 
 const char* cpu_kernel_isa() { return use_avx2() ? "avx2+fma" : "baseline"; }
+
+void nearest_codes_cpu(const float* x, int64_t n, const float* qtable, int moments, int which, bool vectorized,
+                       uint8_t* out) {
+  if (moments != kMom8bit && moments != kMom4bit) throw std::invalid_argument("moments code " + std::to_string(moments) + " is not 8bit/4bit");
+  if (which != 0 && which != 1) throw std::invalid_argument("which must be 0 (exp_avg) or 1 (exp_avg_sq), got " + std::to_string(which));
+  const CodeTables& t = code_tables(moments, qtable);
+  const float* mid = qtable + (which == 0 ? kQTableRow : 3 * kQTableRow);
+  const uint8_t* base = which == 0 ? t.m : t.v;
+  const bool avx2 = vectorized && use_avx2();
+  for (int64_t i = 0; i < n; i += kPiece) {  // in pieces, as the kernel calls it
+    const int len = static_cast<int>(n - i < kPiece ? n - i : kPiece);
+    const int map = (moments == kMom8bit ? kCode8bitM : kCode4bitM) + which;
+    switch (map) {
+#ifdef LF_AVX2_COPY
+#define LF_CODES(M) avx2 ? block_codes_avx2<M>(x + i, 1.0f, base, mid, out + i, len) : block_codes<M>(x + i, 1.0f, base, mid, out + i, len)
+#else
+#define LF_CODES(M) block_codes<M>(x + i, 1.0f, base, mid, out + i, len)
+#endif
+      case kCode8bitM: LF_CODES(kCode8bitM); break;
+      case kCode8bitV: LF_CODES(kCode8bitV); break;
+      case kCode4bitM: LF_CODES(kCode4bitM); break;
+      default: LF_CODES(kCode4bitV); break;
+#undef LF_CODES
+    }
+  }
+}
 
 void adamw_cpu(const PackedArgs& a, int num_threads) {
   if (a.lean()) {

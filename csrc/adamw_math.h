@@ -77,9 +77,14 @@ LF_HD float f32_from_bits(uint32_t u) {
 LF_HD float bf16_to_f32(uint16_t h) { return f32_from_bits(static_cast<uint32_t>(h) << 16); }
 
 LF_HD uint16_t f32_to_bf16(float x) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  // the hardware conversion (cvt.rn.bf16.f32: IEEE round to nearest even, subnormals kept), NaN as below
+  return x != x ? static_cast<uint16_t>(0x7fc0u) : __bfloat16_as_ushort(__float2bfloat16_rn(x));
+#else
   const uint32_t u = f32_bits(x);
   const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
   return static_cast<uint16_t>((u & 0x7fffffffu) > 0x7f800000u ? 0x7fc0u : rounded);
+#endif
 }
 
 // fp16 <-> fp32. On the device the hardware conversions (round to nearest even); on the host the same
@@ -167,7 +172,13 @@ LF_HD void adamw_element(float& p, float& m, float& v, float g, const SegScalars
   p = mul_rn(p, s.decay);  // rounded on its own, as torch's p.mul_(decay)
   const float w = h.one_minus_beta1;
   const float d = g - m;
-  m = small_weight ? madd<kFused>(w, d, m) : madd<kFused>(w - 1.0f, d, g);  // lerp(m, g, w)
+  // lerp(m, g, w): w * d + m, or (w - 1) * d + g. On the device the (uniform) weight picks the operands
+  // and one FMA runs; on the host both forms stay, which the compiler unswitches out of the loop.
+#ifdef __CUDA_ARCH__
+  m = madd<kFused>(small_weight ? w : w - 1.0f, d, small_weight ? m : g);
+#else
+  m = small_weight ? madd<kFused>(w, d, m) : madd<kFused>(w - 1.0f, d, g);
+#endif
   v = madd<kFused>(h.one_minus_beta2 * g, g, v * h.beta2);                  // addcmul
   const float denom = sqrtf(v) / s.bc2_sqrt + h.eps;
   p = p + (-s.step_size * m) / denom;
@@ -225,7 +236,100 @@ LF_HD uint32_t nearest_code(float xn, const float* mid) {
   return pos;
 }
 
-// x / absmax as the quantizer sees it (0 for an all-zero block).
-LF_HD float normalize(float x, float absmax) { return absmax == 0.0f ? 0.0f : x / absmax; }
+// x / absmax as the quantizer sees it (0 for an all-zero block). |result| <= 1, or NaN. On the device
+// the division runs either way (by 1 for a zero block), so that nvcc does not branch around it.
+LF_HD float normalize(float x, float absmax) {
+#ifdef __CUDA_ARCH__
+  const float q = x / (absmax == 0.0f ? 1.0f : absmax);
+  return absmax == 0.0f ? 0.0f : q;
+#else
+  return absmax == 0.0f ? 0.0f : x / absmax;
+#endif
+}
+
+// ------------------------------------------------------------------ the same code in O(1) (kernels use these)
+// nearest_code reads kBits midpoints one after the other. The kernels find the same count with one
+// table read and one comparison: the fp32 pattern of |x| is cut into buckets by its exponent and top
+// mantissa bits, fine enough that no bucket holds two midpoints; a byte table gives each bucket the
+// code of its smallest value (`base`), and code = base + (mid[base] < x), since the only midpoint that
+// can lie between that value and x is mid[base]. Equal to nearest_code for every x the quantizer passes,
+// i.e. every fp32 in [-1, 1] and NaN (the table construction below is the proof; a check of all 2^32
+// patterns found no difference there; tests/test_lean_kernels.py checks every midpoint and bucket edge
+// +-ulps and a sweep of [-1, 1]). |x| > 1 falls on "beyond" and may get another code.
+// Layout: bucket j = (bits(|x|) >> shift) - first, clamped to [0, count]: entry 0 holds every |x| below
+// the bucket of the smallest midpoint, count - 1 is the bucket of 1.0, and `count` ("beyond": NaN, as
+// |x / absmax| <= 1 otherwise) has base 0, i.e. code 0 for NaN as nearest_code gives. Signed maps: the
+// entries of x < 0 follow, same buckets of |x|. Unsigned maps (every midpoint > 0) index by the raw
+// pattern, so any x < 0 (and -0.0) lands on "beyond": code 0, also as nearest_code.
+struct CodeBuckets {
+  uint32_t shift;   // bucket = bits(|x|) >> shift: 23 - shift mantissa bits kept
+  uint32_t first;   // the bucket of the smallest |midpoint|
+  uint32_t count;   // buckets first .. bits(1.0f) >> shift, then "beyond"
+  bool is_signed;
+  LF_HD constexpr uint32_t side() const { return count + 1; }
+  LF_HD constexpr uint32_t entries() const { return is_signed ? 2 * side() : side(); }
+};
+// quant.py's maps: 8-bit m (signed dynamic) 6 mantissa bits, 8-bit v (unsigned dynamic) 7, 4-bit m
+// (signed dynamic, 3 exponent bits) 2; the smallest |midpoint| is 2.75e-7, 1.625e-7 and 2.75e-3. The
+// 4-bit v map (k / 16) needs no table: code_linear16. kernels/triton_lean.py uses the same buckets.
+constexpr CodeBuckets kBuckets8bitM{17, 6729, 1400, true};
+constexpr CodeBuckets kBuckets8bitV{16, 13358, 2899, false};
+constexpr CodeBuckets kBuckets4bitM{21, 473, 36, true};
+
+LF_HD uint32_t bucket_of(float x, const CodeBuckets b) {
+  const uint32_t u = f32_bits(x);
+  const int32_t j = static_cast<int32_t>((b.is_signed ? u & 0x7fffffffu : u) >> b.shift) - static_cast<int32_t>(b.first);
+  const uint32_t k = static_cast<uint32_t>(j < 0 ? 0 : (j > static_cast<int32_t>(b.count) ? static_cast<int32_t>(b.count) : j));
+  return b.is_signed ? k + (u >> 31) * b.side() : k;
+}
+
+// Table entry e: nearest_code of the bucket's smallest value (positive side: its lowest pattern, entry 0:
+// +0; negative side: minus its highest pattern), 0 for "beyond".
+template <int kBits>
+LF_HD uint8_t bucket_base(uint32_t e, const CodeBuckets b, const float* mid) {
+  const uint32_t j = e % b.side();
+  if (j == b.count) return 0;
+  const float lowest = e < b.side() ? (j == 0 ? 0.0f : f32_from_bits((b.first + j) << b.shift))
+                                    : -f32_from_bits(((b.first + j + 1) << b.shift) - 1u);
+  return static_cast<uint8_t>(nearest_code<kBits>(lowest, mid));
+}
+
+LF_HD uint32_t code_by_bucket(float x, const uint8_t* base, const float* mid, const CodeBuckets b) {
+  const uint32_t c = base[bucket_of(x, b)];
+  return c + (mid[c] < x ? 1u : 0u);
+}
+
+// The 4-bit v map is k / 16, k = 1..16: its fp32 midpoints are (2j + 3) / 32, j = 0..14 (tests check
+// it), so the count of those below x is clamp(ceil(16 x - 1.5), 0, 15), where 16 x - 1.5 is exact for
+// 16 x >= 0.75 and below -0.75 otherwise. NaN -> 0, as nearest_code.
+LF_HD uint32_t code_linear16(float x) {
+#ifdef __CUDA_ARCH__
+  return min(__float2uint_ru(fmaf(x, 16.0f, -1.5f)), 15u);  // saturating: < 0 and NaN give 0
+#else
+  return static_cast<uint32_t>(fminf(fmaxf(ceilf(x * 16.0f - 1.5f), 0.0f), 15.0f));
+#endif
+}
+
+// The four maps of the kernel table (rows 1 and 3 hold the midpoints of m and v).
+enum CodeMap : int { kCode8bitM = 0, kCode8bitV = 1, kCode4bitM = 2, kCode4bitV = 3 };
+template <int kMap> struct CodeMapTraits;
+template <> struct CodeMapTraits<kCode8bitM> { static constexpr int kBits = 8; static constexpr CodeBuckets kB = kBuckets8bitM; };
+template <> struct CodeMapTraits<kCode8bitV> { static constexpr int kBits = 8; static constexpr CodeBuckets kB = kBuckets8bitV; };
+template <> struct CodeMapTraits<kCode4bitM> { static constexpr int kBits = 4; static constexpr CodeBuckets kB = kBuckets4bitM; };
+template <> struct CodeMapTraits<kCode4bitV> { static constexpr int kBits = 4; static constexpr CodeBuckets kB{0, 0, 0, false}; };
+
+// Bytes of the bucket table of map kMap (0: none; the CPU copy pads it by 3 for its 32-bit gathers).
+template <int kMap>
+LF_HD constexpr uint32_t code_table_bytes() { return kMap == kCode4bitV ? 0u : CodeMapTraits<kMap>::kB.entries(); }
+
+// nearest_code<kBits>(xn, mid) of map kMap, through its bucket table `base` (or the closed form).
+template <int kMap>
+LF_HD uint32_t code_of(float xn, const uint8_t* base, const float* mid) {
+  if constexpr (kMap == kCode4bitV) {
+    return code_linear16(xn);
+  } else {
+    return code_by_bucket(xn, base, mid, CodeMapTraits<kMap>::kB);
+  }
+}
 
 }  // namespace lisa_fused

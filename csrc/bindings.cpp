@@ -116,6 +116,14 @@ void adamw_cuda(uintptr_t param, uintptr_t grad, uintptr_t exp_avg, uintptr_t ex
 #endif
 }
 
+void nearest_codes_cpu(uintptr_t x, int64_t n, uintptr_t qtable, int moments, int which, bool vectorized,
+                       uintptr_t out) {
+  if (n > 0 && (x == 0 || qtable == 0 || out == 0)) throw std::invalid_argument("x, qtable and out must be non-null");
+  py::gil_scoped_release release;
+  lisa_fused::nearest_codes_cpu(reinterpret_cast<const float*>(x), n, reinterpret_cast<const float*>(qtable),
+                                moments, which, vectorized, reinterpret_cast<uint8_t*>(out));
+}
+
 // None when a CUDA device can be used, else a sentence saying why not.
 py::object cuda_unavailable_reason() {
 #ifdef LISA_FUSED_WITH_CUDA
@@ -148,5 +156,8 @@ PYBIND11_MODULE(_C, m) {
         "`lean`: dict of PackedArgs lean fields (csrc/adamw.h), e.g. moments, master, qtable, bounds");
   m.def("adamw_cuda", &adamw_cuda, LF_PACKED_ARGS, py::arg("device"), py::arg("stream"), py::arg("lean") = py::dict(),
         "AdamW over a packed buffer on `stream` of `device` (table: float32 [S, n_cols] on the device)");
+  m.def("nearest_codes_cpu", &nearest_codes_cpu, py::arg("x"), py::arg("n"), py::arg("qtable"), py::arg("moments"),
+        py::arg("which"), py::arg("vectorized"), py::arg("out"),
+        "Tests: the kernels' code search on n fp32 values (uint8 out[n]; csrc/adamw.h nearest_codes_cpu)");
 #undef LF_PACKED_ARGS
 }

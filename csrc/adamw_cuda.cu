@@ -8,6 +8,7 @@
 #include <cuda_runtime.h>
 
 #include <string>
+#include <type_traits>
 
 #include "adamw.h"
 
@@ -164,22 +165,106 @@ bool dispatch(const PackedArgs& a, cudaStream_t stream) {
 
 
 // ---------------------------------------------------------------------------------------- lean state
-// Moment formats, master modes and grad_sumsq (kernels/contract.py). One thread per element, the
-// block walks its chunk 256 elements at a time: one 8-bit quantization block or two 4-bit ones, so the
-// absmax is a warp-shuffle max plus a max over 8 (or 4) warp partials in shared memory. Segment starts
-// and chunk lengths are multiples of ALIGN (256), so each step covers whole blocks of one segment.
-template <typename T>
-__device__ __forceinline__ float load_as_f32(const T* ptr, int64_t i, int dtype) {
-  if constexpr (sizeof(T) == 4) {
-    return ptr[i];
+// Moment formats, master modes and grad_sumsq (kernels/contract.py), each mode its own instantiation
+// (MF moment format, GD grad dtype, PM param mode, kScale grad_scale; one host-side switch picks it), so the
+// loop holds only the mode's own work; grad_sumsq is a pointer tested after the loop (the loop always sums
+// g * g, one FMA per element). A thread owns kLeanVec = 8 consecutive elements and a block step covers
+// 2048, whole quantization blocks: a block of 256 (8-bit) is one warp, of 128 (4-bit) half a warp, so its
+// absmax is a max over the thread's 8 values and a shuffle reduction, with no shared memory or barrier,
+// and a thread's 4-bit codes fill whole bytes. Segment and chunk starts are multiples of ALIGN (256);
+// offsets within a chunk are 32-bit, the chunk's own position 64-bit. Full steps of a chunk whose pointers
+// are 16-byte aligned load and store vectors; the rest (the chunk's last step, or all of an unaligned
+// chunk) takes the masked loop. Codes: adamw_math.h code_of, with the bucket tables built in shared
+// memory by each block (nearest_code on the midpoints, ~2-3 instructions per element of a full chunk).
+enum ParamMode : int { kPmFp32 = 0, kPmFp32Bf16 = 1, kPmFp32F16 = 2, kPmKahanBf16 = 3, kPmKahanF16 = 4, kPmSrBf16 = 5 };
+constexpr int kLeanVec = 8;
+constexpr int kLeanStep = kThreads * kLeanVec;
+
+template <int PM> struct ParamTraits {
+  static constexpr bool kMaster = PM <= kPmFp32F16;  // fp32 master in `param`
+  static constexpr bool kKahan = PM == kPmKahanBf16 || PM == kPmKahanF16;
+  static constexpr bool kSr = PM == kPmSrBf16;
+  // storage dtype of `param` (fp32 master) or of param and compensation (kahan, sr); of param_lowp
+  static constexpr int kParam = kMaster ? kFloat32 : (PM == kPmKahanF16 ? kFloat16 : kBFloat16);
+  static constexpr int kLowp = PM == kPmFp32Bf16 ? kBFloat16 : (PM == kPmFp32F16 ? kFloat16 : kNone);
+};
+
+// 8 elements of a storage type D at ptr -> fp32: kFull, one or two 16-byte loads; else the first n.
+template <bool kFull, int D>
+__device__ __forceinline__ void load8(const typename Storage<D>::T* ptr, int n, float (&out)[kLeanVec]) {
+  if constexpr (kFull && D == kFloat32) {
+    load_f32<kLeanVec>(ptr, out);
+  } else if constexpr (kFull) {
+    uint16_t raw[kLeanVec];
+    load_pack<uint16_t, kLeanVec>(ptr, raw);
+#pragma unroll
+    for (int k = 0; k < kLeanVec; ++k) out[k] = Storage<D>::load(raw[k]);
   } else {
-    return dtype == kBFloat16 ? bf16_to_f32(ptr[i]) : f16_to_f32(ptr[i]);
+#pragma unroll
+    for (int k = 0; k < kLeanVec; ++k) out[k] = k < n ? Storage<D>::load(ptr[k]) : 0.0f;
   }
 }
 
-__device__ __forceinline__ float warp_max(float x) {
+// Stores already converted elements (fp32 or 16-bit patterns).
+template <bool kFull, typename T>
+__device__ __forceinline__ void store8(T* ptr, int n, const T (&in)[kLeanVec]) {
+  if constexpr (kFull && sizeof(T) == 4) {
+    store_f32<kLeanVec>(ptr, in);
+  } else if constexpr (kFull) {
+    store_pack<T, kLeanVec>(ptr, in);
+  } else {
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
+    for (int k = 0; k < kLeanVec; ++k) {
+      if (k < n) ptr[k] = in[k];
+    }
+  }
+}
+
+// A thread's code bytes (kWords 32-bit words: 8 codes of 8 bits or of 4) at ptr; masked: the first
+// `nbytes`, the rest read as 0.
+template <bool kFull, int kWords>
+__device__ __forceinline__ void load_codes(const uint8_t* ptr, int nbytes, uint32_t (&w)[kWords]) {
+  if constexpr (kFull) {
+    load_pack<uint32_t, kWords>(reinterpret_cast<const uint32_t*>(ptr), w);
+  } else {
+#pragma unroll
+    for (int q = 0; q < kWords; ++q) {
+      w[q] = 0;
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        if (4 * q + k < nbytes) w[q] |= static_cast<uint32_t>(ptr[4 * q + k]) << (8 * k);
+      }
+    }
+  }
+}
+
+template <bool kFull, int kWords>
+__device__ __forceinline__ void store_codes(uint8_t* ptr, int nbytes, const uint32_t (&w)[kWords]) {
+  if constexpr (kFull) {
+    store_pack<uint32_t, kWords>(reinterpret_cast<uint32_t*>(ptr), w);
+  } else {
+#pragma unroll
+    for (int k = 0; k < 4 * kWords; ++k) {
+      if (k < nbytes) ptr[k] = static_cast<uint8_t>(w[k / 4] >> (8 * (k % 4)));
+    }
+  }
+}
+
+// Code k of a thread's words: 8-bit codes one byte each, 4-bit ones a nibble (element 2j low).
+template <int kBitsPer>
+__device__ __forceinline__ uint32_t code_at(const uint32_t* w, int k) {
+  constexpr int kPerWord = 32 / kBitsPer;
+  if constexpr (kBitsPer == 8) {
+    return __byte_perm(w[k / kPerWord], 0u, 0x4440 + k % kPerWord);  // one PRMT
+  } else {
+    return (w[k / kPerWord] >> (kBitsPer * (k % kPerWord))) & ((1u << kBitsPer) - 1u);
+  }
+}
+
+template <int kLanes>
+__device__ __forceinline__ float group_max(float x) {
+#pragma unroll
+  for (int o = kLanes / 2; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
   return x;
 }
 
@@ -189,163 +274,237 @@ __device__ __forceinline__ float warp_sum(float x) {
   return x;
 }
 
-template <int MF, int GD>
+template <int MF> struct LeanFormat {
+  static constexpr bool kQuant = MF == kMom8bit || MF == kMom4bit;
+  static constexpr int kGroup = MF == kMom4bit ? 128 : 256;  // elements per scale
+  static constexpr int kMapM = MF == kMom4bit ? kCode4bitM : kCode8bitM;
+  static constexpr int kMapV = MF == kMom4bit ? kCode4bitV : kCode8bitV;
+  static constexpr int kCodeBits = MF == kMom4bit ? 4 : 8;
+  // shared-memory sizes (1 where unused: no zero-length arrays)
+  static constexpr int kQt = kQuant ? 4 * kQTableRow : 1;
+  static constexpr int kTabM = kQuant ? static_cast<int>(code_table_bytes<kMapM>()) : 1;
+  static constexpr int kTabV = kQuant && code_table_bytes<kMapV>() > 0 ? static_cast<int>(code_table_bytes<kMapV>()) : 1;
+};
+
+template <int MF, int GD, int PM, bool kScale>
 __global__ void __launch_bounds__(kThreads)
     adamw_lean_kernel(const PackedArgs a) {
-  static_assert(kThreads == 256, "one step covers one 256-element piece");
-  __shared__ float qt[4 * kQTableRow];
-  __shared__ float red_m[kThreads / 32], red_v[kThreads / 32];
-  constexpr bool kQuant = MF == kMom8bit || MF == kMom4bit;
-  constexpr int kBits = MF == kMom4bit ? 4 : 8;
-  constexpr int kGroup = MF == kMom4bit ? 128 : 256;  // elements per scale
-  if constexpr (kQuant) {
-    const float* src = reinterpret_cast<const float*>(a.qtable);
-    for (int k = threadIdx.x; k < 4 * kQTableRow; k += kThreads) qt[k] = src[k];
-  }
+  using F = LeanFormat<MF>;
+  using P = ParamTraits<PM>;
+  static_assert(P::kLowp == kNone || P::kMaster, "a bf16/fp16 copy is written only beside an fp32 master");
+  using GT = typename Storage<GD>::T;
+  using PT = typename Storage<P::kParam>::T;
+  constexpr int MD = MF == kMomFp32 ? kFloat32 : kBFloat16;  // unquantized moments' storage
+  using MT = typename Storage<MD>::T;
+  __shared__ float qt[F::kQt];
+  __shared__ uint8_t tab_m[F::kTabM], tab_v[F::kTabV];
   const int64_t* chunks = reinterpret_cast<const int64_t*>(a.chunks);
   const int64_t c = blockIdx.x;
   const int64_t seg = chunks[3 * c], begin = chunks[3 * c + 1], end = chunks[3 * c + 2];
   const float* row = reinterpret_cast<const float*>(a.table) + seg * a.n_cols;
   if (row[kEnabled] == 0.0f) return;  // uniform over the block, before any barrier
+  if constexpr (F::kQuant) {
+    const float* src = reinterpret_cast<const float*>(a.qtable);
+    for (int k = threadIdx.x; k < 4 * kQTableRow; k += kThreads) qt[k] = src[k];
+    __syncthreads();
+    constexpr CodeBuckets bm = CodeMapTraits<F::kMapM>::kB, bv = CodeMapTraits<F::kMapV>::kB;
+    for (uint32_t e = threadIdx.x; e < code_table_bytes<F::kMapM>(); e += kThreads) {
+      tab_m[e] = bucket_base<CodeMapTraits<F::kMapM>::kBits>(e, bm, qt + kQTableRow);
+    }
+    if constexpr (code_table_bytes<F::kMapV>() > 0) {
+      for (uint32_t e = threadIdx.x; e < code_table_bytes<F::kMapV>(); e += kThreads) {
+        tab_v[e] = bucket_base<CodeMapTraits<F::kMapV>::kBits>(e, bv, qt + 3 * kQTableRow);
+      }
+    }
+    __syncthreads();
+  }
   SegScalars s;
   s.step_size = row[kStepSize];
   s.decay = row[kDecay];
   s.bc2_sqrt = row[kBc2Sqrt];
   const Hyper h = a.hyper;
   const bool small = h.one_minus_beta1 < 0.5f;
-  const bool sr = a.n_cols >= kNumColsLean;
-  const uint32_t pid = sr ? static_cast<uint32_t>(row[kParamId]) : 0u, step = sr ? static_cast<uint32_t>(row[kStep]) : 0u;
-  const uint32_t key_p = segment_key(a.seed, pid, step, kLaneParam);
-  const uint32_t key_m = segment_key(a.seed, pid, step, kLaneExpAvg);
-  const uint32_t key_v = segment_key(a.seed, pid, step, kLaneExpAvgSq);
-  const int64_t seg_off = reinterpret_cast<const int64_t*>(a.bounds)[2 * seg];
-  const float scale = a.grad_scale != 0 ? *reinterpret_cast<const float*>(a.grad_scale) : 1.0f;
-  using GT = typename Storage<GD>::T;
-  const GT* g = reinterpret_cast<const GT*>(a.grad);
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  float sumsq = 0.0f;
-  if constexpr (kQuant) __syncthreads();  // qt loaded
-
-  for (int64_t base = begin; base < end; base += kThreads) {
-    const int64_t i = base + threadIdx.x;
-    const bool valid = i < end;
-    float pi = 0.0f, mi = 0.0f, vi = 0.0f, gi = 0.0f;
-    const uint32_t idx = static_cast<uint32_t>(i - seg_off);
-    if (valid) {
-      gi = Storage<GD>::load(g[i]);
-      if (a.grad_scale != 0) gi = gi / scale;
-      sumsq = fmaf(gi, gi, sumsq);
-      if (a.master == kMasterFp32) {
-        pi = reinterpret_cast<const float*>(a.param)[i];
-      } else {
-        pi = load_as_f32(reinterpret_cast<const uint16_t*>(a.param), i, a.param_dtype);
-        if (a.master == kMasterKahan) pi = pi + load_as_f32(reinterpret_cast<const uint16_t*>(a.compensation), i, a.param_dtype);
-      }
-      if constexpr (MF == kMomFp32) {
-        mi = reinterpret_cast<const float*>(a.exp_avg)[i];
-        vi = reinterpret_cast<const float*>(a.exp_avg_sq)[i];
-      } else if constexpr (MF == kMomBf16) {
-        mi = bf16_to_f32(reinterpret_cast<const uint16_t*>(a.exp_avg)[i]);
-        vi = bf16_to_f32(reinterpret_cast<const uint16_t*>(a.exp_avg_sq)[i]);
-      } else {
-        const uint8_t* cm = reinterpret_cast<const uint8_t*>(a.exp_avg);
-        const uint8_t* cv = reinterpret_cast<const uint8_t*>(a.exp_avg_sq);
-        uint32_t codem, codev;
-        if constexpr (MF == kMom4bit) {
-          const int shift = static_cast<int>(i & 1) * 4;
-          codem = (cm[i >> 1] >> shift) & 0xfu;
-          codev = (cv[i >> 1] >> shift) & 0xfu;
-        } else {
-          codem = cm[i];
-          codev = cv[i];
-        }
-        mi = qt[codem] * reinterpret_cast<const float*>(a.exp_avg_scale)[i / kGroup];
-        vi = qt[2 * kQTableRow + codev] * reinterpret_cast<const float*>(a.exp_avg_sq_scale)[i / kGroup];
-      }
-      adamw_element<true>(pi, mi, vi, gi, s, h, small);
-    }
-    if constexpr (MF == kMomFp32) {
-      if (valid) {
-        reinterpret_cast<float*>(a.exp_avg)[i] = mi;
-        reinterpret_cast<float*>(a.exp_avg_sq)[i] = vi;
-      }
-    } else if constexpr (MF == kMomBf16) {
-      if (valid) {
-        reinterpret_cast<uint16_t*>(a.exp_avg)[i] = f32_to_bf16_sr(mi, sr_bits(key_m, idx));
-        reinterpret_cast<uint16_t*>(a.exp_avg_sq)[i] = f32_to_bf16_sr(vi, sr_bits(key_v, idx));
-      }
-    } else {
-      // absmax over the thread's quantization block (invalid lanes hold 0)
-      const float wm = warp_max(fabsf(mi)), wv = warp_max(fabsf(vi));
-      __syncthreads();  // the previous step's readers of red_* are done
-      if (lane == 0) {
-        red_m[warp] = wm;
-        red_v[warp] = wv;
-      }
-      __syncthreads();
-      constexpr int kWarpsPerGroup = kGroup / 32;
-      const int w0 = (warp / kWarpsPerGroup) * kWarpsPerGroup;
-      float am = 0.0f, av = 0.0f;
-#pragma unroll
-      for (int w = 0; w < kWarpsPerGroup; ++w) {
-        am = fmaxf(am, red_m[w0 + w]);
-        av = fmaxf(av, red_v[w0 + w]);
-      }
-      const uint32_t codem = nearest_code<kBits>(normalize(mi, am), qt + kQTableRow);
-      const uint32_t codev = nearest_code<kBits>(normalize(vi, av), qt + 3 * kQTableRow);
-      const int64_t first = base + static_cast<int64_t>(w0) * 32;  // the block's first element
-      if (threadIdx.x % kGroup == 0 && first < end) {
-        reinterpret_cast<float*>(a.exp_avg_scale)[first / kGroup] = am;
-        reinterpret_cast<float*>(a.exp_avg_sq_scale)[first / kGroup] = av;
-      }
-      if constexpr (MF == kMom4bit) {
-        const uint32_t nm = __shfl_down_sync(0xffffffffu, codem, 1);
-        const uint32_t nv = __shfl_down_sync(0xffffffffu, codev, 1);
-        if (valid && (i & 1) == 0) {
-          const bool pair = i + 1 < end;  // an odd tail's high nibble is written as 0
-          reinterpret_cast<uint8_t*>(a.exp_avg)[i >> 1] = static_cast<uint8_t>(codem | ((pair ? nm : 0u) << 4));
-          reinterpret_cast<uint8_t*>(a.exp_avg_sq)[i >> 1] = static_cast<uint8_t>(codev | ((pair ? nv : 0u) << 4));
-        }
-      } else if (valid) {
-        reinterpret_cast<uint8_t*>(a.exp_avg)[i] = static_cast<uint8_t>(codem);
-        reinterpret_cast<uint8_t*>(a.exp_avg_sq)[i] = static_cast<uint8_t>(codev);
-      }
-    }
-    if (valid) {
-      if (a.master == kMasterFp32) {
-        reinterpret_cast<float*>(a.param)[i] = pi;
-        if (a.lowp_dtype == kBFloat16) reinterpret_cast<uint16_t*>(a.param_lowp)[i] = f32_to_bf16(pi);
-        if (a.lowp_dtype == kFloat16) reinterpret_cast<uint16_t*>(a.param_lowp)[i] = f32_to_f16(pi);
-      } else if (a.master == kMasterKahan) {
-        uint16_t* p = reinterpret_cast<uint16_t*>(a.param);
-        uint16_t* comp = reinterpret_cast<uint16_t*>(a.compensation);
-        if (a.param_dtype == kBFloat16) {
-          const uint16_t hi = f32_to_bf16(pi);
-          p[i] = hi;
-          comp[i] = f32_to_bf16(pi - bf16_to_f32(hi));
-        } else {
-          const uint16_t hi = f32_to_f16(pi);
-          p[i] = hi;
-          comp[i] = f32_to_f16(pi - f16_to_f32(hi));
-        }
-      } else {
-        reinterpret_cast<uint16_t*>(a.param)[i] = f32_to_bf16_sr(pi, sr_bits(key_p, idx));
-      }
-    }
+  uint32_t key_p = 0, key_m = 0, key_v = 0;
+  if constexpr (MF == kMomBf16 || P::kSr) {
+    const bool sr = a.n_cols >= kNumColsLean;
+    const uint32_t pid = sr ? static_cast<uint32_t>(row[kParamId]) : 0u, step = sr ? static_cast<uint32_t>(row[kStep]) : 0u;
+    key_p = segment_key(a.seed, pid, step, kLaneParam);
+    key_m = segment_key(a.seed, pid, step, kLaneExpAvg);
+    key_v = segment_key(a.seed, pid, step, kLaneExpAvgSq);
   }
+  const float scale = kScale ? *reinterpret_cast<const float*>(a.grad_scale) : 1.0f;
+  // The chunk's streams from its first element on: in the loop, offsets within the chunk (< 2^31) are
+  // 32-bit; the chunk's own position stays 64-bit. SR indices are relative to the segment (< 2^32).
+  const GT* g0 = reinterpret_cast<const GT*>(a.grad) + begin;
+  PT* p0 = reinterpret_cast<PT*>(a.param) + begin;
+  PT* comp0 = reinterpret_cast<PT*>(a.compensation) + begin;
+  uint16_t* low0 = reinterpret_cast<uint16_t*>(a.param_lowp) + begin;
+  MT* m0 = reinterpret_cast<MT*>(a.exp_avg) + begin;
+  MT* v0 = reinterpret_cast<MT*>(a.exp_avg_sq) + begin;
+  uint8_t* cm0 = reinterpret_cast<uint8_t*>(a.exp_avg) + (begin * F::kCodeBits) / 8;
+  uint8_t* cv0 = reinterpret_cast<uint8_t*>(a.exp_avg_sq) + (begin * F::kCodeBits) / 8;
+  float* ms0 = reinterpret_cast<float*>(a.exp_avg_scale) + begin / F::kGroup;
+  float* vs0 = reinterpret_cast<float*>(a.exp_avg_sq_scale) + begin / F::kGroup;
+  const uint32_t idx0 = static_cast<uint32_t>(begin - reinterpret_cast<const int64_t*>(a.bounds)[2 * seg]);
+  const int len = static_cast<int>(end - begin);  // <= the chunk size
+  float sumsq = 0.0f;
+
+  auto step = [&](auto full, int base) {
+    constexpr bool kFull = decltype(full)::value;
+    const int o = base + static_cast<int>(threadIdx.x) * kLeanVec;  // the thread's first element (>= 0)
+    [[maybe_unused]] const uint32_t blk = static_cast<uint32_t>(o) / F::kGroup;  // its quantization block
+    const int n = kFull ? kLeanVec : (len - o < 0 ? 0 : (len - o > kLeanVec ? kLeanVec : len - o));
+    float g[kLeanVec], p[kLeanVec], m[kLeanVec], v[kLeanVec];
+    load8<kFull, GD>(g0 + o, n, g);
+    load8<kFull, P::kParam>(p0 + o, n, p);
+    if constexpr (P::kKahan) {
+      float comp[kLeanVec];
+      load8<kFull, P::kParam>(comp0 + o, n, comp);
+#pragma unroll
+      for (int k = 0; k < kLeanVec; ++k) p[k] = p[k] + comp[k];
+    }
+    constexpr int kBitsPer = F::kCodeBits;
+    [[maybe_unused]] const int nbytes = (n * kBitsPer + 7) / 8;  // code bytes of the valid elements
+    if constexpr (!F::kQuant) {
+      load8<kFull, MD>(m0 + o, n, m);
+      load8<kFull, MD>(v0 + o, n, v);
+    } else {
+      uint32_t wm[kLeanVec * kBitsPer / 32], wv[kLeanVec * kBitsPer / 32];  // the thread's code words
+      load_codes<kFull>(cm0 + o * kBitsPer / 8, nbytes, wm);
+      load_codes<kFull>(cv0 + o * kBitsPer / 8, nbytes, wv);
+      const float sm = n > 0 ? ms0[blk] : 0.0f;  // invalid elements: scale 0 -> 0
+      const float sv = n > 0 ? vs0[blk] : 0.0f;
+#pragma unroll
+      for (int k = 0; k < kLeanVec; ++k) {
+        m[k] = qt[code_at<kBitsPer>(wm, k)] * sm;
+        v[k] = qt[2 * kQTableRow + code_at<kBitsPer>(wv, k)] * sv;
+        if (!kFull && k >= n) m[k] = v[k] = 0.0f;
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < kLeanVec; ++k) {
+      if constexpr (kScale) g[k] = g[k] / scale;
+      sumsq = fmaf(g[k], g[k], sumsq);  // invalid elements add 0
+      adamw_element<true>(p[k], m[k], v[k], g[k], s, h, small);
+    }
+    [[maybe_unused]] const uint32_t idx = idx0 + static_cast<uint32_t>(o);  // SR index of element k: idx + k
+    if constexpr (MF == kMomFp32) {
+      store8<kFull>(m0 + o, n, m);
+      store8<kFull>(v0 + o, n, v);
+    } else if constexpr (MF == kMomBf16) {
+      uint16_t om[kLeanVec], ov[kLeanVec];
+#pragma unroll
+      for (int k = 0; k < kLeanVec; ++k) {
+        om[k] = f32_to_bf16_sr(m[k], sr_bits(key_m, idx + k));
+        ov[k] = f32_to_bf16_sr(v[k], sr_bits(key_v, idx + k));
+      }
+      store8<kFull>(m0 + o, n, om);
+      store8<kFull>(v0 + o, n, ov);
+    } else {
+      constexpr int kLanes = F::kGroup / kLeanVec;  // threads per quantization block: 32 or 16
+      float am = 0.0f, av = 0.0f;  // invalid elements hold 0
+#pragma unroll
+      for (int k = 0; k < kLeanVec; ++k) {
+        am = fmaxf(am, fabsf(m[k]));
+        av = fmaxf(av, fabsf(v[k]));
+      }
+      am = group_max<kLanes>(am);
+      av = group_max<kLanes>(av);
+      if ((threadIdx.x % kLanes) == 0 && n > 0) {  // the block's first thread; the block starts at o
+        ms0[blk] = am;
+        vs0[blk] = av;
+      }
+      uint32_t wm[kLeanVec * kBitsPer / 32] = {}, wv[kLeanVec * kBitsPer / 32] = {};
+      constexpr int kPerWord = 32 / kBitsPer;
+#pragma unroll
+      for (int k = 0; k < kLeanVec; ++k) {
+        uint32_t cm = code_of<F::kMapM>(normalize(m[k], am), tab_m, qt + kQTableRow);
+        uint32_t cv = code_of<F::kMapV>(normalize(v[k], av), tab_v, qt + 3 * kQTableRow);
+        if (!kFull && k >= n) cm = cv = 0;  // an odd tail's high nibble is written as 0
+        wm[k / kPerWord] += cm << (kBitsPer * (k % kPerWord));  // disjoint bits: + is |, as one IMAD
+        wv[k / kPerWord] += cv << (kBitsPer * (k % kPerWord));
+      }
+      store_codes<kFull>(cm0 + o * kBitsPer / 8, nbytes, wm);
+      store_codes<kFull>(cv0 + o * kBitsPer / 8, nbytes, wv);
+    }
+    if constexpr (P::kMaster) {
+      store8<kFull>(p0 + o, n, p);
+      if constexpr (P::kLowp != kNone) {
+        uint16_t lo[kLeanVec];
+#pragma unroll
+        for (int k = 0; k < kLeanVec; ++k) lo[k] = Storage<P::kLowp>::store(p[k]);
+        store8<kFull>(low0 + o, n, lo);
+      }
+    } else if constexpr (P::kKahan) {
+      uint16_t hi[kLeanVec], lo[kLeanVec];
+#pragma unroll
+      for (int k = 0; k < kLeanVec; ++k) {
+        hi[k] = Storage<P::kParam>::store(p[k]);
+        lo[k] = Storage<P::kParam>::store(p[k] - Storage<P::kParam>::load(hi[k]));
+      }
+      store8<kFull>(p0 + o, n, hi);
+      store8<kFull>(comp0 + o, n, lo);
+    } else {
+      uint16_t out[kLeanVec];
+#pragma unroll
+      for (int k = 0; k < kLeanVec; ++k) out[k] = f32_to_bf16_sr(p[k], sr_bits(key_p, idx + k));
+      store8<kFull>(p0 + o, n, out);
+    }
+  };
+
+  const uintptr_t addr_bits = a.param | a.grad | a.exp_avg | a.exp_avg_sq | a.param_lowp | a.compensation;
+  int base = 0;
+  if (addr_bits % 16 == 0 && begin % kLeanVec == 0) {
+    for (; base + kLeanStep <= len; base += kLeanStep) step(std::true_type{}, base);
+  }
+  for (; base < len; base += kLeanStep) step(std::false_type{}, base);
   if (a.grad_sumsq != 0) {
     const float w = warp_sum(sumsq);
-    if (lane == 0) atomicAdd(reinterpret_cast<float*>(a.grad_sumsq) + seg, w);
+    if ((threadIdx.x & 31) == 0) atomicAdd(reinterpret_cast<float*>(a.grad_sumsq) + seg, w);
   }
+}
+
+template <int MF, int GD, int PM>
+void launch_lean(const PackedArgs& a, cudaStream_t stream) {
+  const unsigned blocks = static_cast<unsigned>(a.n_chunks);
+  if (a.grad_scale != 0) {
+    adamw_lean_kernel<MF, GD, PM, true><<<blocks, kThreads, 0, stream>>>(a);
+  } else {
+    adamw_lean_kernel<MF, GD, PM, false><<<blocks, kThreads, 0, stream>>>(a);
+  }
+}
+
+// The ParamMode of a call: master mode, param storage and param_lowp dtype; -1 for a combination the
+// Python checks (contract.check_lean) never let through.
+int param_mode(const PackedArgs& a) {
+  if (a.master == kMasterFp32) {
+    return a.lowp_dtype == kNone ? kPmFp32 : a.lowp_dtype == kBFloat16 ? kPmFp32Bf16 : a.lowp_dtype == kFloat16 ? kPmFp32F16 : -1;
+  }
+  if (a.lowp_dtype != kNone) return -1;
+  if (a.master == kMasterKahan) return a.param_dtype == kBFloat16 ? kPmKahanBf16 : a.param_dtype == kFloat16 ? kPmKahanF16 : -1;
+  if (a.master == kMasterStochastic) return a.param_dtype == kBFloat16 ? kPmSrBf16 : -1;
+  return -1;
+}
+
+template <int MF, int GD>
+bool launch_lean_param(const PackedArgs& a, cudaStream_t stream) {
+  switch (param_mode(a)) {
+    case kPmFp32: launch_lean<MF, GD, kPmFp32>(a, stream); return true;
+    case kPmFp32Bf16: launch_lean<MF, GD, kPmFp32Bf16>(a, stream); return true;
+    case kPmFp32F16: launch_lean<MF, GD, kPmFp32F16>(a, stream); return true;
+    case kPmKahanBf16: launch_lean<MF, GD, kPmKahanBf16>(a, stream); return true;
+    case kPmKahanF16: launch_lean<MF, GD, kPmKahanF16>(a, stream); return true;
+    case kPmSrBf16: launch_lean<MF, GD, kPmSrBf16>(a, stream); return true;
+  }
+  return false;
 }
 
 template <int MF>
 bool launch_lean_grad(const PackedArgs& a, cudaStream_t stream) {
-  const unsigned blocks = static_cast<unsigned>(a.n_chunks);
   switch (a.grad_dtype) {
-    case kFloat32: adamw_lean_kernel<MF, kFloat32><<<blocks, kThreads, 0, stream>>>(a); return true;
-    case kBFloat16: adamw_lean_kernel<MF, kBFloat16><<<blocks, kThreads, 0, stream>>>(a); return true;
-    case kFloat16: adamw_lean_kernel<MF, kFloat16><<<blocks, kThreads, 0, stream>>>(a); return true;
+    case kFloat32: return launch_lean_param<MF, kFloat32>(a, stream);
+    case kBFloat16: return launch_lean_param<MF, kBFloat16>(a, stream);
+    case kFloat16: return launch_lean_param<MF, kFloat16>(a, stream);
   }
   return false;
 }
@@ -384,7 +543,8 @@ std::string adamw_cuda(const PackedArgs& a, int device, uintptr_t stream) {
   if (!(a.lean() ? dispatch_lean(a, reinterpret_cast<cudaStream_t>(stream))
                   : dispatch(a, reinterpret_cast<cudaStream_t>(stream)))) {
     result = "unsupported codes: grad dtype " + std::to_string(a.grad_dtype) + ", param_lowp dtype " +
-             std::to_string(a.lowp_dtype) + ", moments " + std::to_string(a.moments);
+             std::to_string(a.lowp_dtype) + ", moments " + std::to_string(a.moments) + ", master " +
+             std::to_string(a.master) + ", param dtype " + std::to_string(a.param_dtype);
   } else if ((err = cudaGetLastError()) != cudaSuccess) {
     result = cuda_error("launching the AdamW kernel", err);
   }

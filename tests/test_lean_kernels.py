@@ -8,6 +8,7 @@ The CUDA kernel is compiled (nvcc, tests/test_build.py and the build) but runs o
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -148,6 +149,27 @@ def test_native_bitwise_equal_to_reference(backend, moments, master, pdtype, mon
         assert ref["exp_avg_sq_scale"][0] > 0
 
 
+@pytest.mark.parametrize("moments,master,aligned", [(m, w, True) for m, w in MODES] + [
+    (m, w, False) for m, w in TRITON_MODES], ids=[f"{m}-{w}" for m, w in MODES] + [
+    f"{m}-{w}-unaligned" for m, w in TRITON_MODES])
+def test_triton_gpu_tile_bitwise_equal_to_reference(moments, master, aligned, monkeypatch):
+    """The Triton lean kernel with the GPU launch's TILE and num_warps (triton_lean._GPU_CONFIG) and chunks
+    of two tiles: the 4097-element segment runs full unmasked tiles (16-bit words of 4-bit codes, the
+    per-warp absmax) over three chunks, the others masked tails; "unaligned" (what a call with unaligned
+    pointers gets) masks every tile. Bit for bit as the reference (the test above, whose interpreter tiles
+    are larger than every segment)."""
+    reason = backend_unavailable_reason("triton", "cpu")
+    if reason is not None:
+        pytest.skip(reason)
+    from lisa_fused.kernels import triton_lean
+
+    _, tile, warps = triton_lean._GPU_CONFIG
+    monkeypatch.setattr(triton_lean, "_INTERPRETER_CONFIG", (2 * tile, tile, warps))
+    if not aligned:
+        monkeypatch.setattr(triton_lean, "offsets_aligned", lambda segments: False)
+    test_native_bitwise_equal_to_reference("triton", moments, master, torch.bfloat16, monkeypatch)
+
+
 @pytest.mark.parametrize("backend", NATIVE + [backend_param("triton")])
 def test_fp32_through_the_lean_loop_equals_the_fast_loop(backend):
     """grad_sumsq with fp32 state runs the block-wise lean loop (Triton: the lean kernel): params and
@@ -222,6 +244,135 @@ def test_code_maps_are_torchaos(fmt):
     else:
         assert torch.equal(quant.code_map(fmt, "exp_avg"), torch.tensor(qu.create_dynamic_map(True, 3, 4)))
         assert torch.equal(quant.code_map(fmt, "exp_avg_sq"), torch.linspace(0, 1, 17)[1:])
+
+
+# ------------------------------------------------------------------------------ the kernels' code search
+MAPS = [(f, w) for f in ("8bit", "4bit") for w in ("exp_avg", "exp_avg_sq")]
+
+
+def _bucket_ranges(fmt, which):
+    """(lowest, highest) fp32 value of every entry of the kernels' bucket table of the map, "beyond"
+    excluded, in table order (csrc/adamw_math.h CodeBuckets; kernels/triton_lean.py BUCKETS)."""
+    from lisa_fused.kernels.triton_lean import BUCKETS
+
+    shift, first, count, signed = BUCKETS[(fmt, which)]
+    j = torch.arange(count, dtype=torch.int64)
+    lo = torch.where(j == 0, 0, (first + j) << shift).to(torch.int32).view(torch.float32)
+    hi = ((((first + j + 1) << shift) - 1).to(torch.int32)).view(torch.float32)
+    return [(lo, hi)] + ([(-hi, -lo)] if signed else [])
+
+
+def code_probes(fmt, which):
+    """fp32 values the code search must get right: every midpoint and 3 ulps either side, both ends of every
+    bucket and 1 ulp beyond, +-0, +-1, NaN, and 2^18 random patterns of [-1, 1] (x / absmax is in [-1, 1]
+    or NaN, never anything else)."""
+    from lisa_fused.kernels.triton_lean import BUCKETS
+
+    mid = quant.midpoints(quant.code_map(fmt, which))
+    vals = [mid, torch.tensor([0.0, -0.0, 1.0, -1.0, float("nan")])]
+    if (fmt, which) in BUCKETS:
+        vals += [t for pair in _bucket_ranges(fmt, which) for t in pair]
+    for _ in range(3):
+        vals += [torch.nextafter(v, torch.full_like(v, 2.0)) for v in vals[:1]] + [
+            torch.nextafter(v, torch.full_like(v, -2.0)) for v in vals[:1]]
+        vals[0] = torch.cat([vals[0], vals[-1], vals[-2]])
+    gen = torch.Generator().manual_seed(13)
+    bits = torch.randint(0, 0x3F800001, (1 << 18,), generator=gen, dtype=torch.int64).to(torch.int32)
+    sweep = bits.view(torch.float32) * torch.where(torch.rand(1 << 18, generator=gen) < 0.5, -1.0, 1.0)
+    x = torch.cat([v.flatten() for v in vals] + [sweep]).contiguous()
+    x = x[x.isnan() | (x.abs() <= 1)]
+    want = torch.searchsorted(mid, x, right=False).to(torch.uint8)
+    want[x.isnan()] = 0  # nearest_code: no midpoint is below NaN
+    return x, want
+
+
+def test_4bit_v_map_has_the_closed_form():
+    """csrc code_linear16 and the Triton kernel's dequantization assume the 4-bit v map is k / 16, k = 1..16:
+    values (code + 1) / 16 and midpoints (2j + 3) / 32 exactly."""
+    q = quant.code_map("4bit", "exp_avg_sq")
+    assert torch.equal(q, (torch.arange(16) + 1).float() / 16)
+    assert torch.equal(quant.kernel_table("4bit", "cpu")[2, :16], q)
+    assert torch.equal(quant.midpoints(q), (2 * torch.arange(15) + 3).float() / 32)
+
+
+@pytest.mark.parametrize("fmt,which", [m for m in MAPS if m != ("4bit", "exp_avg_sq")])
+def test_code_buckets_hold_one_midpoint_and_their_base(fmt, which):
+    """The bucket tables' invariant that makes code = base + (midpoint[base] < x) exact: no bucket holds two
+    midpoints and each base is the code of the bucket's lowest value; the C++ constants are the same."""
+    from lisa_fused.kernels import triton_lean
+
+    shift, first, count, signed = triton_lean.BUCKETS[(fmt, which)]
+    mid = quant.midpoints(quant.code_map(fmt, which))
+    table = triton_lean._bucket_table(fmt, which)
+    base, thr = table >> 32, (table & 0xFFFFFFFF).to(torch.int32).view(torch.float32)
+    padded = torch.cat([mid, torch.tensor([float("inf")])])
+    for side, (lo, hi) in enumerate(_bucket_ranges(fmt, which)):
+        inside = torch.searchsorted(mid, hi, right=True) - torch.searchsorted(mid, lo, right=False)
+        assert int(inside.max()) <= 1, f"{fmt} {which}: a bucket holds {int(inside.max())} midpoints"
+        entries = slice(side * (count + 1), side * (count + 1) + count)
+        assert torch.equal(base[entries], torch.searchsorted(mid, lo, right=False))
+        assert torch.equal(thr[entries], padded[base[entries]])
+        assert base[side * (count + 1) + count] == 0  # "beyond": NaN gets code 0
+    header = (Path(__file__).resolve().parents[1] / "csrc" / "adamw_math.h").read_text()
+    name = {"exp_avg": "M", "exp_avg_sq": "V"}[which]
+    want = f"kBuckets{fmt}{name}{{{shift}, {first}, {count}, {'true' if signed else 'false'}}}"
+    assert want in header, f"csrc/adamw_math.h and kernels/triton_lean.py BUCKETS disagree: no {want}"
+
+
+@pytest.mark.parametrize("vectorized", [False, True], ids=["scalar", "avx2"])
+@pytest.mark.parametrize("fmt,which", MAPS)
+def test_cpu_code_search_equals_searchsorted(fmt, which, vectorized):
+    """The C++ code search (adamw_math.h code_of, the function the CUDA kernel runs too; the AVX2 copy's
+    gathers) on the probes: the count of midpoints below x, NaN -> 0."""
+    if backend_unavailable_reason("cpu", "cpu"):
+        pytest.skip(backend_unavailable_reason("cpu", "cpu"))
+    x, want = code_probes(fmt, which)
+    out = torch.empty(x.numel(), dtype=torch.uint8)
+    qt = quant.kernel_table(fmt, "cpu")
+    native._C.nearest_codes_cpu(x.data_ptr(), x.numel(), qt.data_ptr(), quant.FORMAT_CODE[fmt],
+                                ("exp_avg", "exp_avg_sq").index(which), vectorized, out.data_ptr())
+    bad = (out != want).nonzero().flatten()
+    assert bad.numel() == 0, f"{bad.numel()} codes differ, e.g. x={x[bad[:4]].tolist()}: {out[bad[:4]].tolist()} " \
+                             f"vs {want[bad[:4]].tolist()}"
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered in cast:RuntimeWarning")  # NaN -> int32 in numpy
+@pytest.mark.parametrize("fmt,which", MAPS)
+def test_triton_code_search_equals_searchsorted(fmt, which):
+    """triton_lean._codes (the bucket table gather, or the closed form) on the probes, in the interpreter
+    (where the closed form's NaN -> int32 conversion warns, then clamps to 0 as on the GPU)."""
+    reason = backend_unavailable_reason("triton", "cpu")
+    if reason is not None:
+        pytest.skip(reason)
+    from lisa_fused.kernels import triton_lean
+
+    x, want = code_probes(fmt, which)
+    tables = triton_lean.code_tables(fmt, "cpu")
+    shift, first, count, signed = triton_lean.BUCKETS.get((fmt, which), (0, 0, 0, False))
+    start = 2 * (triton_lean.BUCKETS[(fmt, "exp_avg")][2] + 1) if which == "exp_avg_sq" and fmt == "8bit" else 0
+    out = torch.empty(x.numel(), dtype=torch.int32)
+    block = 1 << 16
+    _codes_probe[(-(-x.numel() // block),)](x, out, tables[start:], x.numel(), shift, first, count, signed,
+                                            (fmt, which) == ("4bit", "exp_avg_sq"), BLOCK=block)
+    bad = (out.to(torch.uint8) != want).nonzero().flatten()
+    assert bad.numel() == 0, f"{bad.numel()} codes differ, e.g. x={x[bad[:4]].tolist()}"
+
+
+try:
+    import triton
+    import triton.language as tl
+
+    from lisa_fused.kernels.triton_lean import _codes
+
+    @triton.jit
+    def _codes_probe(x_ptr, out_ptr, table_ptr, n, SHIFT: tl.constexpr, FIRST: tl.constexpr, COUNT: tl.constexpr,
+                     SIGNED: tl.constexpr, LINEAR16: tl.constexpr, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + offs, mask=offs < n, other=0.0)
+        c = _codes(x, tl.full(x.shape, 1.0, tl.float32), table_ptr, SHIFT, FIRST, COUNT, SIGNED, LINEAR16)
+        tl.store(out_ptr + offs, c, mask=offs < n)
+except ImportError:  # triton is optional; the tests above skip
+    _codes_probe = None
 
 
 # ------------------------------------------------------------------------------ stochastic rounding

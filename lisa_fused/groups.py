@@ -203,7 +203,8 @@ def check_unchanged(param_groups, keys: list[tuple]) -> None:
                            "editing the list")
     for k, (g, was) in enumerate(zip(param_groups, keys)):
         # the hyperparameters, as at construction (an edit or a scheduler may have set them to anything)
-        validate_group_options({key: g[key] for key in ("lr", "betas", "eps", "weight_decay") if key in g},
+        validate_group_options({key: g[key] for key in ("lr", "betas", "eps", "weight_decay")
+                                if key in g and not isinstance(g[key], torch.Tensor)},  # (no device sync)
                                f"opt.param_groups[{k}] (edited in place)")
         now = tuple(g.get(key) for key in LAYOUT_KEYS)
         if now != was:

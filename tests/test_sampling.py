@@ -1,4 +1,4 @@
-"""Samplers in isolation (lisa_fused/sampling.py): the existing rules draw as before, the adaptive ones
+"""Samplers in isolation (lisa_fused/sampling/): the existing rules draw as before, the adaptive ones
 learn what they claim (checked statistically or against hand-computed values), options are validated,
 state round-trips, and under torch.distributed every rank ends up with rank 0's state."""
 from __future__ import annotations

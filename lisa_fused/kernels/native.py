@@ -234,3 +234,36 @@ def adamw_packed_cuda_(
     its lean-state keywords, validated by contract.check_lean)."""
     _run("cuda", CUDA_CHUNK, param, grad, exp_avg, exp_avg_sq, segments, hparams, beta1, beta2, eps, param_lowp, grad_scale,
          **lean)
+
+
+def _gathered(packed_impl, params, grads, exp_avg, exp_avg_sq, segments, hparams, *, lowps=None, **kw):
+    """TRANSITIONAL (replaced by the pointer-table kernels on branch kernels-native): run the packed kernel
+    on packed copies of the segments' params / grads / lowps, then write the params back."""
+    from .contract import state_numel
+
+    n = state_numel(exp_avg, kw.get("moments", "fp32"))
+    dev = exp_avg.device
+    p0 = next(p for p in params)
+    g0 = next((g for g in grads if g is not None), None)
+    param = torch.zeros(n, dtype=p0.dtype, device=dev)
+    grad = torch.zeros(n, dtype=p0.dtype if g0 is None else g0.dtype, device=dev)
+    lowp = None if lowps is None else torch.zeros(n, dtype=lowps[0].dtype, device=dev)
+    for s, (off, cnt) in enumerate(segments.bounds):
+        param[off:off + cnt] = params[s].reshape(-1)
+        if grads[s] is not None:
+            grad[off:off + cnt] = grads[s].reshape(-1)
+    packed_impl(param, grad, exp_avg, exp_avg_sq, segments, hparams, param_lowp=lowp, **kw)
+    for s, (off, cnt) in enumerate(segments.bounds):
+        params[s].view(-1).copy_(param[off:off + cnt])
+        if lowps is not None:
+            lowps[s].view(-1).copy_(lowp[off:off + cnt])
+
+
+def adamw_segments_cpu_(params, grads, exp_avg, exp_avg_sq, segments, hparams, **kw) -> None:
+    """TRANSITIONAL: see _gathered."""
+    _gathered(adamw_packed_cpu_, params, grads, exp_avg, exp_avg_sq, segments, hparams, **kw)
+
+
+def adamw_segments_cuda_(params, grads, exp_avg, exp_avg_sq, segments, hparams, **kw) -> None:
+    """TRANSITIONAL: see _gathered."""
+    _gathered(adamw_packed_cuda_, params, grads, exp_avg, exp_avg_sq, segments, hparams, **kw)

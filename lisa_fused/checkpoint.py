@@ -249,14 +249,14 @@ def _validate(opt, state_dict, quiet: bool = False):
     if len(set(target)) != opt.n_active_layers or any(not 0 <= b < n_blocks for b in target):
         raise ValueError(f"state_dict active_layers {list(target)} are not {opt.n_active_layers} distinct "
                          f"blocks in 0..{n_blocks - 1}")
-    return lisa, saved_state, target, masters_to_params
+    return lisa, saved_state, target, masters_to_params, lowp_here, saved_dtype, here_dtype
 
 
 @torch.no_grad()
 def load_state_dict(opt, state_dict, quiet: bool = False) -> None:
     """Load `state_dict` (this module's layout) into `opt`; `quiet`: no warnings for cross-dtype rules (a
     rebuild after the model moved says so itself)."""
-    lisa, saved_state, target, masters_to_params = _validate(opt, state_dict, quiet)
+    lisa, saved_state, target, masters_to_params, lowp_here, saved_dtype, here_dtype = _validate(opt, state_dict, quiet)
     # Everything is checked: from here on the load cannot fail half-way.
     for g, saved in zip(opt.param_groups, state_dict["param_groups"]):  # (the state formats stay this optimizer's)
         g.update({k: v for k, v in saved.items() if k != "params" and k not in LAYOUT_KEYS})
@@ -304,7 +304,10 @@ def load_state_dict(opt, state_dict, quiet: bool = False) -> None:
                 fill(packed.bufs[k].rows(off, n, buffers=per_part[k]), i,
                      local(opt._params[i]).detach().reshape(-1).float().cpu())
         opt._store.put(b, block_state)
-    if masters_to_params:  # an fp32 model continues from the saved fp32 masters
+    # an fp32 model continues from the saved fp32 masters; a bf16 <-> fp16 one from them rounded to its dtype
+    # (its params were rounded to the other dtype: they would otherwise be read as written, over the masters)
+    other_lowp = lowp_here and saved_dtype not in (here_dtype, "float32") and "/" not in saved_dtype
+    if masters_to_params or other_lowp:
         for i, e in saved_state.items():
             if "master_param" in e:
                 local(opt._params[i]).detach().copy_(e["master_param"].reshape(opt._shapes[i]))

@@ -96,10 +96,12 @@ class Slots:
         """Unbind `leaving` [(block, slot)], bind `arriving` blocks into `slots`; with `page`, page the
         optimizer state out and in on the copy stream (without: the caller writes the state, as a
         checkpoint load does). Returns the arriving blocks whose state started fresh."""
-        # 1) params: leaving blocks are frozen and forget their slot, arriving ones get theirs.
+        # 1) params: leaving blocks are frozen, drop their grads (a frozen param has none: this step used them,
+        # and the memory goes back) and forget their slot; arriving ones get theirs.
         for b, _ in leaving:
             for i in self.block_params[b]:
                 (self.user_frozen.discard if self.params[i].requires_grad else self.user_frozen.add)(i)
+                self.params[i].grad = None
                 binding.unbind(i)
             del self.slot_of[b]
             self.set_trainable(b, False)

@@ -88,6 +88,7 @@ class FusedLISA(torch.optim.Optimizer):
         self._generator = torch.Generator().manual_seed(seed)
         self._sync_generator_from_rank0()
         named, members = self._plan(layout, param_groups)
+        sampling.announce(layout, n_active_layers, self._sampler)  # blocks without a trainable parameter
         super().__init__(groups.group_dicts(defaults, param_groups, members, [p for _, p in named]), defaults)
         self._build(layout, named, members)
         # torch.distributed.checkpoint's _init_optim_state runs step() with zero grads when opt.state is
@@ -299,10 +300,8 @@ class FusedLISA(torch.optim.Optimizer):
             rebuild.follow_move(self)
 
     def _draw(self) -> tuple[int, ...]:
-        n = len(self._block_params)
-        if self.n_active_layers == n:
-            return tuple(range(n))
-        return self._sampler.draw(n, self.n_active_layers, self._generator)  # every rank: it may broadcast
+        # only blocks with a trainable parameter; all of them when no more than n_active (sampling/trainable.py)
+        return sampling.draw_active(self._sampler, self.n_active_layers, self._generator)  # every rank: it may broadcast
 
     def _switch(self):
         meter = self._meter

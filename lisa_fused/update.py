@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from . import kernels
+from . import hparams, kernels
 from .kernels.contract import N_COLS, Segments
 
 
@@ -33,15 +33,15 @@ def hparam_table(groups, steps, enabled, ids=None) -> torch.Tensor:
     AdamW computes them. With `ids` (param index per segment): [S, 6], adding COL_PARAM_ID and COL_STEP
     (lean state). Columns: kernels/contract.py."""
     rows, memo = [], {}
+    hp = hparams.read_all(g for g, on in zip(groups, enabled) if on)  # Python floats (np.float32, tensors: hparams.py)
     for g, s, on in zip(groups, steps, enabled):
         if not on:
             rows.append((0.0, 1.0, 1.0, 0.0))
             continue
         key = (id(g), s)
         if key not in memo:
-            lr = g["lr"].item() if isinstance(g["lr"], torch.Tensor) else g["lr"]
-            beta1, beta2 = g["betas"]
-            memo[key] = (lr / (1 - beta1 ** s), 1 - lr * g["weight_decay"], math.sqrt(1 - beta2 ** s), 1.0)
+            lr, beta1, beta2, _, weight_decay = hp[id(g)]
+            memo[key] = (lr / (1 - beta1 ** s), 1 - lr * weight_decay, math.sqrt(1 - beta2 ** s), 1.0)
         rows.append(memo[key])
     table = torch.tensor(rows, dtype=torch.float64).reshape(-1, N_COLS)
     if ids is None:
@@ -53,7 +53,8 @@ def hparam_table(groups, steps, enabled, ids=None) -> torch.Tensor:
 def _launches(segments: Segments, groups):
     """[(beta1, beta2, eps, segments, positions)]: one entry when every segment's group shares betas and eps
     (positions None), else one per distinct triple with a cached sub-Segments."""
-    keys = [(float(g["betas"][0]), float(g["betas"][1]), float(g["eps"])) for g in groups]
+    hp = hparams.read_all(groups)
+    keys = [(hp[id(g)].beta1, hp[id(g)].beta2, hp[id(g)].eps) for g in groups]
     distinct = list(dict.fromkeys(keys))
     if len(distinct) == 1:
         return [(*distinct[0], segments, None)]

@@ -41,7 +41,10 @@ class FusedLISA(torch.optim.Optimizer):
     steps iff its `.grad` is not None at step(), as in torch; a step where no param has a gradient changes
     nothing and does not count towards `switch_every`. A moved or converted model is followed at the next
     step()/zero_grad() (rebuild.py); `release()` hands the model back; copies and pickles are refused (save
-    `state_dict()`). Samplers: lisa_fused/sampling; state formats and the small-tensor rule
+    `state_dict()`). lr, betas, eps, weight_decay: torch.optim.AdamW's defaults and every value it accepts
+    (hparams.py); on backend="torch" a run is bitwise torch's AdamW, on the native kernels within the
+    tolerance README.md states. Blocks with no trainable parameter are never drawn (sampling/trainable.py).
+    Samplers: lisa_fused/sampling; state formats and the small-tensor rule
     (`min_quantized_size`): kernels/contract.py, groups.py; `param_groups`: groups.py. Every keyword with
     its default and choices: docs/usage.md.
     """
@@ -52,10 +55,10 @@ class FusedLISA(torch.optim.Optimizer):
     def __init__(
         self,
         model: nn.Module,
-        lr: float = 1e-5,
+        lr: float = 1e-3,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
-        weight_decay: float = 0.0,
+        weight_decay: float = 1e-2,
         n_active_layers: int = 2,
         switch_every: int = 20,
         seed: int = 0,

@@ -176,18 +176,20 @@ def layout_keys(param_groups) -> list[tuple]:
     return [tuple(g.get(k) for k in LAYOUT_KEYS) for g in param_groups]
 
 
-def check_unchanged(param_groups, keys: list[tuple]) -> None:
-    """param_groups edited in place: hyperparameters are read every step (ValueError naming the group for an
-    invalid one, as at construction), but the state-format keys decide the packed layout and the group list
-    the param set (RuntimeError naming the group, the key and the fix)."""
+def check_unchanged(param_groups, keys: list[tuple]) -> dict:
+    """param_groups edited in place: hyperparameters are read every step (ValueError / TypeError naming the
+    group for an invalid one, as at construction), but the state-format keys decide the packed layout and the
+    group list the param set (RuntimeError naming the group, the key and the fix). Returns the step's
+    hyperparameters, {id(group): hparams.HParams}, read once here (one host read per tensor value), for
+    update.adamw_step."""
     if len(param_groups) != len(keys):
         raise RuntimeError(f"FusedLISA has {len(keys)} param groups, param_groups now holds {len(param_groups)}: "
                            "add groups with opt.add_param_group(...) (or FusedLISA(param_groups=...)), not by "
                            "editing the list")
+    read = {}
     for k, (g, was) in enumerate(zip(param_groups, keys)):
-        # the hyperparameters, as at construction (an edit or a scheduler may have set them to anything); a
-        # tensor value on a device is read to the host here (update.py's table reads it again)
-        hparams.check({key: g[key] for key in hparams.KEYS if key in g}, f"opt.param_groups[{k}] (edited in place)")
+        # the hyperparameters, checked as at construction (an edit or a scheduler may have set them to anything)
+        read[id(g)] = hparams.read(g, f"opt.param_groups[{k}] (edited in place)")
         now = tuple(g.get(key) for key in LAYOUT_KEYS)
         if now != was:
             key, a, b = next((n, x, y) for n, x, y in zip(LAYOUT_KEYS, was, now) if x != y)
@@ -195,6 +197,7 @@ def check_unchanged(param_groups, keys: list[tuple]) -> None:
                 f"param_groups[{k}][{key!r}] was changed from {a!r} to {b!r}: the state format is fixed at "
                 f"construction (it decides the packed layout); set it back, or take state_dict(), release() and "
                 f"build a new FusedLISA with {key}={b!r} (load_state_dict converts the moments)")
+    return read
 
 
 def index_params(layout, members: list[list[int]]):

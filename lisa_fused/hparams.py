@@ -90,16 +90,16 @@ def check(options: dict, where: str) -> None:
         _betas(options["betas"], where)
 
 
-def read(group: dict) -> HParams:
+def read(group: dict, where: str = "param group") -> HParams:
     """A group's lr, betas, eps, weight_decay as Python floats (raising as `check` for a bad value)."""
-    where = "param group"
     beta1, beta2 = _betas(group["betas"], where)
     return HParams(_nonnegative(group["lr"], "lr", where), beta1, beta2, _nonnegative(group["eps"], "eps", where),
                    _nonnegative(group["weight_decay"], "weight_decay", where))
 
 
 def read_all(groups) -> dict[int, HParams]:
-    """{id(group): read(group)} over distinct groups (each read once: one host read per tensor value)."""
+    """{id(group): read(group)} over distinct groups (each read once: one host read per tensor value). step()
+    reads every group once (groups.check_unchanged) and hands the result to update.py."""
     out: dict[int, HParams] = {}
     for g in groups:
         if id(g) not in out:

@@ -224,7 +224,7 @@ class FusedLISA(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._check_binding()
-        groups.check_unchanged(self.param_groups, self._layout_keys)
+        hp = groups.check_unchanged(self.param_groups, self._layout_keys)  # (the hyperparameters, read once)
         self._slots.check_flags()
         if loss is not None:
             self.observe_loss(loss)
@@ -248,7 +248,7 @@ class FusedLISA(torch.optim.Optimizer):
         self._store.wait_ready()
         update.adamw_step(self._packed_state, parts, enabled, self._steps, self._group_of, backend=self.backend,
                           grad_scale=grad_scale, seed=self._sr_seed,
-                          grad_sumsq=None if self._meter is None else self._meter.kernel_buffer())
+                          grad_sumsq=None if self._meter is None else self._meter.kernel_buffer(), hp=hp)
         if self._binding.copy_mode:  # FSDP2: the updated shards go back to FSDP's storage
             self._binding.write_back(parts, enabled)
         self._global_step += 1

@@ -27,13 +27,13 @@ def amp_scaling(opt):
     return False, grad_scale
 
 
-def hparam_table(groups, steps, enabled, ids=None) -> torch.Tensor:
+def hparam_table(groups, steps, enabled, ids=None, hp=None) -> torch.Tensor:
     """[S, 4] float64 host table (one row per segment: its param group, its AdamW step count, whether it
     steps); bias corrections computed once per distinct (group, step) in Python floats, exactly as torch's
     AdamW computes them. With `ids` (param index per segment): [S, 6], adding COL_PARAM_ID and COL_STEP
-    (lean state). Columns: kernels/contract.py."""
+    (lean state). Columns: kernels/contract.py. hp: {id(group): hparams.HParams} (None: read here)."""
     rows, memo = [], {}
-    hp = hparams.read_all(g for g, on in zip(groups, enabled) if on)  # Python floats (np.float32, tensors: hparams.py)
+    hp = _read(hp, [g for g, on in zip(groups, enabled) if on])
     for g, s, on in zip(groups, steps, enabled):
         if not on:
             rows.append((0.0, 1.0, 1.0, 0.0))
@@ -50,10 +50,17 @@ def hparam_table(groups, steps, enabled, ids=None) -> torch.Tensor:
     return torch.cat([table, extra], dim=1)
 
 
-def _launches(segments: Segments, groups):
+def _read(hp, groups) -> dict:
+    """`hp` ({id(group): hparams.HParams}, what step() read) with any of `groups` it lacks read now (Python
+    floats: np.float32 and tensor values, hparams.py)."""
+    missing = [g for g in groups if hp is None or id(g) not in hp]
+    return hp if not missing else {**(hp or {}), **hparams.read_all(missing)}
+
+
+def _launches(segments: Segments, groups, hp=None):
     """[(beta1, beta2, eps, segments, positions)]: one entry when every segment's group shares betas and eps
     (positions None), else one per distinct triple with a cached sub-Segments."""
-    hp = hparams.read_all(groups)
+    hp = _read(hp, groups)
     keys = [(hp[id(g)].beta1, hp[id(g)].beta2, hp[id(g)].eps) for g in groups]
     distinct = list(dict.fromkeys(keys))
     if len(distinct) == 1:
@@ -69,13 +76,14 @@ def _launches(segments: Segments, groups):
 
 
 def adamw_step(state, parts, enabled, steps, groups_of, *, backend: str, grad_scale=None, seed: int = 0,
-               grad_sumsq=None) -> None:
+               grad_sumsq=None, hp=None) -> None:
     """AdamW over every partition of `state` (packing.PackedState), in place.
 
     parts: per partition (Segments, param indices) of the packed params; enabled: per partition, whether each
     segment steps; steps: every param's step count (already advanced); groups_of: every param's param group
     (dict with lr, betas, eps, weight_decay); grad_sumsq: fp32 [total segments] device accumulator in
-    partition order (grad_norm sampler), or None."""
+    partition order (grad_norm sampler), or None; hp: the groups' hyperparameters as step() read them once
+    ({id(group): hparams.HParams}, groups.check_unchanged), None to read them here."""
     start = 0
     for bufs, fmt, (segments, seg_params), on in zip(state.bufs, state.formats, parts, enabled):
         n = len(seg_params)
@@ -83,11 +91,12 @@ def adamw_step(state, parts, enabled, steps, groups_of, *, backend: str, grad_sc
         if n == 0:
             continue
         groups = [groups_of[i] for i in seg_params]
-        table = hparam_table(groups, [steps[i] for i in seg_params], on, ids=seg_params if fmt.lean else None)
+        table = hparam_table(groups, [steps[i] for i in seg_params], on, ids=seg_params if fmt.lean else None,
+                             hp=hp)
         lean = dict(moments=fmt.moments, master_weights=fmt.master_weights, exp_avg_scale=bufs.exp_avg_scale,
                     exp_avg_sq_scale=bufs.exp_avg_sq_scale, compensation=bufs.compensation, seed=seed) \
             if fmt.lean else {}
-        for beta1, beta2, eps, segs, pos in _launches(segments, groups):
+        for beta1, beta2, eps, segs, pos in _launches(segments, groups, hp):
             sub = sumsq if pos is None or sumsq is None else torch.zeros(len(pos), dtype=sumsq.dtype, device=sumsq.device)
             kernels.adamw_packed_(
                 bufs.kernel_param, bufs.grad, bufs.exp_avg, bufs.exp_avg_sq, segs,

@@ -181,3 +181,114 @@ def test_a_refused_edit_raises_at_step_and_changes_nothing(key, value, exc, matc
     opt.param_groups[1][key] = good  # put back: the same step goes through
     opt.step()
     assert opt._global_step == 4 and not torch.equal(model.out.weight, params[-2])
+
+
+def _tiny_budget_scheduler(name):
+    """An LR scheduler factory for `test_every_lr_scheduler_trains_like_adamw_under_it` (10 steps)."""
+    from torch.optim import lr_scheduler as S
+    transformers = pytest.importorskip("transformers")
+
+    return {
+        "OneCycleLR": lambda o: S.OneCycleLR(o, max_lr=1e-2, total_steps=STEPS + 1),  # also cycles betas[0]
+        "CyclicLR": lambda o: S.CyclicLR(o, base_lr=1e-4, max_lr=1e-2, step_size_up=2),  # betas[0] too
+        "CosineAnnealingWarmRestarts": lambda o: S.CosineAnnealingWarmRestarts(o, T_0=3, eta_min=1e-5),
+        "PolynomialLR": lambda o: S.PolynomialLR(o, total_iters=STEPS, power=2.0),
+        "SequentialLR": lambda o: S.SequentialLR(o, [S.LinearLR(o, start_factor=0.1, total_iters=2),
+                                                     S.ExponentialLR(o, gamma=0.7)], milestones=[2]),
+        "ReduceLROnPlateau": lambda o: S.ReduceLROnPlateau(o, factor=0.5, patience=0),
+        "transformers_cosine_with_warmup": lambda o: transformers.get_cosine_schedule_with_warmup(o, 2, STEPS),
+    }[name]
+
+
+@pytest.mark.parametrize("name", ["OneCycleLR", "CyclicLR", "CosineAnnealingWarmRestarts", "PolynomialLR",
+                                  "SequentialLR", "ReduceLROnPlateau", "transformers_cosine_with_warmup"])
+def test_every_lr_scheduler_trains_like_adamw_under_it(name):
+    """Whatever a scheduler writes into param_groups (lr; OneCycleLR and CyclicLR also betas[0]) trains as
+    torch AdamW under the same scheduler: bitwise, with the hyperparameters written the same way."""
+    make = _tiny_budget_scheduler(name)
+    model, ref = MLPStack(n_layers=N_LAYERS), MLPStack(n_layers=N_LAYERS)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = FusedLISA(model, **BASE, n_active_layers=N_LAYERS, backend="torch")
+    ropt = torch.optim.AdamW(ref.parameters(), **BASE)
+    sched, rsched = make(opt), make(ropt)
+    seen = []
+    for x, y in batches():
+        seen.append((opt.param_groups[0]["lr"], tuple(opt.param_groups[0]["betas"])))
+        assert seen[-1] == (ropt.param_groups[0]["lr"], tuple(ropt.param_groups[0]["betas"]))
+        losses = []
+        for m, o in ((model, opt), (ref, ropt)):
+            loss = torch.nn.functional.mse_loss(m(x), y)
+            loss.backward()
+            o.step()
+            o.zero_grad()
+            losses.append(loss.item())
+        for s, loss in zip((sched, rsched), losses):
+            s.step(loss) if name == "ReduceLROnPlateau" else s.step()
+    assert len({lr for lr, _ in seen}) > 2, seen  # the scheduler moved the lr
+    if name in ("OneCycleLR", "CyclicLR"):
+        assert len({b for _, b in seen}) > 2, seen  # and beta1
+    for p, q, b in zip(model.parameters(), ref.parameters(), before):
+        assert torch.equal(p, q) and not torch.equal(p, b)
+
+
+@pytest.mark.parametrize("key,value", [("lr", np.float32(3e-3)), ("lr", torch.tensor(3e-3)), ("eps", torch.tensor(1e-6)),
+                                       ("betas", (np.float32(0.8), torch.tensor(0.99))),
+                                       ("weight_decay", fractions.Fraction(1, 10))],
+                         ids=["lr=np.float32", "lr=tensor", "eps=tensor", "betas=mixed", "weight_decay=Fraction"])
+def test_the_native_kernel_reads_each_value_as_its_float(key, value):
+    """On the C++ kernel (betas and eps are launch scalars there), a value of any accepted type trains bitwise
+    as the same run given the value as a Python float, at construction and edited in place."""
+    runs = []
+    for v, edit in ((as_float(value), False), (value, False), (value, True)):
+        model = MLPStack(n_layers=N_LAYERS)
+        before = [p.detach().clone() for p in model.parameters()]
+        opt = FusedLISA(model, **dict(BASE, **({} if edit else {key: v})), n_active_layers=2, switch_every=2,
+                        backend="cpu")
+        if edit:
+            opt.param_groups[0][key] = v
+        for x, y in batches():
+            step(model, opt, x, y)
+        runs.append([p.detach().clone() for p in model.parameters()])
+        assert all(not torch.equal(p, b) for p, b in zip(runs[-1][:2], before[:2]))  # the run trained
+    for other in runs[1:]:
+        assert all(torch.equal(p, q) for p, q in zip(runs[0], other))
+
+
+def test_a_tensor_value_is_read_once_per_step(monkeypatch):
+    """step() reads each group's hyperparameters once (groups.check_unchanged) and hands the floats to every
+    launch: a tensor lr on a device costs one host read per step, not one per check and per partition. Two
+    partitions here (fp32 moments, and 8-bit for the head's group) and two groups."""
+    from lisa_fused import hparams
+
+    model = MLPStack(n_layers=N_LAYERS)
+    opt = FusedLISA(model, lr=torch.tensor(1e-3), n_active_layers=2, backend="torch",
+                    param_groups=[{"params": "out", "moments": "8bit", "min_quantized_size": 0,
+                                   "lr": torch.tensor(2e-3)}])
+    assert len(opt._packed_state.formats) == 2
+    calls = []
+    real = hparams.to_float
+    monkeypatch.setattr(hparams, "to_float", lambda value, *a, **k: calls.append(value) or real(value, *a, **k))
+    for x, y in batches(3):
+        calls.clear()
+        step(model, opt, x, y)
+        assert len(calls) == 2 * 5, calls  # 2 groups x (lr, beta1, beta2, eps, weight_decay), once each
+        assert sum(isinstance(v, torch.Tensor) for v in calls) == 2
+
+
+@pytest.mark.parametrize("key,value,exc,match", REFUSED[::3], ids=[f"{k}={v!r}" for k, v, _, _ in REFUSED[::3]])
+def test_a_refused_value_in_add_param_group_changes_nothing(key, value, exc, match):
+    model = MLPStack(n_layers=N_LAYERS)
+    model.inp.requires_grad_(False)
+    opt = FusedLISA(model, n_active_layers=2, switch_every=2, backend="torch")
+    for x, y in batches(3):
+        step(model, opt, x, y)
+    sd, active = opt.state_dict(), opt.active_layers
+    model.inp.requires_grad_(True)
+    with pytest.raises(exc, match=r"add_param_group \(the new opt.param_groups\[1\]\): " + match):
+        opt.add_param_group({"params": "inp", key: value})
+    assert len(opt.param_groups) == 1 and opt.active_layers == active
+    now = opt.state_dict()
+    assert all(torch.equal(a, now["state"][i][k]) for i, e in sd["state"].items() for k, a in e.items()
+               if isinstance(a, torch.Tensor))
+    opt.add_param_group({"params": "inp", key: dict(BASE, betas=(0.8, 0.99))[key]})  # a good value goes in
+    assert len(opt.param_groups) == 2

@@ -42,6 +42,33 @@ ACCEPTED = ("a real number >= 0 (a Python int or float, a numpy scalar such as n
 ACCEPTED_BETA = "a real number in [0, 1) (a Python int or float, a numpy scalar) or a 1-element tensor"
 
 
+class _Default(float):
+    """One of FusedLISA's constructor defaults (torch.optim.AdamW's), as the signature holds it: equal to the
+    float, and telling the constructor that the caller left it (`given`)."""
+
+    __slots__ = ()
+    __repr__ = float.__repr__
+
+
+class _DefaultPair(tuple):
+    """The betas default, as `_Default`."""
+
+    __slots__ = ()
+
+
+# FusedLISA's signature defaults: torch.optim.AdamW's (torch 2.13 adam.py / adamw.py)
+LR, BETAS, EPS, WEIGHT_DECAY = _Default(1e-3), _DefaultPair((0.9, 0.999)), _Default(1e-8), _Default(1e-2)
+
+
+def given(**values) -> tuple[frozenset, dict]:
+    """(the keys among `values` (lr=, betas=, ...) the caller gave FusedLISA, the values with every default
+    as a plain float / tuple). FusedLISA keeps the keys (`_hparams_given`): under the Hugging Face Trainer,
+    TrainingArguments' values replace the defaults left (trainer_hparams.py), not the ones given."""
+    left = {k for k, v in values.items() if isinstance(v, (_Default, _DefaultPair))}
+    plain = {k: (tuple(v) if isinstance(v, tuple) else float(v)) if k in left else v for k, v in values.items()}
+    return frozenset(values) - left, plain
+
+
 class HParams(NamedTuple):
     """One param group's hyperparameters as Python floats."""
 

@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from . import checkpoint, dcp, engines, groups, introspect, kernels, rebuild, sampling, update, validation
+from . import checkpoint, dcp, engines, groups, hparams, introspect, kernels, rebuild, sampling, update, validation
 from .binding import ParamBinding, claim_check, local
 from .layers import find_layout
 from .packing import PackedState
@@ -55,10 +55,10 @@ class FusedLISA(torch.optim.Optimizer):
     def __init__(
         self,
         model: nn.Module,
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 1e-2,
+        lr: float = hparams.LR,  # torch.optim.AdamW's defaults: 1e-3, (0.9, 0.999), 1e-8, 1e-2 (hparams.py)
+        betas: tuple[float, float] = hparams.BETAS,
+        eps: float = hparams.EPS,
+        weight_decay: float = hparams.WEIGHT_DECAY,
         n_active_layers: int = 2,
         switch_every: int = 20,
         seed: int = 0,
@@ -72,7 +72,8 @@ class FusedLISA(torch.optim.Optimizer):
         min_quantized_size: int = groups.MIN_QUANTIZED_SIZE,
         param_groups: list[dict] | None = None,
     ):
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, moments=moments,
+        given, adamw = hparams.given(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        defaults = dict(adamw, moments=moments,
                         master_weights="fp32" if master_weights is None else master_weights,
                         min_quantized_size=min_quantized_size)
         validation.check_options(model, switch_every, inactive_moments, sampler)
@@ -83,6 +84,7 @@ class FusedLISA(torch.optim.Optimizer):
         if n_active_layers < layout.num_blocks:
             validation.check_ddp(model)
         self._model, self._backend_request = model, backend
+        self._hparams_given = given  # the AdamW keys given, not left at their defaults (trainer_hparams.py)
         self._sampler_spec = (sampler, sampler_options)
         self.n_active_layers, self.switch_every, self.inactive_moments = n_active_layers, switch_every, inactive_moments
         self.seed, self.moments, self.master_weights = seed, moments, defaults["master_weights"]

@@ -37,6 +37,7 @@ import math
 
 import torch
 
+from . import sampling
 from .binding import local
 from .groups import LAYOUT_KEYS
 from .kernels import quant
@@ -245,10 +246,7 @@ def _validate(opt, state_dict, quiet: bool = False):
                                  f"{tuple(entry[key].shape)}, expected {dtype or ''} {tuple(shape)} "
                                  f"(moments={bufs.moments!r})")
     target = tuple(sorted(int(b) for b in lisa["active_layers"]))
-    n_blocks = len(opt._block_params)
-    if len(set(target)) != opt.n_active_layers or any(not 0 <= b < n_blocks for b in target):
-        raise ValueError(f"state_dict active_layers {list(target)} are not {opt.n_active_layers} distinct "
-                         f"blocks in 0..{n_blocks - 1}")
+    sampling.check_saved_active(opt._sampler, opt.n_active_layers, target)  # (blocks with nothing to train)
     return lisa, saved_state, target, masters_to_params, lowp_here, saved_dtype, here_dtype
 
 

@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from . import checkpoint, dcp, engines, groups, introspect, kernels, rebuild, sampling, update, validation
+from . import checkpoint, dcp, engines, groups, hparams, introspect, kernels, rebuild, sampling, update, validation
 from .binding import DTensor, ParamBinding, claim_check, local
 from .layers import find_layout
 from .packing import PackedState
@@ -37,7 +37,11 @@ class FusedLISA(torch.optim.Optimizer):
     params, scales, compensation; binding.py). A param steps iff its `.grad` is not None at step(), as in
     torch; a step where no param has a gradient changes nothing and does not count towards `switch_every`.
     A moved, converted or resized model is followed at the next step() (rebuild.follow); `release()` gives
-    the user's requires_grad flags back; copies and pickles are refused (save `state_dict()`). Samplers: lisa_fused/sampling; state formats and the small-tensor rule
+    the user's requires_grad flags back; copies and pickles are refused (save `state_dict()`). lr, betas, eps,
+    weight_decay: torch.optim.AdamW's defaults and every value it accepts (hparams.py); on backend="torch" a
+    run is bitwise torch's AdamW, on the native kernels within the tolerance README.md states. Blocks with no
+    trainable parameter are never drawn (sampling/trainable.py). Samplers: lisa_fused/sampling; state formats
+    and the small-tensor rule
     (`min_quantized_size`): kernels/contract.py, groups.py; `param_groups`: groups.py. Every keyword with
     its default and choices: docs/usage.md.
     """
@@ -48,10 +52,10 @@ class FusedLISA(torch.optim.Optimizer):
     def __init__(
         self,
         model: nn.Module,
-        lr: float = 1e-5,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 0.0,
+        lr: float = hparams.LR,  # torch.optim.AdamW's defaults: 1e-3, (0.9, 0.999), 1e-8, 1e-2 (hparams.py)
+        betas: tuple[float, float] = hparams.BETAS,
+        eps: float = hparams.EPS,
+        weight_decay: float = hparams.WEIGHT_DECAY,
         n_active_layers: int = 2,
         switch_every: int = 20,
         seed: int = 0,
@@ -65,7 +69,8 @@ class FusedLISA(torch.optim.Optimizer):
         min_quantized_size: int = groups.MIN_QUANTIZED_SIZE,
         param_groups: list[dict] | None = None,
     ):
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, moments=moments,
+        given, adamw = hparams.given(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        defaults = dict(adamw, moments=moments,
                         master_weights="fp32" if master_weights is None else master_weights,
                         min_quantized_size=min_quantized_size)
         validation.check_options(model, switch_every, inactive_moments, sampler)
@@ -76,6 +81,7 @@ class FusedLISA(torch.optim.Optimizer):
         if n_active_layers < layout.num_blocks:
             validation.check_ddp(model)
         self._model, self._backend_request = model, backend
+        self._hparams_given = given  # the AdamW keys given, not left at their defaults (trainer_hparams.py)
         self._sampler_spec = (sampler, sampler_options)
         self.n_active_layers, self.switch_every, self.inactive_moments = n_active_layers, switch_every, inactive_moments
         self.seed, self.moments, self.master_weights = seed, moments, defaults["master_weights"]
@@ -84,6 +90,7 @@ class FusedLISA(torch.optim.Optimizer):
         self._generator = torch.Generator().manual_seed(seed)
         self._sync_generator_from_rank0()
         named, members = self._plan(layout, param_groups)
+        sampling.announce(layout, n_active_layers, self._sampler)  # blocks without a trainable parameter
         super().__init__(groups.group_dicts(defaults, param_groups, members, [p for _, p in named]), defaults)
         self._build(layout, named, members)
 
@@ -225,7 +232,7 @@ class FusedLISA(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._check_binding()
-        groups.check_unchanged(self.param_groups, self._layout_keys)
+        hp = groups.check_unchanged(self.param_groups, self._layout_keys)  # (the hyperparameters, read once)
         self._slots.check_flags()
         if loss is not None:
             self.observe_loss(loss)
@@ -250,7 +257,7 @@ class FusedLISA(torch.optim.Optimizer):
             self._binding.adopt_written()
         update.adamw_step(self._packed_state, parts, lists, self._steps, self._group_of, backend=self.backend,
                           grad_scale=grad_scale, seed=self._sr_seed,
-                          grad_sumsq=None if self._meter is None else self._meter.kernel_buffer())
+                          grad_sumsq=None if self._meter is None else self._meter.kernel_buffer(), hp=hp)
         self._binding.seen()
         if counted:
             self._global_step += 1
@@ -302,10 +309,8 @@ class FusedLISA(torch.optim.Optimizer):
             rebuild.follow(self, replaced)
 
     def _draw(self) -> tuple[int, ...]:
-        n = len(self._block_params)
-        if self.n_active_layers == n:
-            return tuple(range(n))
-        return self._sampler.draw(n, self.n_active_layers, self._generator)  # every rank: it may broadcast
+        # only blocks with a trainable parameter; all of them when no more than n_active (sampling/trainable.py)
+        return sampling.draw_active(self._sampler, self.n_active_layers, self._generator)  # every rank: it may broadcast
 
     def _switch(self):
         meter = self._meter

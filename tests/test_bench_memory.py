@@ -2,6 +2,7 @@
 the planner, anonymous vs raw RSS, and the table's three memory columns."""
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 from argparse import Namespace
@@ -124,8 +125,8 @@ def test_table_has_peak_mem_tensors_and_planned_columns():
 
 @pytest.fixture(scope="module")
 def real_runs(tmp_path_factory):
-    """`full` and `lisa` through bench.run_one (their own processes, memory pass + timed pass), and the
-    planner for the same settings."""
+    """`full`, `lisa` and (where pip badam is installed) `badam` through bench.run_one (their own processes,
+    memory pass + timed pass), and the planner for the same settings."""
     tmp = tmp_path_factory.mktemp("bench_mem")
     g = torch.Generator().manual_seed(0)
     data_path = tmp / "data.pt"
@@ -133,7 +134,7 @@ def real_runs(tmp_path_factory):
                 "ft_eval": torch.randint(0, 256, (2000,), generator=g)}, data_path)
     args = Namespace(preset="tiny", model=None, steps=3, batch_size=2, seq_len=64, device="cpu",
                      dtype="float32", gamma=2, switch_every=1, lora_rank=4, lr=3e-4, lora_lr=1e-3, seed=0,
-                     eval_windows=2, methods=["full", "lisa"])
+                     eval_windows=2, methods=["full", "lisa"] + ["badam"] * bool(importlib.util.find_spec("badam")))
     spec = {k: getattr(args, k) for k in ("preset", "model", "steps", "batch_size", "seq_len", "device", "dtype",
                                           "gamma", "switch_every", "lora_rank", "lr", "lora_lr", "seed",
                                           "eval_windows")}

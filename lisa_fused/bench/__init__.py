@@ -4,8 +4,8 @@ published, GaLore, 8-bit AdamW) fine-tuning the same model on the same data.
 data.py (offline text, byte tokens), models.py (presets, loading), methods.py (one optimizer setup per
 method), peers.py (the peers' setups, as their own projects build them), memory.py (peak-memory meters),
 progress.py (progress lines), run.py (one method in its own process), summary.py (the one-line summaries,
-the 120-column table and its legend), report.py (results.md, JSON, PNG), bench.py (the whole benchmark,
-driven by cli.py).
+the 120-column table and its legend), report.py (results.md, JSON), plot.py (bench.png), bench.py (the
+whole benchmark, driven by cli.py).
 """
 
 import os as _os

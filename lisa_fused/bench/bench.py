@@ -189,6 +189,36 @@ def run_specs(args, common: dict) -> list[dict]:
     return specs
 
 
+def run_all(specs: list[dict], cache: Path, planned: dict | None, device_type: str) -> tuple[list, list, list]:
+    """Run every spec in its own process: (rows, failures, skipped). A peer whose package is missing is
+    skipped without a process (`missing_package`), one that finds it cannot run (bitsandbytes without a
+    CPU path) is skipped by its process; either way its other seeds are not tried."""
+    rows, failures, skipped = [], [], []
+    for spec in specs:
+        label, method = spec["label"], spec["method"]
+        if any(s["method"] == method for s in skipped):
+            continue  # its other seeds
+        missing = missing_package(method)
+        if missing:
+            skipped.append(missing)
+            print(f"lisa-fused bench: skipped {method}: {missing['reason']}; {missing['install']}", file=sys.stderr)
+            continue
+        print(f"== {label} ==", file=sys.stderr, flush=True)
+        row, err = run_one(spec, cache)
+        if err is None and "skipped" in row:
+            skipped.append(dict(row["skipped"], method=method))
+            print(f"lisa-fused bench: skipped {method}: {row['skipped']['reason']}", file=sys.stderr)
+        elif err is None:
+            row["busy"] = report.busy_reason(row, os.cpu_count() or 1)
+            if planned:
+                row.update(preflight.planned_above_baseline(row, planned, device_type))
+            rows.append(row)
+        else:
+            failures.append({"method": label, "error": err})
+            print(f"lisa-fused bench: method {label} failed: {err}", file=sys.stderr)
+    return rows, failures, skipped
+
+
 def run_bench(args, argv: list[str]) -> int:
     out = Path(args.out)
     cache = Path(args.cache_dir) if args.cache_dir else out / "cache"
@@ -223,29 +253,7 @@ def run_bench(args, argv: list[str]) -> int:
               "pass (glibc returns freed memory, so the RSS peak is the method's) and a timed pass (glibc's "
               "fast reuse, so times are not inflated by page faults); their losses must agree",
               file=sys.stderr, flush=True)
-    rows, failures, skipped = [], [], []
-    for spec in run_specs(args, common):
-        label, method = spec["label"], spec["method"]
-        if any(s["method"] == method for s in skipped):
-            continue  # its other seeds
-        missing = missing_package(method)
-        if missing:
-            skipped.append(missing)
-            print(f"lisa-fused bench: skipped {method}: {missing['reason']}; {missing['install']}", file=sys.stderr)
-            continue
-        print(f"== {label} ==", file=sys.stderr, flush=True)
-        row, err = run_one(spec, cache)
-        if err is None and "skipped" in row:
-            skipped.append(dict(row["skipped"], method=method))
-            print(f"lisa-fused bench: skipped {method}: {row['skipped']['reason']}", file=sys.stderr)
-        elif err is None:
-            row["busy"] = report.busy_reason(row, os.cpu_count() or 1)
-            if planned:
-                row.update(preflight.planned_above_baseline(row, planned, torch.device(args.device).type))
-            rows.append(row)
-        else:
-            failures.append({"method": label, "error": err})
-            print(f"lisa-fused bench: method {label} failed: {err}", file=sys.stderr)
+    rows, failures, skipped = run_all(run_specs(args, common), cache, planned, torch.device(args.device).type)
 
     header = {
         "device": device_name(torch.device(args.device)),
@@ -267,5 +275,5 @@ def run_bench(args, argv: list[str]) -> int:
     for p in paths:
         print(f"wrote {p}", file=sys.stderr)
     print(summary.format_summary(rows, skipped, failures), end="")
-    print(f"\nDetails (every run, what exactly each method ran, memory probes, planner): {paths[1]}, {paths[0]}")
+    print(f"\nDetails (every run, what exactly each method ran, memory probes, planner):\n  {paths[1]}\n  {paths[0]}")
     return 1 if failures else 0

@@ -221,6 +221,7 @@ def run_method(spec: dict) -> dict:
     elif mem["loss"] != trace["loss"]:
         mem["memory_how"] += "; WARNING: the memory pass's losses differ from the timed pass's"
     describe, lr, trainable = setup.describe, setup.lr, setup.trainable_params()
+    own_stats = setup.optimizer.memory_stats() if hasattr(setup.optimizer, "memory_stats") else None
 
     timed = slice(1, None) if spec["steps"] > 1 else slice(None)  # step 1 allocates state lazily
     tokens_per_step = spec["batch_size"] * spec["seq_len"]
@@ -233,6 +234,7 @@ def run_method(spec: dict) -> dict:
         "sampler": spec.get("sampler") if spec["method"] in FUSED_LISA_METHODS else None,
         "run_seed": spec.get("run_seed", spec["seed"]),
         "sampler_probabilities": probs,
+        "optimizer_memory_stats": own_stats,
         "describe": describe,
         "backend": setup.backend,
         "lisa_fused_file": lisa_fused.__file__,
@@ -269,6 +271,7 @@ def run_method(spec: dict) -> dict:
         "step_ms_trace": trace["step_ms"],
         "opt_device_bytes_trace": trace["opt_dev"],
         "opt_host_bytes_trace": trace["opt_host"],
+        "opt_state_device_bytes_trace": trace["state_dev"],
         "grad_bytes_trace": trace["grads"],
         "mem_trace": mem["mem"],
         "tensor_mem_trace": mem["tensor_mem"],

@@ -33,6 +33,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from ..layers import find_layout
+from . import badam
 from .models import meta_model
 from .trace import extrapolate, fakeify, peak_role, roles, trace_events
 
@@ -72,7 +73,7 @@ def describe_setting(kwargs: dict) -> str:
 
 @dataclass
 class Row:
-    method: str                 # full | lora | lisa
+    method: str                 # full | lora | lisa | badam
     setting: str                # what distinguishes the row: rank, or the FusedLISA keywords
     weights_bytes: int
     state_bytes: int            # grads, moments, masters, scales on the device
@@ -251,6 +252,13 @@ class Planner:
         row.peak_at = where
         return row
 
+    def badam(self) -> Row:
+        """BAdam's row (plan/badam.py says how it is traced). ImportError when badam is not installed."""
+        peak, kept, grads, weights, where = badam.plan_badam(self)
+        row = self._row("badam", badam.SETTING, weights, kept + grads, peak - grads, 0, {})
+        row.peak_at = where
+        return row
+
     def _lisa_trace(self, n_frozen: int, n_active: int) -> dict:
         """Roles of a trace with `n_frozen` frozen blocks under `n_active` active ones, as FusedLISA
         leaves the flags (backward creates the active params' grads, counted while they live)."""
@@ -373,8 +381,13 @@ def plan(config, *, dtype=torch.bfloat16, batch_size=1, seq_len=1024, target="cu
                 except (TypeError, ValueError, NotImplementedError) as exc:
                     setting = describe_setting(kwargs)
                     skipped.append(Skipped("lisa", setting, str(exc).splitlines()[0]))
+        elif method == "badam":
+            try:
+                rows.append(planner.badam())
+            except ImportError as exc:
+                skipped.append(Skipped("badam", badam.SETTING, f"{exc}; {badam.INSTALL}"))
         else:
-            raise ValueError(f"unknown method {method!r}; choose from full, lora, lisa")
+            raise ValueError(f"unknown method {method!r}; choose from full, lora, lisa, badam")
     for row in rows:
         planner.fit(row, gpu_mem)
     return rows, skipped, planner

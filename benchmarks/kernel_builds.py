@@ -3,10 +3,13 @@
 instantiation picked by its template arguments) and Triton (kernels/triton_adamw.py for fp32 state without
 grad_sumsq, kernels/triton_lean.py otherwise, compiled per mode with the GPU launch configuration).
 
-Each kernel comes back as {"sass", "ptx", "params", "names", "regs", "spill", "elts_per_thread", "kernel"}:
-SASS and PTX instruction lists (offline_sm90.py), PTX parameter symbols and the names of (parameter index,
-byte offset) pairs (the CUDA lean kernel takes one struct, PackedArgs), registers and spill-store bytes
-per thread, and the elements one thread handles per iteration of the source loop (before unrolling).
+Each kernel comes back as {"sass", "ptx", "params", "names", "regs", "spill", "elts_per_thread", "kernel"}
+and, for the CUDA kernels, "tables": SASS and PTX instruction lists (offline_sm90.py), PTX parameter
+symbols and the names of (parameter index, byte offset) pairs (the CUDA lean kernel takes one struct,
+PackedArgs) and of the segment table's pointer columns (((index, offset), byte column): the param, grad
+and lowp addresses the CUDA kernels read per segment; "tables" says where that table is), registers and
+spill-store bytes per thread, and the elements one thread handles per iteration of the source loop
+(before unrolling).
 """
 from __future__ import annotations
 
@@ -111,6 +114,14 @@ def cuda_kernels(csrc: Path, tmp: Path, proc: subprocess.Popen) -> dict[tuple, d
     layout = {(0, o): f for o, f in _packed_args_layout(csrc).items()}
     packed_src = re.search(r"adamw_packed_kernel\((.*?)\)\s*\{", source, re.S).group(1)
     packed_names = {(i, 0): p.split()[-1] for i, p in enumerate(packed_src.split(","))}
+    # The segment table (contract.SEG_*): where each kernel finds it, and its pointer columns' names.
+    from lisa_fused.kernels import contract
+
+    columns = {8 * contract.SEG_PARAM: "param", 8 * contract.SEG_GRAD: "grad", 8 * contract.SEG_LOWP: "param_lowp"}
+    where = {"packed": next(k for k, n in packed_names.items() if n == "segs"),
+             "lean": next(k for k, n in layout.items() if n == "segs")}
+    for kind, names in (("packed", packed_names), ("lean", layout)):
+        names.update({(where[kind], d): n for d, n in columns.items()})
     out = {}
     for name, code in sass.items():
         if _template_args(name) is None:
@@ -119,8 +130,8 @@ def cuda_kernels(csrc: Path, tmp: Path, proc: subprocess.Popen) -> dict[tuple, d
         ept = 16 // (4 if args[0] == 0 else 2) if kind == "packed" else _lean_vec(source)
         pcode, params = ptxf[name]
         out[(kind, *args)] = dict(sass=code, ptx=pcode, params=params, names=packed_names if kind == "packed" else layout,
-                                  regs=usage[name]["REG"], spill=off.spill_store_bytes(code), kernel=name,
-                                  elts_per_thread=ept)
+                                  tables={where[kind]: set(columns)}, regs=usage[name]["REG"],
+                                  spill=off.spill_store_bytes(code), kernel=name, elts_per_thread=ept)
     return out
 
 

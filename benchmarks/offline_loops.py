@@ -12,7 +12,10 @@ longest path and the global accesses on it, each traced to the pointer it derive
   jump table) may go to any block start after it.
 - Provenance: each PTX global access is traced through its address registers to the kernel parameter
   (index, byte offset) it derives from; values loaded from memory end the trace (indices read from the
-  chunk table are data, not pointers).
+  chunk table are data, not pointers), except the pointer columns of a pointer table (the segment table:
+  per segment the addresses of its own param, grad and lowp tensors): a 64-bit global load at byte
+  displacement d of a row of table parameter T is the pointer (T, d). A generic (no state space) load or
+  store on the loop path raises: its bytes would go uncounted, and it is slower than a global one.
 """
 from __future__ import annotations
 
@@ -107,9 +110,12 @@ def _operands(text: str) -> list[str]:
     return out + ([cur.strip()] if cur.strip() else [])
 
 
-def ptx_loop_accesses(code: list[Ins], params: list[str]) -> list[dict]:
+def ptx_loop_accesses(code: list[Ins], params: list[str], tables: dict | None = None) -> list[dict]:
     """The global accesses on the PTX main-loop path: [{"kind", "bytes", "param": (index, offset)}]
-    (see the module docstring). Raises when an address derives from no pointer parameter or from two."""
+    (see the module docstring); `tables`: {(index, offset) of a pointer-table parameter: {byte
+    displacements of its pointer columns}}, whose pointers come back as "param": ((index, offset), d).
+    Raises when an address derives from no pointer or from two, or on a generic access."""
+    tables = tables or {}
     defs: dict[str, list[tuple[Ins, list[str]]]] = {}
     for ins in code:
         ops = _operands(ins.text)
@@ -135,7 +141,19 @@ def ptx_loop_accesses(code: list[Ins], params: list[str]) -> list[dict]:
                     return inner[0], inner[1] + int(srcs[1]) + off
         return None
 
-    def sources(reg: str) -> set[tuple[int, int]]:
+    def table_pointer(ins: Ins, srcs: list[str]):
+        """((table, d)) when `ins` loads a 64-bit pointer column d of a row of a pointer table, else None."""
+        if not tables or not (ins.op.startswith("ld.global") and re.search(r"\.[bus]64\b", ins.op)):
+            return None
+        m = re.fullmatch(r"\[\s*(%\w+)\s*(?:\+\s*(-?\d+))?\s*\]", srcs[0].strip())
+        if not m:
+            return None
+        base = sources(m.group(1)) - {None}
+        if len(base) == 1 and (t := base.pop()) in tables and int(m.group(2) or 0) in tables[t]:
+            return t, int(m.group(2) or 0)
+        return None
+
+    def sources(reg: str) -> set[tuple]:
         found, seen, stack = set(), set(), [reg]
         while stack:
             r = stack.pop()
@@ -147,7 +165,10 @@ def ptx_loop_accesses(code: list[Ins], params: list[str]) -> list[dict]:
                     if re.search(r"\.[bus]64\b", ins.op):
                         found.add(param_address(srcs[0]))
                 elif ins.op.startswith(("ld.", "atom.")):
-                    continue  # a loaded value is data, not a pointer
+                    pointer = table_pointer(ins, srcs)
+                    if pointer is not None:
+                        found.add(pointer)
+                    continue  # any other loaded value is data, not a pointer
                 else:
                     stack += [s for src in srcs for s in re.findall(r"%\w+", src)]
         return found
@@ -157,6 +178,9 @@ def ptx_loop_accesses(code: list[Ins], params: list[str]) -> list[dict]:
     for j in path:
         acc = _access(code[j])
         if acc is None:
+            if re.match(r"(ld|st|red|atom)(\.(weak|relaxed|volatile|L1::\w+|L2::\w+|nc))*\.(v\d\.)?[bsuf]\d+", code[j].op):
+                raise ValueError(f"generic memory access `{code[j].text}` on the main-loop path: its bytes would go "
+                                 "uncounted (say which state space the pointer is in, e.g. __isGlobal)")
             continue
         ops = _operands(code[j].text)
         addr = next(o for o in ops if o.startswith("["))

@@ -22,6 +22,16 @@ namespace {
 
 constexpr int kThreads = 256;
 
+// A pointer read from the segment table (an address the host wrote as an integer), element `local` on.
+// The table holds global-memory addresses (torch's CUDA allocations); saying so lets the compiler use
+// global loads and stores (LDG/STG) rather than generic ones, as it does for pointer parameters.
+template <typename T>
+__device__ __forceinline__ T* table_ptr(int64_t addr, int64_t local) {
+  T* p = reinterpret_cast<T*>(addr) + local;
+  __builtin_assume(__isGlobal(p));
+  return p;
+}
+
 template <typename T, int N>
 struct alignas(sizeof(T) * N) Pack {
   T v[N];
@@ -67,8 +77,8 @@ __device__ __forceinline__ void store_f32(float* ptr, const float (&in)[kVec]) {
 
 template <int GD, int LD, bool kScale>
 __global__ void __launch_bounds__(kThreads)
-    adamw_packed_kernel(const int64_t* __restrict__ segs, float* __restrict__ m_state,
-                        float* __restrict__ v_state, const int64_t* __restrict__ chunks,
+    adamw_packed_kernel(const int64_t* __restrict__ segs, float* __restrict__ exp_avg,
+                        float* __restrict__ exp_avg_sq, const int64_t* __restrict__ chunks,
                         const float* __restrict__ table, const int n_cols, const float* __restrict__ grad_scale,
                         const Hyper h) {
   using GT = typename Storage<GD>::T;
@@ -81,12 +91,13 @@ __global__ void __launch_bounds__(kThreads)
   if (row[kEnabled] == 0.0f) return;
   const int64_t* srow = segs + seg * kNumSegCols;
   const int64_t local = begin - srow[kSegOffset];  // the chunk's first element in the segment's tensors
-  float* __restrict__ p = reinterpret_cast<float*>(srow[kSegParam]) + local;
-  const GT* __restrict__ g = reinterpret_cast<const GT*>(srow[kSegGrad]) + local;
-  float* __restrict__ m = m_state + begin;
-  float* __restrict__ v = v_state + begin;
+  float* __restrict__ p = table_ptr<float>(srow[kSegParam], local);
+  const GT* __restrict__ g = table_ptr<const GT>(srow[kSegGrad], local);
+  float* __restrict__ m = exp_avg + begin;
+  float* __restrict__ v = exp_avg_sq + begin;
   using LT = typename Storage<LD == kNone ? kBFloat16 : LD>::T;
-  LT* __restrict__ low = LD == kNone ? nullptr : reinterpret_cast<LT*>(srow[kSegLowp]) + local;
+  LT* __restrict__ low = nullptr;
+  if constexpr (LD != kNone) low = table_ptr<LT>(srow[kSegLowp], local);
   SegScalars s;
   s.step_size = row[kStepSize];
   s.decay = row[kDecay];
@@ -349,10 +360,11 @@ __global__ void __launch_bounds__(kThreads)
   // (< 2^31) are 32-bit; the base pointers are 64-bit. SR indices are relative to the segment (< 2^32).
   const int64_t* srow = reinterpret_cast<const int64_t*>(a.segs) + seg * kNumSegCols;
   const int64_t local = begin - srow[kSegOffset];
-  const GT* g0 = reinterpret_cast<const GT*>(srow[kSegGrad]) + local;
-  PT* p0 = reinterpret_cast<PT*>(srow[kSegParam]) + local;
+  const GT* g0 = table_ptr<const GT>(srow[kSegGrad], local);
+  PT* p0 = table_ptr<PT>(srow[kSegParam], local);
   PT* comp0 = reinterpret_cast<PT*>(a.compensation) + begin;
-  uint16_t* low0 = P::kLowp == kNone ? nullptr : reinterpret_cast<uint16_t*>(srow[kSegLowp]) + local;
+  uint16_t* low0 = nullptr;
+  if constexpr (P::kLowp != kNone) low0 = table_ptr<uint16_t>(srow[kSegLowp], local);
   MT* m0 = reinterpret_cast<MT*>(a.exp_avg) + begin;
   MT* v0 = reinterpret_cast<MT*>(a.exp_avg_sq) + begin;
   uint8_t* cm0 = reinterpret_cast<uint8_t*>(a.exp_avg) + (begin * F::kCodeBits) / 8;

@@ -97,7 +97,7 @@ def analyse(mode: Mode, backend: str, k: dict, bandwidth: float, issue_rate: flo
     """One table row: bytes and instructions per element, the two bounds, and the cross-check's errors."""
     want = stream_bytes(mode)
     loop = loops.sass_loop(k["sass"])
-    ptx = loops.ptx_loop_accesses(k["ptx"], k["params"], k.get("tables"))
+    ptx = loops.ptx_loop_accesses(k["ptx"], k["params"])
     errors = []
     # Elements per thread and iteration: the source's, times the compiler's unroll, read off the grad
     # stream (each element loads its grad once; a doubled grad load shows as every other stream short).

@@ -12,6 +12,7 @@ thread handles per iteration of the source loop (before unrolling).
 """
 from __future__ import annotations
 
+import ast
 import importlib
 import importlib.util
 import os
@@ -68,9 +69,17 @@ def _template_args(name: str) -> tuple[str, tuple] | None:
     return m.group(1), args
 
 
+def nvcc_flags(setup_py: Path = Path(__file__).resolve().parents[1] / "setup.py") -> list[str]:
+    """setup.py's NVCC_FLAGS (-O3, --fmad=false, ...), read from its source (importing it needs pybind11)."""
+    for node in ast.parse(setup_py.read_text()).body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "NVCC_FLAGS" for t in node.targets):
+            return ast.literal_eval(node.value)
+    raise RuntimeError(f"{setup_py} has no NVCC_FLAGS = [...] list; update benchmarks/kernel_builds.py")
+
+
 def compile_cuda(csrc: Path, tmp: Path) -> subprocess.Popen:
-    """Start nvcc on csrc/adamw_cuda.cu for sm_90 (setup.py's device flags); -> Popen."""
-    cmd = [off.nvidia_tool("nvcc"), "-std=c++17", "-O3", "-DLISA_FUSED_WITH_CUDA", f"-I{csrc}",
+    """Start nvcc on csrc/adamw_cuda.cu for sm_90 with setup.py's NVCC_FLAGS; -> Popen."""
+    cmd = [off.nvidia_tool("nvcc"), *nvcc_flags(), "-DLISA_FUSED_WITH_CUDA", f"-I{csrc}",
            "-gencode", f"arch=compute_{off.ARCH},code=[sm_{off.ARCH},compute_{off.ARCH}]", "-fatbin",
            str(csrc / "adamw_cuda.cu"), "-o", str(tmp / "cuda.fatbin")]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

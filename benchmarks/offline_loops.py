@@ -230,3 +230,32 @@ def ptx_loop_accesses(code: list[Ins], params: list[str]) -> list[dict]:
             raise ValueError(f"address of `{code[j].text}` derives from pointer parameters {sorted(found)}")
         out.append({"kind": acc[0], "bytes": acc[1], "param": found.pop()})
     return out
+
+
+# ------------------------------------------------------------------------------------------ contraction
+_FP = r"(?:\.ftz)?(?:\.sat)?\.(?:f16|f16x2|bf16|bf16x2|f32|f64)"
+_CONTRACTABLE_MUL = re.compile(rf"mul{_FP}$")
+_CONTRACTABLE_ADD = re.compile(rf"(?:add|sub){_FP}$")
+
+
+def contractable_pairs(code: list[Ins]) -> list[tuple[str, str]]:
+    """The (mul, add) instruction pairs of a PTX function that ptxas or the driver's JIT may fuse into one
+    FMA: a floating-point mul without a rounding modifier whose result an add or sub without one reads.
+    PTX ISA, floating-point mul: "A mul instruction with no rounding modifier ... may be optimized
+    aggressively by the code optimizer. In particular, mul/add sequences with no rounding modifiers may
+    be optimized to use fused-multiply-add instructions on the target device"; an explicit modifier
+    (mul.rn.f32, add.rn.f32: what nvcc --fmad=false and __fmul_rn / __fadd_rn emit) is "treated
+    conservatively". Explicit fma.rn instructions are FMAs by intent and not listed."""
+    products: dict[str, str] = {}
+    for ins in code:
+        if _CONTRACTABLE_MUL.match(ins.op):
+            ops = _operands(ins.text)
+            if ops:
+                products[ops[0]] = ins.text
+    pairs = []
+    for ins in code:
+        if _CONTRACTABLE_ADD.match(ins.op):
+            for src in _operands(ins.text)[1:]:
+                if src in products:
+                    pairs.append((products[src], ins.text))
+    return pairs

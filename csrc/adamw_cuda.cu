@@ -1,10 +1,15 @@
-// CUDA AdamW over a packed buffer: one launch, one block per chunk of the chunk table.
+// CUDA AdamW over a segment table: one launch, one block per chunk of the chunk table.
 //
-// Each block reads its (segment, start, end) row and the segment's fp32 scalars, returns at once when
-// the segment is disabled, then walks its chunk with 16-byte vector loads (4 fp32 grads or 8 bf16/fp16
-// grads per thread and step) and finishes with a scalar tail. Segment offsets are multiples of 64
-// elements (contract.ALIGN), so every chunk start is vector aligned; a block whose pointers are not
-// (a sliced buffer) takes the scalar loop for its whole chunk. Indices are int64 throughout.
+// Each block reads its (segment, start, end) chunk row, the segment's row of the segment table (state
+// offset, numel, and the addresses of the segment's own param, grad and low-precision copy: the model's
+// tensors, wherever they live) and its fp32 scalars, and returns at once when the segment is disabled.
+// Its base pointers are 64-bit: the segment's tensors from element (start - offset) on, the packed state
+// from element start on; offsets within the chunk (< 2^31) are 32-bit. A block whose base pointers are all
+// 16-byte aligned walks its chunk with 16-byte vector loads (4 fp32 grads or 8 bf16/fp16 grads per thread
+// and step) and finishes with a scalar tail; a block with any misaligned pointer (a slice at an odd
+// element offset, an FSDP2 shard, a DDP bucket view) takes the scalar loop for its whole chunk. Segment
+// offsets in the packed state are multiples of contract.ALIGN (256 elements), so state pointers are
+// aligned whenever the state buffers are.
 #include <cuda_runtime.h>
 
 #include <string>
@@ -62,17 +67,26 @@ __device__ __forceinline__ void store_f32(float* ptr, const float (&in)[kVec]) {
 
 template <int GD, int LD, bool kScale>
 __global__ void __launch_bounds__(kThreads)
-    adamw_packed_kernel(float* __restrict__ p, const typename Storage<GD>::T* __restrict__ g,
-                        float* __restrict__ m, float* __restrict__ v, void* __restrict__ low_ptr,
-                        const int64_t* __restrict__ chunks, const float* __restrict__ table, const int n_cols,
-                        const float* __restrict__ grad_scale, const Hyper h) {
+    adamw_packed_kernel(const int64_t* __restrict__ segs, float* __restrict__ m_state,
+                        float* __restrict__ v_state, const int64_t* __restrict__ chunks,
+                        const float* __restrict__ table, const int n_cols, const float* __restrict__ grad_scale,
+                        const Hyper h) {
   using GT = typename Storage<GD>::T;
   constexpr int kVec = 16 / sizeof(GT);  // 16-byte grad loads: 4 fp32 or 8 bf16/fp16
   const int64_t c = blockIdx.x;
+  const int64_t seg = chunks[3 * c];
   const int64_t begin = chunks[3 * c + 1];
-  const int64_t end = chunks[3 * c + 2];
-  const float* row = table + chunks[3 * c] * n_cols;
+  const int len = static_cast<int>(chunks[3 * c + 2] - begin);  // <= the chunk size
+  const float* row = table + seg * n_cols;
   if (row[kEnabled] == 0.0f) return;
+  const int64_t* srow = segs + seg * kNumSegCols;
+  const int64_t local = begin - srow[kSegOffset];  // the chunk's first element in the segment's tensors
+  float* __restrict__ p = reinterpret_cast<float*>(srow[kSegParam]) + local;
+  const GT* __restrict__ g = reinterpret_cast<const GT*>(srow[kSegGrad]) + local;
+  float* __restrict__ m = m_state + begin;
+  float* __restrict__ v = v_state + begin;
+  using LT = typename Storage<LD == kNone ? kBFloat16 : LD>::T;
+  LT* __restrict__ low = LD == kNone ? nullptr : reinterpret_cast<LT*>(srow[kSegLowp]) + local;
   SegScalars s;
   s.step_size = row[kStepSize];
   s.decay = row[kDecay];
@@ -87,12 +101,10 @@ __global__ void __launch_bounds__(kThreads)
 
   uintptr_t addr_bits = reinterpret_cast<uintptr_t>(p) | reinterpret_cast<uintptr_t>(g) |
                         reinterpret_cast<uintptr_t>(m) | reinterpret_cast<uintptr_t>(v);
-  if (LD != kNone) addr_bits |= reinterpret_cast<uintptr_t>(low_ptr);
-  const bool aligned = (addr_bits % 16 == 0) && (begin % kVec == 0);
-  const int64_t vec_end = aligned ? begin + (end - begin) / kVec * kVec : begin;
+  if (LD != kNone) addr_bits |= reinterpret_cast<uintptr_t>(low);
+  const int vec_end = addr_bits % 16 == 0 ? len / kVec * kVec : 0;
 
-  for (int64_t i = begin + static_cast<int64_t>(threadIdx.x) * kVec; i < vec_end;
-       i += static_cast<int64_t>(kThreads) * kVec) {
+  for (int i = static_cast<int>(threadIdx.x) * kVec; i < vec_end; i += kThreads * kVec) {
     GT gv[kVec];
     float pv[kVec], mv[kVec], vv[kVec];
     load_pack<GT, kVec>(g + i, gv);
@@ -105,20 +117,19 @@ __global__ void __launch_bounds__(kThreads)
     store_f32<kVec>(m + i, mv);
     store_f32<kVec>(v + i, vv);
     if constexpr (LD != kNone) {
-      using LT = typename Storage<LD>::T;
       LT lv[kVec];
 #pragma unroll
       for (int k = 0; k < kVec; ++k) lv[k] = Storage<LD>::store(pv[k]);
-      store_pack<LT, kVec>(static_cast<LT*>(low_ptr) + i, lv);
+      store_pack<LT, kVec>(low + i, lv);
     }
   }
-  for (int64_t i = vec_end + threadIdx.x; i < end; i += kThreads) {
+  for (int i = vec_end + static_cast<int>(threadIdx.x); i < len; i += kThreads) {
     float pi = p[i], mi = m[i], vi = v[i];
     update(pi, mi, vi, Storage<GD>::load(g[i]));
     p[i] = pi;
     m[i] = mi;
     v[i] = vi;
-    if constexpr (LD != kNone) static_cast<typename Storage<LD>::T*>(low_ptr)[i] = Storage<LD>::store(pi);
+    if constexpr (LD != kNone) low[i] = Storage<LD>::store(pi);
   }
 }
 
@@ -129,9 +140,8 @@ std::string cuda_error(const char* what, cudaError_t err) {
 template <int GD, int LD, bool kScale>
 void launch(const PackedArgs& a, cudaStream_t stream) {
   adamw_packed_kernel<GD, LD, kScale><<<static_cast<unsigned>(a.n_chunks), kThreads, 0, stream>>>(
-      reinterpret_cast<float*>(a.param), reinterpret_cast<const typename Storage<GD>::T*>(a.grad),
-      reinterpret_cast<float*>(a.exp_avg), reinterpret_cast<float*>(a.exp_avg_sq),
-      reinterpret_cast<void*>(a.param_lowp), reinterpret_cast<const int64_t*>(a.chunks),
+      reinterpret_cast<const int64_t*>(a.segs), reinterpret_cast<float*>(a.exp_avg),
+      reinterpret_cast<float*>(a.exp_avg_sq), reinterpret_cast<const int64_t*>(a.chunks),
       reinterpret_cast<const float*>(a.table), a.n_cols, reinterpret_cast<const float*>(a.grad_scale), a.hyper);
 }
 
@@ -334,19 +344,22 @@ __global__ void __launch_bounds__(kThreads)
     key_v = segment_key(a.seed, pid, step, kLaneExpAvgSq);
   }
   const float scale = kScale ? *reinterpret_cast<const float*>(a.grad_scale) : 1.0f;
-  // The chunk's streams from its first element on: in the loop, offsets within the chunk (< 2^31) are
-  // 32-bit; the chunk's own position stays 64-bit. SR indices are relative to the segment (< 2^32).
-  const GT* g0 = reinterpret_cast<const GT*>(a.grad) + begin;
-  PT* p0 = reinterpret_cast<PT*>(a.param) + begin;
+  // The chunk's streams from its first element on: the segment's own tensors (segment-table row) from
+  // element begin - offset, the packed state from element begin. In the loop, offsets within the chunk
+  // (< 2^31) are 32-bit; the base pointers are 64-bit. SR indices are relative to the segment (< 2^32).
+  const int64_t* srow = reinterpret_cast<const int64_t*>(a.segs) + seg * kNumSegCols;
+  const int64_t local = begin - srow[kSegOffset];
+  const GT* g0 = reinterpret_cast<const GT*>(srow[kSegGrad]) + local;
+  PT* p0 = reinterpret_cast<PT*>(srow[kSegParam]) + local;
   PT* comp0 = reinterpret_cast<PT*>(a.compensation) + begin;
-  uint16_t* low0 = reinterpret_cast<uint16_t*>(a.param_lowp) + begin;
+  uint16_t* low0 = P::kLowp == kNone ? nullptr : reinterpret_cast<uint16_t*>(srow[kSegLowp]) + local;
   MT* m0 = reinterpret_cast<MT*>(a.exp_avg) + begin;
   MT* v0 = reinterpret_cast<MT*>(a.exp_avg_sq) + begin;
   uint8_t* cm0 = reinterpret_cast<uint8_t*>(a.exp_avg) + (begin * F::kCodeBits) / 8;
   uint8_t* cv0 = reinterpret_cast<uint8_t*>(a.exp_avg_sq) + (begin * F::kCodeBits) / 8;
   float* ms0 = reinterpret_cast<float*>(a.exp_avg_scale) + begin / F::kGroup;
   float* vs0 = reinterpret_cast<float*>(a.exp_avg_sq_scale) + begin / F::kGroup;
-  const uint32_t idx0 = static_cast<uint32_t>(begin - reinterpret_cast<const int64_t*>(a.bounds)[2 * seg]);
+  const uint32_t idx0 = static_cast<uint32_t>(local);
   const int len = static_cast<int>(end - begin);  // <= the chunk size
   float sumsq = 0.0f;
 
@@ -453,9 +466,17 @@ __global__ void __launch_bounds__(kThreads)
     }
   };
 
-  const uintptr_t addr_bits = a.param | a.grad | a.exp_avg | a.exp_avg_sq | a.param_lowp | a.compensation;
+  // Vector loads only where every stream the mode touches starts on a 16-byte boundary.
+  uintptr_t addr_bits = reinterpret_cast<uintptr_t>(g0) | reinterpret_cast<uintptr_t>(p0);
+  if constexpr (P::kKahan) addr_bits |= reinterpret_cast<uintptr_t>(comp0);
+  if constexpr (P::kLowp != kNone) addr_bits |= reinterpret_cast<uintptr_t>(low0);
+  if constexpr (F::kQuant) {
+    addr_bits |= reinterpret_cast<uintptr_t>(cm0) | reinterpret_cast<uintptr_t>(cv0);
+  } else {
+    addr_bits |= reinterpret_cast<uintptr_t>(m0) | reinterpret_cast<uintptr_t>(v0);
+  }
   int base = 0;
-  if (addr_bits % 16 == 0 && begin % kLeanVec == 0) {
+  if (addr_bits % 16 == 0) {
     for (; base + kLeanStep <= len; base += kLeanStep) step(std::true_type{}, base);
   }
   for (; base < len; base += kLeanStep) step(std::false_type{}, base);

@@ -1,6 +1,7 @@
 """The update of one FusedLISA step: the per-segment hyperparameter tables and the kernel launches.
 
-One launch per partition (state format, packing.PackedState), over every packed segment of it; a
+One launch per partition (state format, packing.PackedState), over every active param of it (the params
+and grads where they live, the state packed: kernels/contract.py); a
 partition whose segments' groups differ in betas or eps (the kernel takes those as launch scalars) is
 launched once per distinct (beta1, beta2, eps). lr and weight_decay are per segment, in the table.
 """
@@ -11,6 +12,7 @@ import math
 import torch
 
 from . import kernels
+from .kernels._tables import to_device
 from .kernels.contract import N_COLS, Segments
 
 
@@ -52,7 +54,8 @@ def hparam_table(groups, steps, enabled, ids=None) -> torch.Tensor:
 
 def _launches(segments: Segments, groups):
     """[(beta1, beta2, eps, segments, positions)]: one entry when every segment's group shares betas and eps
-    (positions None), else one per distinct triple with a cached sub-Segments."""
+    (positions None), else one per distinct triple with a cached sub-Segments and its positions (a tuple,
+    and a cached index tensor per device for the grad_sumsq scatter: no host->device copy per step)."""
     keys = [(float(g["betas"][0]), float(g["betas"][1]), float(g["eps"])) for g in groups]
     distinct = list(dict.fromkeys(keys))
     if len(distinct) == 1:
@@ -67,31 +70,37 @@ def _launches(segments: Segments, groups):
     return out
 
 
-def adamw_step(state, parts, enabled, steps, groups_of, *, backend: str, grad_scale=None, seed: int = 0,
+def _positions(segments: Segments, pos, device) -> torch.Tensor:
+    """int64 index tensor of `pos` on `device`, cached in `segments.cache` (built once per active set)."""
+    key = ("positions", pos, str(device))
+    if key not in segments.cache:
+        segments.cache[key] = to_device(torch.tensor(pos, dtype=torch.int64), device)
+    return segments.cache[key]
+
+
+def adamw_step(state, parts, lists, steps, groups_of, *, backend: str, grad_scale=None, seed: int = 0,
                grad_sumsq=None) -> None:
     """AdamW over every partition of `state` (packing.PackedState), in place.
 
-    parts: per partition (Segments, param indices) of the packed params; enabled: per partition, whether each
-    segment steps; steps: every param's step count (already advanced); groups_of: every param's param group
-    (dict with lr, betas, eps, weight_decay); grad_sumsq: fp32 [total segments] device accumulator in
-    partition order (grad_norm sampler), or None."""
+    parts: per partition (Segments, param indices) of the active params; lists: per partition (params,
+    grads, lowps, enabled) as binding.ParamBinding.collect returns them; steps: every param's step count
+    (already advanced); groups_of: every param's param group (dict with lr, betas, eps, weight_decay);
+    grad_sumsq: fp32 [total segments] device accumulator in partition order (grad_norm sampler), or None."""
     start = 0
-    for bufs, fmt, (segments, seg_params), on in zip(state.bufs, state.formats, parts, enabled):
+    for bufs, fmt, (segments, seg_params), (params, grads, lowps, on) in zip(state.bufs, state.formats, parts, lists):
         n = len(seg_params)
         sumsq, start = (None if grad_sumsq is None else grad_sumsq[start:start + n]), start + n
         if n == 0:
             continue
         groups = [groups_of[i] for i in seg_params]
         table = hparam_table(groups, [steps[i] for i in seg_params], on, ids=seg_params if fmt.lean else None)
-        lean = dict(moments=fmt.moments, master_weights=fmt.master_weights, exp_avg_scale=bufs.exp_avg_scale,
-                    exp_avg_sq_scale=bufs.exp_avg_sq_scale, compensation=bufs.compensation, seed=seed) \
-            if fmt.lean else {}
+        lean = dict(bufs.state_kwargs(), seed=seed)
         for beta1, beta2, eps, segs, pos in _launches(segments, groups):
+            pick = (lambda xs: xs) if pos is None else (lambda xs: None if xs is None else [xs[j] for j in pos])
             sub = sumsq if pos is None or sumsq is None else torch.zeros(len(pos), dtype=sumsq.dtype, device=sumsq.device)
-            kernels.adamw_packed_(
-                bufs.kernel_param, bufs.grad, bufs.exp_avg, bufs.exp_avg_sq, segs,
-                table if pos is None else table[list(pos)], beta1=beta1, beta2=beta2, eps=eps,
-                param_lowp=bufs.lowp if bufs.master is not None else None, grad_scale=grad_scale,
-                backend=backend, check=False, grad_sumsq=sub, **lean)
+            kernels.adamw_segments_(
+                pick(params), pick(grads), bufs.exp_avg, bufs.exp_avg_sq, segs,
+                table if pos is None else table[list(pos)], beta1=beta1, beta2=beta2, eps=eps, lowps=pick(lowps),
+                grad_scale=grad_scale, backend=backend, check=False, grad_sumsq=sub, **lean)
             if pos is not None and sumsq is not None:
-                sumsq.index_add_(0, torch.tensor(pos, device=sumsq.device), sub)
+                sumsq.index_add_(0, _positions(segments, pos, sumsq.device), sub)

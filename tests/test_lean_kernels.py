@@ -491,7 +491,7 @@ def test_bad_arguments_name_the_value():
 
 
 def test_custom_op_opcheck_lean():
-    """The torch.compile path (lisa_fused::adamw_packed) with lean arguments: schema, mutated buffers
+    """The torch.compile path (lisa_fused::adamw_segments) with lean arguments: schema, mutated buffers
     and fake implementation agree (torch.library.opcheck)."""
     if backend_unavailable_reason("cpu", "cpu"):
         pytest.skip(backend_unavailable_reason("cpu", "cpu"))
@@ -503,12 +503,13 @@ def test_custom_op_opcheck_lean():
     chunks = chunk_table(segments, native.CPU_CHUNK, "cpu")
     hp = hparams([1, 3], 2)
     hp[1, 3] = 1.0  # both enabled
-    args = (st["param"], torch.randn(n, generator=gen), st["exp_avg"], st["exp_avg_sq"], None, None, chunks, hp,
-            0.9, 0.999, 1e-8)
+    params = [st["param"][off:off + k].clone() for off, k in segments.bounds]  # separate tensors
+    grads = [torch.randn(k, generator=gen) for _, k in segments.bounds]
+    args = (params, grads, st["exp_avg"], st["exp_avg_sq"], [], None, chunks, segments.tensor(), hp, 0.9, 0.999, 1e-8)
     kwargs = dict(moments="4bit", master_weights="kahan", exp_avg_scale=st["exp_avg_scale"],
                   exp_avg_sq_scale=st["exp_avg_sq_scale"], compensation=st["compensation"],
-                  grad_sumsq=st["grad_sumsq"][:2].clone(), bounds=segments.tensor(), seed=3)
-    torch.library.opcheck(native.adamw_packed_op, args, kwargs)
+                  grad_sumsq=st["grad_sumsq"][:2].clone(), seed=3)
+    torch.library.opcheck(native.adamw_segments_op, args, kwargs)
 
 
 @pytest.mark.parametrize("master", ["kahan", "stochastic"])

@@ -1,15 +1,17 @@
 """One row per method and state setting: weights, trainable state, activations, peak; what fits.
 
 Where each number comes from:
-- weights: the model's parameter storages in the chosen dtype (LoRA: plus its adapters). For LISA, the
-  parameters FusedLISA binds into its packed buffers are counted there, in state, not twice.
+- weights: the model's parameter storages in the chosen dtype (LoRA: plus its adapters); FusedLISA keeps
+  params and grads where they are, so its weights are the model's, as for the other methods.
 - state, full and LoRA: `torch.optim.AdamW` (foreach on CUDA, as torch picks by default) run for real
   on fake parameters with fake grads in the traced step below: its exp_avg/exp_avg_sq/step tensors as
   created by torch, plus the grads of trained parameters, on 1- and 2-block copies extrapolated (a sum
   over parameters, every block's alike: exact; tests/test_plan.py compares a full-depth meta model).
-- state, LISA: `FusedLISA(model_on_meta, **kwargs).memory_stats()["device_bytes"]` after every block
-  has been active and has left once (a round-robin sampler and `_switch()` on meta tensors, so the host
-  store and a "device" policy's resident moments reach their steady size); host bytes from the same call.
+- state, LISA: `FusedLISA(model_on_meta, **kwargs).memory_stats()["device_bytes"]` (masters, moments,
+  scales, compensation) after every block has been active and has left once (a round-robin sampler and
+  `_switch()` on meta tensors, so the host store and a "device" policy's resident moments reach their
+  steady size), plus the grads of the params trained in one interval (always-trained + gamma blocks, in
+  the param dtype), as for full and LoRA; host bytes from the same call.
 - activations (and temporaries) of one step: `trace.trace_events` on fake 1- and 2-block copies of the
   model (same widths and vocabulary) with the method's trainable set: forward with logits and loss,
   backward, and the torch optimizer's step, peak per event (each block's forward and backward, head,
@@ -288,7 +290,9 @@ class Planner:
         if key not in self._stats_cache:
             model, opt = self._lisa_meta(kwargs, gamma)
             stats = opt.memory_stats()
-            self._stats_cache[key] = (_own_weight_bytes(model), int(stats["device_bytes"]), int(stats["host_bytes"]))
+            grads = sum(p.numel() * p.element_size() for p in opt._params if p.requires_grad)  # one interval's
+            self._stats_cache[key] = (_own_weight_bytes(model), int(stats["device_bytes"]) + grads,
+                                      int(stats["host_bytes"]))
             opt.release()
         return self._stats_cache[key]
 

@@ -37,6 +37,8 @@ import functools
 
 import torch
 
+from . import _tables
+
 FORMATS = ("fp32", "bf16", "8bit", "4bit")
 MASTER_WEIGHTS = ("fp32", "kahan", "stochastic")
 BLOCK = {"8bit": 256, "4bit": 128}
@@ -123,7 +125,7 @@ def kernel_table(fmt: str, device) -> torch.Tensor:
 
 @functools.cache
 def _kernel_table(fmt: str, device: str) -> torch.Tensor:
-    return _tables_cpu(fmt).to(device)
+    return _tables.to_device(_tables_cpu(fmt), torch.device(device))  # pinned staging, as every table
 
 
 def n_blocks(numel: int, fmt: str) -> int:

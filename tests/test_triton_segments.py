@@ -10,7 +10,7 @@ path a chunk takes, and how their tables reach the device.
 - Tables (issue 29, item 3): every host->device table a launch builds (chunk table, hparams table,
   pointer table) goes through kernels/_tables.to_device (pinned staging, no host wait); nothing else in
   the launch moves a tensor to a device. The constant code tables (quant.kernel_table,
-  triton_codes.code_tables) are copied once per process and device and cached; they are warmed first.
+  triton_codes.code_tables) go through it too, once per process and device (cached).
 """
 from __future__ import annotations
 
@@ -34,9 +34,10 @@ def interpreted() -> bool:
     return kernels.triton_interpreted()
 
 
-def offset_by(t: torch.Tensor, k: int) -> torch.Tensor:
-    """A copy of `t` starting k elements into a new buffer (k = 0: a separate, aligned allocation)."""
-    buf = torch.zeros(t.numel() + k, dtype=t.dtype, device=t.device)
+def offset_by(t: torch.Tensor, k: int, device=None) -> torch.Tensor:
+    """A copy of `t` starting k elements into a new buffer on `device` (default t's; k = 0: a separate,
+    aligned allocation). Copied in, not moved with .to (test_constant_tables_... watches those)."""
+    buf = torch.zeros(t.numel() + k, dtype=t.dtype, device=device or t.device)
     buf[k:].copy_(t)
     return buf[k:]
 
@@ -55,8 +56,8 @@ def run(moments, master, misalign: int, state_offset: int = 0):
     pdtype = torch.float32 if master == "fp32" else torch.bfloat16
     total = state_offset + -(-N // ALIGN) * ALIGN
     st = quant.state_buffers(total, moments, master, pdtype, device)
-    param = offset_by((torch.randn(N, generator=gen) * 0.1).to(pdtype).to(device), misalign)
-    grad = offset_by((torch.randn(N, generator=gen) * 0.01).to(pdtype).to(device), misalign)
+    param = offset_by((torch.randn(N, generator=gen) * 0.1).to(pdtype), misalign, device)
+    grad = offset_by((torch.randn(N, generator=gen) * 0.01).to(pdtype), misalign, device)
     lowps = [offset_by(param.to(torch.bfloat16), misalign)] if master == "fp32" else None
     lean = moments != "fp32" or master != "fp32"
     adamw_segments_([param], [grad], st.pop("exp_avg"), st.pop("exp_avg_sq"), Segments([(state_offset, N)]),
@@ -79,9 +80,10 @@ def record_blocks(monkeypatch, module, name: str) -> list[bool]:
 
 
 # (moments, master weights, module stem, block function, elements per masked block in the interpreter)
+# (masked blocks are a quarter of the unmasked ones in both kernels)
 KERNELS = {"fp32": ("fp32", "fp32", "triton_adamw", "_update_block", 2**12),
-           "lean-8bit": ("8bit", "fp32", "triton_lean", "_tile", 2**14),
-           "lean-bf16-sr": ("bf16", "stochastic", "triton_lean", "_tile", 2**14)}
+           "lean-8bit": ("8bit", "fp32", "triton_lean", "_tile", 2**12),
+           "lean-bf16-sr": ("bf16", "stochastic", "triton_lean", "_tile", 2**12)}
 
 
 @pytest.mark.skipif(not interpreted(), reason="counts block calls in the Triton interpreter")
@@ -117,13 +119,11 @@ def test_unaligned_state_offset_takes_the_masked_path(monkeypatch):
         assert torch.equal(a.cpu(), b.cpu()), "the masked and unmasked paths differ"
 
 
-def test_launch_tables_reach_the_device_only_through_to_device(monkeypatch):
-    """No Tensor.to / .cuda to a device in a launch of either kernel, outside _tables.to_device; each of
-    the chunk, hparams and pointer tables goes through it once for a fresh layout (cached after)."""
+def watch_transfers(monkeypatch) -> tuple[list, list]:
+    """(moved, staged): Tensor.to / .cuda calls to a device outside _tables.to_device, and the shapes of
+    the host tensors that went through it, from now on."""
     from lisa_fused.kernels import _tables
 
-    for moments, master in (("fp32", "fp32"), ("8bit", "fp32"), ("bf16", "stochastic")):
-        run(moments, master, 0)  # warms the constant code tables (one copy per process and device)
     inside, moved, staged = [False], [], []
     to_device, tensor_to, tensor_cuda = _tables.to_device, torch.Tensor.to, torch.Tensor.cuda
 
@@ -148,6 +148,15 @@ def test_launch_tables_reach_the_device_only_through_to_device(monkeypatch):
     monkeypatch.setattr(_tables, "to_device", staging)
     monkeypatch.setattr(torch.Tensor, "to", to)
     monkeypatch.setattr(torch.Tensor, "cuda", cuda)
+    return moved, staged
+
+
+def test_launch_tables_reach_the_device_only_through_to_device(monkeypatch):
+    """No Tensor.to / .cuda to a device in a launch of either kernel, outside _tables.to_device; each of
+    the chunk, hparams and pointer tables goes through it once for a fresh layout (cached after)."""
+    for moments, master in (("fp32", "fp32"), ("8bit", "fp32"), ("bf16", "stochastic")):
+        run(moments, master, 0)  # warms the constant code tables (test_constant_tables_...)
+    moved, staged = watch_transfers(monkeypatch)
     for moments, master in (("fp32", "fp32"), ("8bit", "fp32"), ("bf16", "stochastic")):
         device = torch.device(TEST_DEVICE)
         pdtype = torch.float32 if master == "fp32" else torch.bfloat16
@@ -166,6 +175,24 @@ def test_launch_tables_reach_the_device_only_through_to_device(monkeypatch):
         ncols = 6 if lean else 4
         assert sorted(staged) == sorted([(2, 3), (2, kernels.contract.N_SEG_COLS), (2, ncols), (2, ncols)]), (
             f"{moments}/{master}: tables through to_device: {staged}")
+
+
+@pytest.mark.parametrize("moments", ["8bit", "4bit"])
+def test_constant_tables_reach_the_device_through_to_device(moments, monkeypatch):
+    """The code maps (quant.kernel_table, [4, 256] fp32) and the bucket tables (triton_codes.code_tables,
+    int64) go through _tables.to_device on their first use per process and device, and are cached."""
+    from lisa_fused.kernels import triton_codes
+
+    quant._kernel_table.cache_clear()
+    triton_codes._code_tables.cache_clear()
+    moved, staged = watch_transfers(monkeypatch)
+    run(moments, "fp32", 0)
+    assert not moved, f"{moments}: tensors moved to a device outside _tables.to_device: {moved}"
+    constant = [(4, 256), tuple(triton_codes._code_tables_cpu(moments).shape)]
+    assert all(staged.count(shape) == 1 for shape in constant), f"{moments}: tables through to_device: {staged}"
+    staged.clear()
+    run(moments, "fp32", 0)
+    assert not set(constant) & set(staged), f"{moments}: constant tables copied again: {staged}"
 
 
 def test_fp32_kernel_refuses_lean_modes():

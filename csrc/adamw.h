@@ -5,6 +5,7 @@
 #include <stdint.h>
 
 #include <string>
+#include <vector>
 
 #include "adamw_math.h"
 
@@ -61,10 +62,18 @@ void nearest_codes_cpu(const float* x, int64_t n, const float* qtable, int momen
 // True when this binary contains the CUDA kernel (adamw_cuda.cu was compiled by nvcc).
 bool has_cuda();
 
+// Chunks of the CUDA kernels hold fewer elements than this (adamw_cuda.cu: the lean kernel's 32-bit
+// code-bit offsets); kernels/native.py CUDA_CHUNK is checked against it (_C.CUDA_MAX_CHUNK).
+constexpr int64_t kCudaMaxChunk = int64_t{1} << 27;
+
 #ifdef LISA_FUSED_WITH_CUDA
-// CUDA kernel (adamw_cuda.cu): one launch on `stream` (a cudaStream_t as an integer) on `device`.
-// Returns "" when the launch was queued, else a sentence saying what went wrong. Never synchronizes.
+// CUDA kernel (adamw_cuda.cu): one launch on `stream` (a cudaStream_t as an integer) of `device`, which
+// must be the calling thread's current device (nothing here switches devices: that could create a
+// context on another GPU). Returns "" when the launch was queued, else a sentence saying what went
+// wrong. Never synchronizes.
 std::string adamw_cuda(const PackedArgs& a, int device, uintptr_t stream);
+// The architectures compiled in: SASS for each of *sass (e.g. 80, 90), PTX for *ptx (-1: none).
+void cuda_build_archs(std::vector<int>* sass, int* ptx);
 // Number of CUDA devices the runtime sees, or -1 with *why set when it cannot tell (no driver, ...).
 int cuda_device_count(std::string* why);
 #endif

@@ -146,8 +146,9 @@ template <> struct Storage<kFloat16> {
   static LF_HD uint16_t store(float x) { return f32_to_f16(x); }
 };
 
-// a * b, never contracted into an FMA with a later addition (nvcc contracts by default; the host code is
-// built with -ffp-contract=off).
+// a * b, never contracted into an FMA with a later addition (the CUDA code is built with --fmad=false and
+// the host code with -ffp-contract=off, so plain `a * b + c` is not contracted either; this spells it out
+// where the order matters).
 LF_HD float mul_rn(float a, float b) {
 #ifdef __CUDA_ARCH__
   return __fmul_rn(a, b);

@@ -2,9 +2,11 @@
 // so one binary serves every torch version. Tensor checks happen in Python (kernels/__init__.py,
 // kernels/native.py) before any pointer gets here.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "adamw.h"
 
@@ -130,6 +132,21 @@ py::object cuda_unavailable_reason() {
 #endif
 }
 
+// None without CUDA, else {"sass": [80, 90, ...], "ptx": 90 or None}: the architectures compiled in.
+py::object cuda_archs() {
+#ifdef LISA_FUSED_WITH_CUDA
+  std::vector<int> sass;
+  int ptx = -1;
+  lisa_fused::cuda_build_archs(&sass, &ptx);
+  py::dict out;
+  out["sass"] = py::cast(sass);
+  out["ptx"] = ptx < 0 ? py::none() : py::object(py::int_(ptx));
+  return std::move(out);
+#else
+  return py::none();
+#endif
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -139,6 +156,10 @@ PYBIND11_MODULE(_C, m) {
         "The CPU loop this machine runs: 'avx2+fma' (rounds like torch's AVX2 kernels) or 'baseline'");
   m.def("cuda_unavailable_reason", &cuda_unavailable_reason,
         "None when the CUDA kernel can run here, else why not");
+  m.def("cuda_archs", &cuda_archs,
+        "None without the CUDA kernel, else {'sass': [80, 90, ...], 'ptx': 90 or None}: the architectures "
+        "this build has machine code (SASS) and PTX for");
+  m.attr("CUDA_MAX_CHUNK") = lisa_fused::kCudaMaxChunk;
 #define LF_PACKED_ARGS                                                                                     \
   py::arg("segs"), py::arg("exp_avg"), py::arg("exp_avg_sq"), py::arg("grad_scale"), py::arg("chunks"),    \
       py::arg("n_chunks"), py::arg("table"), py::arg("grad_dtype"), py::arg("lowp_dtype"),                    \

@@ -41,7 +41,7 @@ def backend_unavailable_reason(backend: str, device: torch.device) -> str | None
             return f"backend '{backend}' runs on {backend} tensors, but the parameters are on {device}"
         from . import native
 
-        return native.unavailable_reason(backend)
+        return native.unavailable_reason(backend, device)
     if backend == "triton":
         from . import triton_adamw
 

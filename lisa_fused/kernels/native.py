@@ -34,6 +34,9 @@ except ImportError as exc:  # not built: every use names the fix
 # Elements per chunk (one OpenMP task on the CPU, one thread block on the GPU). Multiples of ALIGN.
 CPU_CHUNK = 1 << 15
 CUDA_CHUNK = 1 << 16
+# CUDA chunks hold fewer elements than this: the lean kernel's offsets within a chunk are 32-bit, and a
+# thread's first code bit (offset * bits per code) must fit (csrc/adamw.h kCudaMaxChunk, _C.CUDA_MAX_CHUNK).
+CUDA_MAX_CHUNK = 1 << 27
 
 BUILD_HINT = (
     "build it with `pip install .` (`pip install -e .` when lisa_fused is imported from a source checkout); "
@@ -41,8 +44,9 @@ BUILD_HINT = (
 )
 
 
-def unavailable_reason(backend: str) -> str | None:
-    """None when the native `backend` ("cpu" or "cuda") can run here, else a sentence saying why not."""
+def unavailable_reason(backend: str, device: torch.device | None = None) -> str | None:
+    """None when the native `backend` ("cpu" or "cuda") can run here (for "cuda": on `device`, default the
+    current CUDA device), else a sentence saying why not."""
     if backend not in ("cpu", "cuda"):
         return f"unknown native backend {backend!r}; expected 'cpu' or 'cuda'"
     if _C is None:
@@ -56,7 +60,12 @@ def unavailable_reason(backend: str) -> str | None:
         )
     if not torch.cuda.is_available():
         return "no CUDA device is available to torch"
-    return _cuda_runtime_reason()
+    reason = _cuda_runtime_reason()
+    if reason is not None:
+        return reason
+    device = torch.device(device) if device is not None else torch.device("cuda")
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _device_arch_reason(index)
 
 
 @functools.cache
@@ -65,8 +74,37 @@ def _cuda_runtime_reason() -> str | None:
     return _C.cuda_unavailable_reason()
 
 
-def _require(backend: str):
-    reason = unavailable_reason(backend)
+@functools.cache
+def _device_arch_reason(index: int) -> str | None:
+    """arch_reason for GPU `index` and this build, asked once per GPU (no context is created: torch reads
+    the device's properties)."""
+    archs = _C.cuda_archs() if hasattr(_C, "cuda_archs") else None
+    if archs is None:
+        return "lisa_fused._C does not say which GPU architectures it was built for (an old build); rebuild it"
+    return arch_reason(torch.cuda.get_device_capability(index), f"{torch.cuda.get_device_name(index)} (cuda:{index})",
+                       archs["sass"], archs["ptx"])
+
+
+def arch_reason(capability: tuple[int, int], gpu: str, sass: list[int], ptx: int | None) -> str | None:
+    """None when a build with machine code (SASS) for `sass` (e.g. [80, 90]) and PTX for `ptx` (e.g. 90, or
+    None) has code a GPU of compute `capability` (major, minor) runs, else a sentence naming the GPU
+    (`gpu`, e.g. "Tesla T4 (cuda:0)"), what the build holds and the fallback. Rules (CUDA C++
+    Programming Guide, "Binary Compatibility" and "PTX Compatibility"): SASS for X.y runs on X.z for z >= y
+    (sm_80 on sm_86 and sm_89, not on sm_90); PTX for X.y is compiled by the driver for X.y and every later
+    architecture. Without this check a GPU below 8.0 (T4, V100) would fail its first step with
+    cudaErrorNoKernelImageForDevice instead of running the Triton kernel."""
+    major, minor = capability
+    cc = 10 * major + minor
+    if any(a // 10 == major and a <= cc for a in sass) or (ptx is not None and cc >= ptx):
+        return None
+    built = ", ".join([f"sm_{a}" for a in sass] + ([f"compute_{ptx} PTX"] if ptx is not None else []))
+    return (f"lisa_fused._C has no code for the GPU {gpu}, compute capability {major}.{minor}: it was built for "
+            f"{built or 'no architecture'}; backend='auto' runs the Triton kernel there instead (to run the CUDA "
+            f"kernel, rebuild with LISA_FUSED_CUDA_ARCHS naming {major}{minor}, docs/build.md)")
+
+
+def _require(backend: str, device: torch.device | None = None):
+    reason = unavailable_reason(backend, device)
     if reason is not None:
         raise RuntimeError(f"backend {backend!r} is not available: {reason}")
     return _C
@@ -85,7 +123,7 @@ def _launch(backend, segs, chunks, hparams, exp_avg, exp_avg_sq, grad_scale, *, 
             seed):
     """One kernel launch: `segs` the int64 [S, N_SEG_COLS] pointer table and `chunks` the [C, 3] chunk table,
     both on the state's device; `hparams` the float64 [S, 4 or 6] host table."""
-    C = _require(backend)
+    C = _require(backend, exp_avg.device)
     one_minus_beta1, beta2_, one_minus_beta2, eps_ = host_scalars(beta1, beta2, eps)
     device = exp_avg.device
     lean = {"n_cols": hparams.shape[1]}
@@ -108,6 +146,15 @@ def _launch(backend, segs, chunks, hparams, exp_avg, exp_avg_sq, grad_scale, *, 
     if backend == "cpu":
         C.adamw_cpu(**args, num_threads=torch.get_num_threads())
     else:
+        _call_cuda(C, args, device)
+
+
+def _call_cuda(C, args: dict, device: torch.device) -> None:
+    """The CUDA launch on `device`'s current stream, under torch's device guard: the extension launches on
+    the calling thread's current device and never switches devices itself. torch's guard makes `device`
+    current and, on exit, makes the previous device current again only if it has a context, so no
+    launch creates a context on another GPU (csrc/adamw_cuda.cu adamw_cuda)."""
+    with torch.cuda.device(device):
         C.adamw_cuda(**args, device=device.index, stream=torch.cuda.current_stream(device).cuda_stream)
 
 
@@ -170,15 +217,22 @@ def _adamw_segments_fake(params, grads, exp_avg, exp_avg_sq, lowps, grad_scale, 
     return None
 
 
+def _check_device(backend: str, device: torch.device) -> None:
+    if device.type != backend:
+        raise ValueError(f"backend {backend!r} runs on {backend} tensors, but the packed state is on {device}")
+
+
 def _run(backend, chunk, params, grads, exp_avg, exp_avg_sq, segments, hparams, *, beta1, beta2, eps, lowps=None,
          grad_scale=None, moments="fp32", master_weights="fp32", exp_avg_scale=None, exp_avg_sq_scale=None,
          compensation=None, seed=0, grad_sumsq=None):
-    _require(backend)
+    if backend == "cuda" and not 0 < chunk < CUDA_MAX_CHUNK:
+        raise ValueError(f"CUDA chunks must hold 1 to {CUDA_MAX_CHUNK - 1} elements (the lean kernel's 32-bit "
+                         f"offsets within a chunk, csrc/adamw.h kCudaMaxChunk), got {chunk}: lower CUDA_CHUNK")
     device = exp_avg.device
+    _require(backend, device)
     # The optimizer may skip contract.check_segments (check=False); these mistakes would hand the kernel
     # pointers of the wrong kind, so they are checked on every call (once per list, not per tensor).
-    if device.type != backend:
-        raise ValueError(f"backend {backend!r} runs on {backend} tensors, but the packed state is on {device}")
+    _check_device(backend, device)
     if hparams.dtype != torch.float64 or hparams.device.type != "cpu":
         raise ValueError(f"hparams must be a float64 CPU tensor, got {hparams.dtype} on {hparams.device}")
     if not len(params) == len(grads) == len(segments) or (lowps is not None and len(lowps) != len(segments)):

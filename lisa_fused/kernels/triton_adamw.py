@@ -88,18 +88,22 @@ if triton is not None:
     def typed_pointer(addr, KIND: tl.constexpr, ALIGNED: tl.constexpr):
         """The int64 byte address `addr` as a pointer to KIND's storage (0 float32, 1 bf16 as int16 bits, 2
         float16, 3 uint8). ALIGNED: the caller checked addr % 16 == 0 at run time; the pointer is rebuilt
-        from addr >> 4, so that the compiler knows it is 16-byte aligned on this path only (tl.multiple_of
-        would mark the value itself, on every path)."""
+        from addr >> 4 and marked 16-byte aligned (tl.multiple_of marks the op that defines its value, here
+        this path's own int_to_ptr of a value no other path uses; the axis analysis does not carry the
+        shift's alignment through int_to_ptr by itself)."""
         if ALIGNED:
             addr = (addr >> 4) << 4
         if KIND == 0:
-            return addr.to(tl.pointer_type(tl.float32))
+            ptr = addr.to(tl.pointer_type(tl.float32))
         elif KIND == 1:
-            return addr.to(tl.pointer_type(tl.int16))
+            ptr = addr.to(tl.pointer_type(tl.int16))
         elif KIND == 2:
-            return addr.to(tl.pointer_type(tl.float16))
+            ptr = addr.to(tl.pointer_type(tl.float16))
         else:
-            return addr.to(tl.pointer_type(tl.uint8))
+            ptr = addr.to(tl.pointer_type(tl.uint8))
+        if ALIGNED:
+            ptr = tl.multiple_of(ptr, 16)
+        return ptr
 
     @triton.jit
     def segment_address(row, col, rel, KIND: tl.constexpr):
@@ -212,7 +216,11 @@ if triton is not None:
                         GRAD_KIND, LOWP, HAS_SCALE, BLOCK, False,
                     )
                     i += 1
-            # the rest (an aligned chunk's last partial block, every block of another chunk), masked
+            # The rest (an aligned chunk's last partial block, every block of another chunk), masked, one
+            # element per thread per access: blocks of BLOCK // 4, a shape of their own, so that the
+            # compiler's layout for these accesses of unknown alignment (one element per thread, as a
+            # store needs) is not widened to the aligned loop's (which would move the stores through
+            # shared memory, with barriers).
             start = i * BLOCK
             p_u, g_u = typed_pointer(p_addr, 0, False), typed_pointer(g_addr, GRAD_KIND, False)
             m_u, v_u = m_ptr + begin, v_ptr + begin
@@ -221,9 +229,9 @@ if triton is not None:
                 _update_block(
                     p_u, g_u, m_u, v_u, low_u, start, n, scale,
                     step_size, decay, bc2_sqrt, lerp_small, lerp_w, lerp_w_minus_1, beta2, one_minus_beta2, eps,
-                    GRAD_KIND, LOWP, HAS_SCALE, BLOCK, True,
+                    GRAD_KIND, LOWP, HAS_SCALE, BLOCK // 4, True,
                 )
-                start += BLOCK
+                start += BLOCK // 4
 
 
 def _f32(x: float) -> float:

@@ -54,6 +54,12 @@ def flat(model):
     return torch.cat(parts)
 
 
+def local_ptrs(params):
+    """The data pointer of each param's own (rank-local) storage: FusedLISA updates them in place, so these
+    stay the same over training (no copy in or out, no re-pointing; a DTensor's local shard for FSDP2)."""
+    return [(p.to_local() if hasattr(p, "to_local") else p).data_ptr() for p in params]
+
+
 def snapshot(model):
     """{name: full fp32 copy} of every param (full tensors for FSDP2's DTensors)."""
     return {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().float().clone()
@@ -153,7 +159,7 @@ def _fsdp2_model(seed):
 
 
 def scenario_fsdp2(rank, world):
-    """fully_shard per block and at the root; FusedLISA binds the DTensor params by copy. Three steps, then
+    """fully_shard per block and at the root; FusedLISA updates the DTensor params' local shards in place. Three steps, then
     a resume in the middle of an interval into a fresh sharded model (shards copied over, as a checkpoint
     load would) with a fresh optimizer (other seed) from the first one's per-rank state_dict."""
     model = _fsdp2_model(seed=0)
@@ -169,14 +175,16 @@ def scenario_fsdp2(rank, world):
             p.to_local().copy_(q.to_local())
     opt2 = make_opt(resumed, rank + 5)
     opt2.load_state_dict(sd)
+    ptrs = local_ptrs(opt2._params)
     seq += train(resumed, opt2, data[3:], rank, world)
+    in_place = local_ptrs(opt2._params) == ptrs
     # Frozen blocks get no gradient under FSDP2 either (it copies requires_grad to the unsharded params).
     torch.nn.functional.mse_loss(resumed(data[0][0]), data[0][1]).backward()
     inactive_grads = [p.grad is not None for b in range(N_LAYERS) if b not in opt2.active_layers
                       for p in resumed.blocks[b].parameters()]
     active_grads = [p.grad is not None for b in opt2.active_layers for p in resumed.blocks[b].parameters()]
     opt2.zero_grad()
-    return {"seq": seq, "params": flat(resumed), "copy_mode": opt2._binding.copy_mode,
+    return {"seq": seq, "params": flat(resumed), "in_place": in_place,
             "changed": changed(resumed, before),
             "inactive_grads": inactive_grads, "active_grads": active_grads,
             "state_shapes": local_shapes,

@@ -15,7 +15,8 @@ def lm_batches(steps, world, seed=7):
 
 
 def expected_device_bytes(opt):
-    """16 B (fp32 param, grad, exp_avg, exp_avg_sq) per element of the packed layout, recomputed from the
+    """8 B (exp_avg, exp_avg_sq: an fp32 param is its own master, its grad the model's) per element of the
+    packed layout, recomputed from the
     rank-local shapes of the params: the always-trained ones plus n_active_layers slots of the largest block."""
     locals_ = [p.to_local() if hasattr(p, "to_local") else p for p in opt._params]
     names = opt._names
@@ -25,4 +26,4 @@ def expected_device_bytes(opt):
         if ".layers." in n:
             b = int(n.split(".layers.")[1].split(".")[0])
             blocks[b] = blocks.get(b, 0) + aligned(t.numel())
-    return 16 * (always + opt.n_active_layers * max(blocks.values())), 16 * sum(t.numel() for t in locals_)
+    return 8 * (always + opt.n_active_layers * max(blocks.values())), 8 * sum(t.numel() for t in locals_)

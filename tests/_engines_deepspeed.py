@@ -43,7 +43,9 @@ def scenario_deepspeed_zero0(rank, world, dtype=torch.float32):
         engine.step()
         mem.append(opt.memory_stats()["device_bytes"])
     total = sum(p.numel() for p in model.parameters())
-    per_elt = 4 * 4 if dtype == torch.float32 else 2 + 2 + 4 + 8
+    # the optimizer's own bytes: exp_avg + exp_avg_sq, and a bf16 param's fp32 master (params and grads
+    # are the model's)
+    per_elt = 8 if dtype == torch.float32 else 4 + 8
     return {"seq": seq, "params": flat(model), "changed": changed(model, before), "mem": mem,
             "packed_bytes": per_elt * opt._packed_state.layouts[0].total, "full_bytes": per_elt * total,
             "engine_optimizer": type(engine.optimizer).__name__}

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from _dist_worker import changed, flat, snapshot
+from _dist_worker import changed, flat, local_ptrs, snapshot
 from helpers import tiny_llama
 from lisa_fused import FusedLISA
 from lisa_fused.hf import FusedLISAFactory, LISACallback, unwrap_optimizer
@@ -53,6 +53,7 @@ def scenario_accelerate_fsdp2(rank, world):
     bytes_unsharded = opt.memory_stats()["device_bytes"]
     model, wrapped = acc.prepare(model, opt)
     fl = unwrap_optimizer(wrapped)
+    ptrs = local_ptrs(fl._params)
     data = lm_batches(6, world)
     seq, mem = [], []
     for step in range(6):
@@ -64,7 +65,7 @@ def scenario_accelerate_fsdp2(rank, world):
         mem.append(fl.memory_stats()["device_bytes"])
     out = {"seq": seq, "params": flat(model), "changed": changed(model, before), "mem": mem,
            "expected_bytes": expected_device_bytes(fl), "bytes_unsharded": bytes_unsharded,
-           "dtensor": all(isinstance(p, DTensor) for p in model.parameters()), "copy_mode": fl._binding.copy_mode,
+           "dtensor": all(isinstance(p, DTensor) for p in model.parameters()), "in_place": local_ptrs(fl._params) == ptrs,
            "same_params": {id(p) for p in fl._params} <= {id(p) for p in model.parameters()}}
     AcceleratorState._reset_state(True)
     return out
@@ -126,10 +127,12 @@ def _trainer_run(rank, world, out, steps=6, save_steps=0, resume=None, optimizer
                                         "reshard_after_forward": True, "state_dict_type": "SHARDED_STATE_DICT"})
     model = tiny_llama(N_LAYERS, seed=0)
     data = [{"input_ids": x, "labels": x} for x in lm_batches(steps, world).reshape(-1, SEQ)]
-    seq, mem = [], []
+    seq, mem, ptrs = [], [], []
 
     class Record(LISACallback):
         def on_step_begin(self, args, state, control, optimizer=None, **kw):
+            if not ptrs:  # the params the optimizer steps, as the Trainer prepared them
+                ptrs.append(local_ptrs(unwrap_optimizer(optimizer)._params))
             seq.append(unwrap_optimizer(optimizer).active_layers)
             return super().on_step_begin(args, state, control, optimizer=optimizer, **kw)
 
@@ -145,7 +148,7 @@ def _trainer_run(rank, world, out, steps=6, save_steps=0, resume=None, optimizer
     trainer.train(resume_from_checkpoint=resume)
     fl = unwrap_optimizer(trainer.optimizer)
     result = {"seq": seq, "mem": mem, "params": flat(trainer.model), "changed": changed(trainer.model, before),
-              "expected_bytes": expected_device_bytes(fl), "copy_mode": fl._binding.copy_mode,
+              "expected_bytes": expected_device_bytes(fl), "in_place": ptrs == [local_ptrs(fl._params)],
               "active": fl.active_layers, "global_step": fl._global_step}
     AcceleratorState._reset_state(True)
     return result

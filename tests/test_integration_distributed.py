@@ -113,7 +113,7 @@ def test_fsdp2_matches_single_process(results, single_process):
     and an empty shard for the [1, 37] head weight on rank 1), resume from per-rank state in the middle of
     an interval, and the gathered params equal the single-process run."""
     r0, r1 = scenario(results, "fsdp2")
-    assert r0["copy_mode"] and r1["copy_mode"]
+    assert r0["in_place"] and r1["in_place"]
     assert r0["seq"] == r1["seq"]
     torch.testing.assert_close(r0["params"], r1["params"], rtol=0, atol=0)
     assert_matches_single(r0, single_process)

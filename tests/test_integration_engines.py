@@ -61,7 +61,7 @@ def test_accelerate_fsdp2_prepare_after_fused_lisa(results):
     r0, r1 = scenario(results, "accelerate_fsdp2")
     ref, _ = scenario(results, "lm_reference")
     for res in (r0, r1):
-        assert res["dtensor"] and res["copy_mode"] and res["same_params"]
+        assert res["dtensor"] and res["in_place"] and res["same_params"]
         assert_active_set_bytes(res)
         assert res["expected_bytes"][0] < res["bytes_unsharded"]  # the rank-local shards, not the full set
     assert_trained_on_active_set_only(r0, r1)
@@ -84,7 +84,7 @@ def test_trainer_fsdp2_with_factory_trains_and_resumes_bitwise(results):
     r0, r1 = scenario(results, "trainer_fsdp2")
     full0, full1, resumed = r0["full"], r1["full"], r0["resumed"]
     for res in (full0, full1, resumed, r1["resumed"]):
-        assert res["copy_mode"] and res["global_step"] == 6
+        assert res["in_place"] and res["global_step"] == 6
         assert_active_set_bytes(res)
     assert_trained_on_active_set_only(full0, full1)
     assert resumed["seq"] == full0["seq"][3:]

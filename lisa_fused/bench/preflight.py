@@ -97,8 +97,9 @@ def planned_above_baseline(row: dict, planned: dict, device_type: str) -> dict:
     state: every block has been active and has left once.
     planned_tensor_bytes: what to hold against peak_tensor_bytes. A short run has paged fewer blocks:
     under inactive_moments="device" the resident moments are allocated as blocks leave, so for LISA
-    rows the planner's device state is replaced by the run's (opt_state_device_bytes: memory_stats' device
-    bytes, max over steps, the same quantity as the planner's state). The
+    rows the planner's device state is replaced by the run's (opt_device_bytes: memory_stats' device
+    bytes + the .grad storages of the same step, max over steps, the same quantity as the planner's
+    state_bytes, which holds one interval's grads too: FusedLISA's grads are the model's own). The
     "host" store is reserved (torch.empty) up front for every block, so the tensor count sees all of it
     and the planner's steady host bytes stay.
     planned_mem_bytes: what to hold against peak_mem_bytes. On a CPU the RSS holds only the host pages
@@ -111,7 +112,7 @@ def planned_above_baseline(row: dict, planned: dict, device_type: str) -> dict:
     steady = r.peak_bytes - planned["weights_bytes"]
     tensor = steady
     if r.method == "lisa":
-        tensor += row["opt_state_device_bytes"] - r.state_bytes
+        tensor += row["opt_device_bytes"] - r.state_bytes
     mem = tensor
     if r.method == "lisa" and device_type == "cpu":
         mem += row["opt_host_bytes"] - r.host_bytes

@@ -56,10 +56,28 @@ __device__ __forceinline__ void load_pack(const T* ptr, T (&out)[N]) {
 
 template <typename T, int N>
 __device__ __forceinline__ void store_pack(T* ptr, const T (&in)[N]) {
-  Pack<T, N> pack;
+  if constexpr (sizeof(T) == 2 && N % 2 == 0) {
+    // 16-bit elements go out as one vector store of 32-bit words, in PTX: nvcc 13.0 split an aggregate of
+    // uint16_t, one of uint32_t and a uint4 alike into u16 / v2.u16 / u32 stores (4-7 per 16 bytes of the
+    // bf16 copy). Callers pass 4 * N-byte aligned global addresses (the aligned path only).
+    uint32_t w[N / 2];
 #pragma unroll
-  for (int k = 0; k < N; ++k) pack.v[k] = in[k];
-  *reinterpret_cast<Pack<T, N>*>(ptr) = pack;
+    for (int k = 0; k < N / 2; ++k) w[k] = static_cast<uint32_t>(in[2 * k]) | static_cast<uint32_t>(in[2 * k + 1]) << 16;
+    if constexpr (N == 8) {
+      asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(ptr), "r"(w[0]), "r"(w[1]), "r"(w[2]), "r"(w[3])
+                   : "memory");
+    } else if constexpr (N == 4) {
+      asm volatile("st.global.v2.b32 [%0], {%1, %2};" ::"l"(ptr), "r"(w[0]), "r"(w[1]) : "memory");
+    } else {
+#pragma unroll
+      for (int k = 0; k < N / 2; ++k) reinterpret_cast<uint32_t*>(ptr)[k] = w[k];
+    }
+  } else {
+    Pack<T, N> pack;
+#pragma unroll
+    for (int k = 0; k < N; ++k) pack.v[k] = in[k];
+    *reinterpret_cast<Pack<T, N>*>(ptr) = pack;
+  }
 }
 
 // fp32 arrays move in 16-byte packs of 4; kVec (4 or 8) elements are kVec / 4 such packs.

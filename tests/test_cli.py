@@ -73,6 +73,7 @@ def test_bench_json_has_every_field_for_every_method(bench_run):
     assert header["config"]["gamma"] == 2 and header["config"]["lora_rank"] == 4
     assert header["planner"]["error"] is None and header["planner"]["weights_bytes"] > 0
     assert {r["method"] for r in header["planner"]["rows"]} == {"full", "lora", "lisa"}
+    planned_peak_at = {r["method"]: r.get("peak_at") for r in header["planner"]["rows"]}
     assert result["skipped"] == []
     assert [r["method"] for r in rows] == list(METHODS)
     for row in rows:
@@ -91,16 +92,12 @@ def test_bench_json_has_every_field_for_every_method(bench_run):
         # CPU memory pass: anonymous peak <= raw RSS peak; live tensor bytes as the planner predicts them
         assert 0 < row["peak_mem_bytes"] <= row["peak_rss_bytes"]
         assert row["peak_tensor_bytes"] > 0 and len(row["tensor_mem_trace"]) == 3
-        if row["method"].startswith("lisa"):
-            # FusedLISA's grads are autograd's (the model's own): when backward creates them, and what else
-            # is alive then, depends on where the draws put the active blocks (seed 0 here: blocks 0,4 then
-            # 5,7 then 5,6 of 8), while the planner traces them on top of the stack
-            # (plan.planner.lisa_activations). At 16 tokens the activations are small, so the placement
-            # shows (the run was 1.2% below the plan); it moves less than half the grads. Missing the
-            # grads altogether (the planned state without them) is off by all of them.
-            assert abs(row["planned_tensor_bytes"] - row["peak_tensor_bytes"]) < row["grad_bytes"] / 2, row["method"]
-        else:
-            assert row["planned_tensor_bytes"] == pytest.approx(row["peak_tensor_bytes"], rel=0.01), row["method"]
+        # LISA at this tiny seq_len peaks in backward, where the bytes depend on where the drawn blocks sit:
+        # the planner takes the worst place (active blocks on top), the run's draw is elsewhere, and a
+        # 3-step run has paged fewer blocks than the steady state: 2% (1.2% / 1.5% measured, 2026-12-07)
+        rel = 0.02 if row["base_method"].startswith("lisa") and str(planned_peak_at.get("lisa")).startswith("backward") \
+            else 0.01
+        assert row["planned_tensor_bytes"] == pytest.approx(row["peak_tensor_bytes"], rel=rel), row["method"]
         assert row["tokens_per_s"] == pytest.approx(2 * 16 / (row["step_ms"] / 1e3))  # one statistic
         assert row["lisa_fused_file"] == lisa_fused.__file__
         assert row["busy"] == "ok" or row["busy"].startswith("BUSY: ")

@@ -44,13 +44,12 @@ CEILING = 1.1
 # hash ~12 per rounded value; against 8-14 B of traffic (8.1 B for 4-bit codes with bf16 params) that
 # allows 63-110. Master-free quantized modes (kahan, sr) stay over it in both backends, and 4-bit with a
 # grad_scale (a fifth division) by 1%; Triton, whose table gathers take 64-bit addresses from global
-# memory (CUDA reads shared memory), also 4-bit with a bf16 copy or grad_sumsq and 8-bit with both
-# (ratios 1.01-1.10). Per-mode numbers: the results file.
+# memory (CUDA reads shared memory), also 4-bit with a bf16 copy or grad_sumsq (ratios 1.01-1.10; 8-bit
+# with both was 1.01 on the packed kernel, 0.98 on the pointer table). Per-mode numbers: the results file.
 _MASTER_FREE = [f"{f}/{m}{s}" for f in ("8bit", "4bit") for m in ("kahan", "sr") for s in ("", "+sumsq")]
 KNOWN_ISSUE_BOUND = {
     "cuda": {*_MASTER_FREE, "4bit/fp32+scale"},
-    "triton": {*_MASTER_FREE, "4bit/fp32+scale", "4bit/fp32+bf16", "4bit/fp32+bf16+sumsq", "4bit/fp32+sumsq",
-               "8bit/fp32+bf16+sumsq"},
+    "triton": {*_MASTER_FREE, "4bit/fp32+scale", "4bit/fp32+bf16", "4bit/fp32+bf16+sumsq", "4bit/fp32+sumsq"},
 }
 CASES = [(b, m.name) for b in ("cuda", "triton") for m in kernel_cost.MODES]
 

@@ -389,7 +389,7 @@ def test_auto_fallback_is_logged_once_per_reason(monkeypatch, caplog):
 
     old_driver = "the CUDA driver (12080) is older than the CUDA 13.0 runtime linked into lisa_fused._C (needs >= 580)"
     reasons = {"cuda": old_driver, "cpu": None}
-    monkeypatch.setattr(native, "unavailable_reason", lambda backend: reasons[backend])
+    monkeypatch.setattr(native, "unavailable_reason", lambda backend, device=None: reasons[backend])
     monkeypatch.setattr(triton_adamw, "unavailable_reason", lambda device: None)
     monkeypatch.setattr(kernels, "_warned_fallbacks", set())
     cuda0 = torch.device("cuda", 0)

@@ -98,8 +98,7 @@ def planned_above_baseline(row: dict, planned: dict, device_type: str) -> dict:
     planned_tensor_bytes: what to hold against peak_tensor_bytes. A short run has paged fewer blocks:
     under inactive_moments="device" the resident moments are allocated as blocks leave, so for LISA
     rows the planner's device state is replaced by the run's (opt_device_bytes: memory_stats' device
-    bytes + the .grad storages of the same step, max over steps, the same quantity as the planner's
-    state_bytes, which holds one interval's grads too: FusedLISA's grads are the model's own). The
+    bytes + the grads of the trained params, max over steps, the same quantity as the planner's state). The
     "host" store is reserved (torch.empty) up front for every block, so the tensor count sees all of it
     and the planner's steady host bytes stay.
     planned_mem_bytes: what to hold against peak_mem_bytes. On a CPU the RSS holds only the host pages

@@ -37,7 +37,7 @@ import functools
 
 import torch
 
-from ._tables import to_device
+from . import _tables
 
 FORMATS = ("fp32", "bf16", "8bit", "4bit")
 MASTER_WEIGHTS = ("fp32", "kahan", "stochastic")
@@ -125,13 +125,13 @@ def kernel_table(fmt: str, device) -> torch.Tensor:
 
 @functools.cache
 def _kernel_table(fmt: str, device: str) -> torch.Tensor:
-    return to_device(_tables_cpu(fmt), torch.device(device))
+    return _tables.to_device(_tables_cpu(fmt), torch.device(device))
 
 
 @functools.cache
 def _map_on(fmt: str, which: str, device: str) -> torch.Tensor:
     """The map of (fmt, which) on `device`, cached: quantize / dequantize copy it there once, not per call."""
-    return to_device(_maps()[(fmt, which)], torch.device(device))
+    return _tables.to_device(_maps()[(fmt, which)], torch.device(device))
 
 
 def n_blocks(numel: int, fmt: str) -> int:

@@ -12,7 +12,7 @@ absmax is a max within threads and lanes. The packed state (moments, codes, scal
 addressed by the state index (chunk starts are multiples of contract.ALIGN), the param / grad / lowp by
 the segment's addresses + (start - offset) elements. Full tiles run unmasked where every address of the
 chunk is 16-byte aligned (decided per program at run time, as in triton_adamw.py), the rest masked, in
-tiles of TILE / 4 (fewer registers for the whole kernel; see the kernel). TILE is a multiple of 1024. The
+tiles of TILE / 2 (fewer registers for the whole kernel; see the kernel). TILE is a multiple of 512. The
 element math is triton_adamw.adamw_element (one Triton definition, shared with the fp32 kernel); the
 stochastic-rounding hash is csrc/adamw_math.h's. Codes as csrc/adamw_math.h code_of: one gather from a
 bucket table (code_tables) and one comparison, or the closed form of the 4-bit v map; equal to the binary
@@ -38,7 +38,7 @@ if triton is not None:
                                _key, _load_codes, _load_half, _rne_bf16_bits, _runs, _sr_bf16_bits, _store_codes)
 
 # (elements per chunk, TILE, num_warps): TILE = 8 x 32 x num_warps on a GPU (module docstring); the
-# interpreter wants few, big programs (TILE any multiple of 1024: masked tiles of TILE / 4 start on
+# interpreter wants few, big programs (TILE any multiple of 512: masked tiles of TILE / 2 start on
 # multiples of 256, as the block scales and 4-bit words need).
 _GPU_CONFIG = (1 << 16, 1024, 4)
 _INTERPRETER_CONFIG = (1 << 20, 1 << 14, 4)
@@ -184,11 +184,12 @@ if triton is not None:
             # Full tiles unmasked where every address of the chunk is 16-byte aligned, on pointers rebuilt as
             # aligned (triton_adamw.typed_pointer), at offsets i * TILE (not carried, so their divisibility
             # stays known); masked tiles for the rest (a chunk's last tile, or every tile of another chunk).
-            # Masked tiles are MTILE = TILE / 4 elements: their accesses of unknown alignment get a layout
-            # of one element per thread, converted through shared memory, and at a quarter of the tile those
-            # conversions need far fewer registers than at the full one (which set the whole kernel's count:
-            # 86-154 per thread instead of 63-80 for the unmasked loop alone, Triton 3.9, sm_90).
-            MTILE: tl.constexpr = TILE // 4
+            # Masked tiles are MTILE = TILE / 2 elements: their accesses of unknown alignment get a layout
+            # of one element per thread, converted through shared memory, and at half the tile those
+            # conversions need far fewer registers than at the full one, which set the whole kernel's count
+            # (Triton 3.9, sm_90: 86-154 per thread at TILE, 40-96 at TILE / 2; a quarter saves a few more
+            # registers but costs the unmasked loop ~1% more instructions).
+            MTILE: tl.constexpr = TILE // 2
             sumsq = tl.zeros((2, TILE // 8, 4), dtype=tl.float32)  # per element, summed once at the end
             sumsq_m = tl.zeros((2, MTILE // 8, 4), dtype=tl.float32)
             i = 0

@@ -214,8 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"comma list of FusedLISA samplers ({','.join(SAMPLER_NAMES)}): "
                         "each lisa method runs once per sampler")
     b.add_argument("--seeds", type=_int_at_least(1), default=1,
-                   help="repeat each method (but full, which is deterministic) with seeds seed..seed+N-1 of the "
-                        "LISA draws and the LoRA init, on the same data; the report adds eval loss mean ± std")
+                   help="repeat each method (but the deterministic ones: full, badam, galore, adamw-8bit, "
+                        "adamw-8bit-bnb) with seeds seed..seed+N-1 of the LISA draws and the LoRA init, on the "
+                        "same data; the report adds eval loss mean ± std")
     b.add_argument("--steps", type=_int_at_least(1), default=40, help="fine-tuning steps per method")
     b.add_argument("--base-steps", type=_int_at_least(0), default=None,
                    help="base-training steps before fine-tuning (default: 100 for tiny, 0 otherwise)")

@@ -94,12 +94,12 @@ def test_planned_is_above_the_whole_model_and_states_are_matched():
     full = preflight.planned_above_baseline(_row("full"), PLANNED, "cpu")
     assert full == dict.fromkeys(("planned_peak_bytes", "planned_tensor_bytes", "planned_mem_bytes"), 57 * MIB)
     # LISA: minus the model's 6 MiB (not the Row's 4: what FusedLISA binds is in its state).
-    host = preflight.planned_above_baseline(_row("lisa", opt_state_device_bytes=7 * MIB), PLANNED, "cpu")
+    host = preflight.planned_above_baseline(_row("lisa", opt_device_bytes=7 * MIB), PLANNED, "cpu")
     assert host == {"planned_peak_bytes": 53 * MIB, "planned_tensor_bytes": 53 * MIB,  # host reserved up front
                     "planned_mem_bytes": 43 * MIB}  # the RSS: only the 2 MiB written of the 12 MiB store
-    assert preflight.planned_above_baseline(_row("lisa", opt_state_device_bytes=7 * MIB), PLANNED, "cuda")[
+    assert preflight.planned_above_baseline(_row("lisa", opt_device_bytes=7 * MIB), PLANNED, "cuda")[
         "planned_mem_bytes"] == 53 * MIB  # no host adjustment off the CPU (the row's peak has no host bytes)
-    dev = preflight.planned_above_baseline(_row("lisa-device", opt_state_device_bytes=11 * MIB, opt_host_bytes=0), PLANNED, "cpu")
+    dev = preflight.planned_above_baseline(_row("lisa-device", opt_device_bytes=11 * MIB, opt_host_bytes=0), PLANNED, "cpu")
     assert dev == {"planned_peak_bytes": 50 * MIB, "planned_tensor_bytes": 45 * MIB, "planned_mem_bytes": 45 * MIB}
     assert preflight.planned_above_baseline(_row("lisa-8bit"), PLANNED, "cpu")["planned_peak_bytes"] is None
 
@@ -107,7 +107,7 @@ def test_planned_is_above_the_whole_model_and_states_are_matched():
 def test_table_has_peak_mem_tensors_and_planned_columns():
     rows = []
     for r in (_row("full", peak_tensor_bytes=int(57.2 * MIB), peak_mem_bytes=63 * MIB),
-              _row("lisa-device", opt_state_device_bytes=11 * MIB, opt_host_bytes=0), _row("lora", peak_tensor_bytes=None)):
+              _row("lisa-device", opt_device_bytes=11 * MIB, opt_host_bytes=0), _row("lora", peak_tensor_bytes=None)):
         r.update(preflight.planned_above_baseline(r, PLANNED, "cpu"))
         rows.append(r)
     rows[2].update(planned_peak_bytes=None, planned_tensor_bytes=None, planned_mem_bytes=None)

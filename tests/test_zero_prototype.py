@@ -1,0 +1,102 @@
+"""Issue 25, phase 1: the DeepSpeed-side mechanics of LISA under ZeRO 1, 2 and 3, with a stand-in optimizer
+(tests/_zero_prototype.py; FusedLISA is not involved yet). 2 CPU processes (gloo), one launch.
+
+Per stage: ZeRO's partitions are rebuilt in place (its own __init__) at every switch; blocks activated later
+train on every rank, never-active blocks stay bitwise unchanged, the ZeRO object is the one the engine
+holds, and the run equals torch.optim.AdamW in one process over the whole batches with the same freezing
+(tolerance: the two ranks' gradient average differs from the one-process mean by rounding)."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import _zero_prototype as Z
+from helpers import MLPStack, run_two_processes
+
+if os.environ.get("CI") == "true":
+    import deepspeed  # noqa: F401
+pytest.importorskip("deepspeed")
+
+pytestmark = [pytest.mark.distributed, pytest.mark.slow,
+              pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")]
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    return run_two_processes("_zero_prototype.py", tmp_path_factory.mktemp("zero_proto"), 900,
+                             {"OMP_NUM_THREADS": "1"})
+
+
+def reference(dtype=torch.float32):
+    """torch AdamW (foreach=False), one process, whole batches, the same freezing schedule. bf16: AdamW on
+    fp32 masters, forward/backward in a bf16 copy (the masters rounded each step), as DeepSpeed's bf16."""
+    model = MLPStack(Z.WIDTH, Z.N_LAYERS, seed=0).to(dtype)
+    master = MLPStack(Z.WIDTH, Z.N_LAYERS, seed=0)
+    master.load_state_dict({k: v.float() for k, v in model.state_dict().items()})  # (ZeRO's masters start so)
+    always, blocks = Z.always_and_blocks(model)
+    _, master_blocks = Z.always_and_blocks(master)
+    opt = torch.optim.AdamW(master.parameters(), lr=Z.LR, betas=Z.BETAS, eps=Z.EPS, weight_decay=Z.WD, foreach=False)
+    for step, (x, y) in enumerate(Z.batches()):
+        Z.set_flags(blocks, Z.SCHEDULE[step // Z.SWITCH_EVERY])
+        Z.set_flags(master_blocks, Z.SCHEDULE[step // Z.SWITCH_EVERY])
+        torch.nn.functional.mse_loss(model(x.to(dtype)).float(), y).backward()
+        for p, q in zip(master.parameters(), model.parameters()):
+            p.grad = None if q.grad is None else q.grad.float()
+        opt.step()
+        model.zero_grad()
+        with torch.no_grad():
+            for p, q in zip(master.parameters(), model.parameters()):
+                q.copy_(p)
+    return {n: p.detach().float() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("name", ["zero1", "zero2", "zero3"])
+def test_rebuilt_zero_trains_late_blocks_like_adamw(results, name):
+    r0, r1 = results[name]
+    for r in (r0, r1):
+        assert "error" not in r, r.get("error")
+        assert r["same_zero_object"] and r["seq"] == [a for a in Z.SCHEDULE for _ in range(Z.SWITCH_EVERY)]
+    ever = {b for a in Z.SCHEDULE for b in a}
+    ref = reference()
+    for n in r0["params"]:
+        assert torch.equal(r0["params"][n], r1["params"][n]), n  # ranks agree
+        block = int(n.split(".")[1]) if n.startswith("blocks.") else None
+        moved = not torch.equal(r0["params"][n], r0["before"][n])
+        assert moved == (block is None or block in ever), (n, moved)
+        torch.testing.assert_close(r0["params"][n], ref[n], rtol=1e-5, atol=1e-6, msg=n)
+    assert all(r0["masters_carried"]) and len(r0["masters_carried"]) == len(Z.SCHEDULE) - 1
+    if name != "zero3":  # ZeRO-1/2 re-partition the flat group: ranges moved and were re-assembled
+        assert sum(r0["moved"]) > 0, r0["moved"]
+    else:  # ZeRO-3 partitions each param by itself: a rank's range of a param never moves
+        assert r0["moved"] == [0] * len(r0["moved"])
+
+
+@pytest.mark.parametrize("name", ["zero2_bf16", "zero3_bf16"])
+def test_rebuilt_zero_bf16_trains_and_keeps_never_active_blocks(results, name):
+    """DeepSpeed's bf16 ({"bf16": {"enabled": true}}): fp32 masters in ZeRO's partitions, carried bitwise
+    across every rebuild. Against the one-process reference, bf16 gradients averaged over 2 ranks flip the
+    sign of Adam's first updates where a gradient is near zero (a weight then differs by ~2 lr), so the check
+    there is on the mean: within 3% of the mean update."""
+    r0, r1 = results[name]
+    for r in (r0, r1):
+        assert "error" not in r, r.get("error")
+    ever = {b for a in Z.SCHEDULE for b in a}
+    ref = reference(torch.bfloat16)
+    for n in r0["params"]:
+        assert torch.equal(r0["params"][n], r1["params"][n]), n
+        block = int(n.split(".")[1]) if n.startswith("blocks.") else None
+        moved = not torch.equal(r0["params"][n], r0["before"][n])
+        assert moved == (block is None or block in ever), (n, moved)
+        if moved:
+            dev = (r0["params"][n] - ref[n]).abs().mean()
+            assert dev < 0.03 * (ref[n] - r0["before"][n]).abs().mean(), n
+    assert all(r0["masters_carried"]) and len(r0["masters_carried"]) == len(Z.SCHEDULE) - 1
+
+
+def test_zero2_and_zero3_bf16_agree_bitwise(results):
+    """The same run partitioned two ways (one flat group split across ranks vs each param split by itself):
+    the rebuild and carry do not depend on the layout."""
+    a, b = results["zero2_bf16"][0], results["zero3_bf16"][0]
+    assert all(torch.equal(a["params"][n], b["params"][n]) for n in a["params"])

@@ -1,25 +1,19 @@
-"""Prototype (issue 25, phase 1): rebuild DeepSpeed ZeRO-1/2/3's partitions for a new trainable set at a
-LISA switch, with a plain stand-in optimizer that steps ZeRO's fp32 partition slices per parameter range.
+"""Prototype client of lisa_fused/zero.py (issue 25): LISA's switches under DeepSpeed ZeRO 1, 2 and 3 with a
+stand-in optimizer (FusedLISA is not involved), 2 CPU processes on gloo.
 
     torchrun --standalone --nproc_per_node=2 tests/_zero_prototype.py OUT_DIR
 
-For each stage: a MLPStack (5 blocks of odd size 37x37+37), 2 active blocks re-drawn every 2 steps by a
-fixed schedule, 8 steps. Writes OUT_DIR/rank{r}.pt: {"zero{stage}": {...}}. tests/test_zero_prototype.py
-checks it against torch.optim.AdamW in one process over the whole batches with the same freezing.
-
-What it shows (the DeepSpeed side of docs/engines-findings.md section 4; FusedLISA is not used here):
-* the ZeRO optimizer object is re-initialised in place by its own `__init__` with the arguments the engine
-  gave it at deepspeed.initialize (read from that call's frame), after `destroy()`, for the new trainable
-  set: every reference to it (engine.optimizer, accelerate's wrapper, schedulers) stays valid;
-* the client optimizer (here `SliceAdamW`) keeps its state per (parameter, element range it owns): the
-  range moves between ranks when ZeRO-1/2 re-partitions, so state whose range moved is re-assembled
-  (one all_reduce per such parameter) and each rank takes its new slice;
-* the fp32 masters of the params that stay trained are carried into ZeRO's new fp32 partitions (ZeRO
-  would re-create them from the low-precision params).
+Per scenario: MLPStack (5 blocks), a fixed schedule of active blocks re-drawn every 2 steps, 8 steps.
+`SliceAdamW` is what FusedLISA does under ZeRO (docs/engines-findings.md 4.4): it is ZeRO's client, steps
+each fp32 partition slice with torch AdamW's single-tensor update, keeps its state per (param, element
+range), switches after ZeRO's step (ZeroSession.wrap_step) by re-running ZeRO's constructor
+(ZeroSession.rebuild), carries state and fp32 masters whose range moved (gather_slice), and aligns the
+trainable set to a checkpoint's before DeepSpeed loads it (ZeroSession.wrap_load_checkpoint). Writes
+OUT_DIR/rank{r}.pt: {scenario: results}; tests/test_zero_prototype.py checks them.
 """
 from __future__ import annotations
 
-import inspect
+import datetime
 import math
 import sys
 import traceback
@@ -28,13 +22,13 @@ import torch
 import torch.distributed as dist
 
 from helpers import MLPStack
+from lisa_fused.zero import ZeroSession, gather_slice
 
 WIDTH, N_LAYERS, STEPS, LR, WD, BATCH = 37, 5, 8, 1e-2, 0.01, 8
 BETAS, EPS = (0.9, 0.999), 1e-8
-# The active blocks of each interval (a switch every 2 steps): blocks 0 and 4 are never active, 3 leaves and
-# comes back, 1 arrives late.
+# Active blocks per interval (a switch every 2 steps): 0 and 4 never active, 3 leaves and comes back, 1 late.
 SCHEDULE = [(2, 3), (1, 2), (1, 3), (2, 3)]
-SWITCH_EVERY = 2
+SWITCH_EVERY, SAVE_AT = 2, 3  # (step 3: mid-interval)
 
 
 def batches(steps=STEPS, batch=BATCH, seed=123):
@@ -65,229 +59,210 @@ def adamw_(p, g, m, v, step, lr=LR, wd=WD):
 
 
 class WatchedGroup(dict):
-    """A client param group that records the DeepSpeed frame which assigns its "params" (ZeRO's __init__,
-    or for stage 3 a method it calls): the ZeRO optimizer and its constructor arguments."""
-
-    def __setitem__(self, key, value):
-        super().__setitem__(key, value)
-        if key == "params" and self.owner is not None and self.owner.zero is None:
-            self.owner.capture(sys._getframe(1))
+    """A client param group that reports DeepSpeed's write of "params" (with the writing frame)."""
 
     owner = None
 
+    def __setitem__(self, key, value):
+        super().__setitem__(key, value)
+        if key == "params" and self.owner is not None:
+            self.owner.on_group_write(sys._getframe(1))
+
 
 class SliceAdamW(torch.optim.Optimizer):
-    """Stand-in client optimizer: torch AdamW on the slices of ZeRO's flat fp32 partitions, state keyed by
-    (param name, (start, end) of the param's flattened elements this rank owns); per-param step counts
-    count every step of a trained param on every rank (a rank that owns no slice of it still counts: a
-    later re-partition may hand it one)."""
+    """Stand-in for FusedLISA under ZeRO (module doc)."""
 
-    def __init__(self, named, order):
-        self.names = {id(p): n for n, p in named}
-        self.zero, self.zero_args = None, None
+    def __init__(self, model):
+        self.model = model
+        self.always, self.blocks = always_and_blocks(model)
+        self.names = {id(p): n for n, p in model.named_parameters()}
+        self.session = None
         self.state_of: dict[str, dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]]] = {}
         self.master_of: dict[str, dict[tuple[int, int], torch.Tensor]] = {}
-        self.steps = {n: 0 for n, _ in named}
-        super().__init__([p for p in order], dict(lr=LR, weight_decay=WD))
+        self.steps = {n: 0 for n in self.names.values()}
+        self.global_step, self.counted, self.moved, self.carried = 0, False, [], []
+        self.active = SCHEDULE[0]
+        set_flags(self.blocks, self.active)
+        super().__init__(self.order(), dict(lr=LR, weight_decay=WD))
         self.param_groups = [WatchedGroup(g) for g in self.param_groups]
         for g in self.param_groups:
             g.owner = self
 
-    # -- who wraps us: ZeRO's own construction call ------------------------------------------------
-    def capture(self, frame):
-        """Walk up from the assigning frame to the ZeRO optimizer's __init__ and keep its arguments."""
-        while frame is not None:
-            me = frame.f_locals.get("self")
-            if me is not None and type(me).__name__.startswith("DeepSpeedZeroOptimizer") \
-                    and frame.f_code is type(me).__init__.__code__:
-                sig = inspect.signature(type(me).__init__)
-                self.zero = me
-                self.zero_args = {k: frame.f_locals[k] for k in list(sig.parameters)[1:]}
-                return
-            frame = frame.f_back
-        raise RuntimeError("params assigned outside a ZeRO optimizer's construction")
+    def order(self):
+        """The client group's params: always-trained first, then the active blocks (then the frozen ones,
+        which ZeRO leaves out)."""
+        active = [p for b in self.active for _, p in self.blocks[b]]
+        rest = [p for b in range(len(self.blocks)) if b not in self.active for _, p in self.blocks[b]]
+        return [p for _, p in self.always] + active + rest
 
-    # -- which slice of which param each flat partition holds (DeepSpeed's own bookkeeping) ----------
-    def segments(self, flat):
-        """[(name, (start, end), fp32 slice, grad slice)] of the flat fp32 partition `flat`."""
-        z, out = self.zero, []
-        if hasattr(z, "single_partition_of_fp32_groups"):  # ZeRO 1/2: link_hp_params' _hp_mapping
-            i = next(k for k, t in enumerate(z.single_partition_of_fp32_groups) if t is flat)
-            for lp in z.bit16_groups[i]:
-                m = lp._hp_mapping
-                if m is None:
-                    continue
-                a, h = m.lp_fragment_address, m.hp_fragment_address
-                out.append((self.names[id(lp)], (a.start, a.start + a.numel), flat.narrow(0, h.start, h.numel),
-                            flat.grad.narrow(0, h.start, h.numel)))
-            return out, z.bit16_groups[i]
-        i = next(k for k, t in enumerate(z.fp32_partitioned_groups_flat) if t is flat)  # ZeRO 3: grad_position
-        rank = dist.get_rank()
-        for p in z.fp16_groups[i]:
-            _, off, n = z.grad_position[z.get_param_id(p)]
-            valid = max(0, min(n, p.ds_numel - rank * n))
-            if valid:
-                out.append((self.names[id(p)], (rank * n, rank * n + valid), flat.narrow(0, off, valid),
-                            flat.grad.narrow(0, off, valid)))
-        return out, z.fp16_groups[i]
-
-    def owned(self):
-        """{name: (range, fp32 slice)} of every slice this rank owns now, over all partitions."""
-        out = {}
-        z = self.zero
-        flats = z.single_partition_of_fp32_groups if hasattr(z, "single_partition_of_fp32_groups") \
-            else z.fp32_partitioned_groups_flat
-        for flat in flats:
-            saved, flat.grad = flat.grad, torch.zeros_like(flat)
-            segs, _ = self.segments(flat)
-            flat.grad = saved
-            for name, rng, hp, _ in segs:
-                out[name] = (rng, hp)
-        return out
+    # -- DeepSpeed's side --------------------------------------------------------------------------
+    def on_group_write(self, frame):
+        if self.session is not None:
+            return  # (ZeRO's later writes: its own construction re-run, checkpoints, steps)
+        self.session = ZeroSession.attach(frame)
+        if self.session is None:
+            raise RuntimeError("params replaced outside a ZeRO 1-3 construction")
+        self.session.wrap_step(self.after_zero_step)
+        self.session.wrap_load_checkpoint(self.before_load)
 
     @torch.no_grad()
     def step(self, closure=None):
+        z = self.session
         for g in self.param_groups:
             for flat in g["params"]:
                 if flat.grad is None:
                     continue
-                segs, members = self.segments(flat)
-                for p in members:  # every trained param of this partition counts the step on every rank
-                    self.steps[self.names[id(p)]] += 1
-                for name, rng, hp, gr in segs:
+                i = z.group_of(flat)
+                if not self.counted:  # once per ZeRO step, every trained param, on every rank
+                    for n, p in self.model.named_parameters():
+                        self.steps[n] += p.requires_grad
+                    self.counted = True
+                for s in z.slices(i):
+                    name = self.names[id(s.param)]
                     st = self.state_of.setdefault(name, {})
-                    if rng not in st:
-                        st[rng] = (torch.zeros_like(hp), torch.zeros_like(hp))
-                    adamw_(hp, gr, *st[rng], self.steps[name])
+                    hp, gr = flat.narrow(0, s.offset, s.numel), flat.grad.narrow(0, s.offset, s.numel)
+                    if s.range not in st:
+                        st[s.range] = (torch.zeros_like(hp), torch.zeros_like(hp))
+                    adamw_(hp, gr, *st[s.range], self.steps[name])
+
+    def after_zero_step(self):
+        if not self.counted:
+            return  # (no client step happened: an overflow, or no gradient)
+        self.counted = False
+        self.global_step += 1
+        if self.global_step % SWITCH_EVERY == 0 and self.global_step // SWITCH_EVERY < len(SCHEDULE):
+            self.switch(SCHEDULE[self.global_step // SWITCH_EVERY], carry=True)
+
+    # -- the switch ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def switch(self, active, carry: bool):
+        z = self.session
+        owned = z.owned()
+        for key, (s, hp) in owned.items():  # a leaving block's master stays here until it returns
+            self.master_of[self.names[key]] = {s.range: hp.clone()}
+        leaving = [p for b in self.active if b not in active for _, p in self.blocks[b]]
+        staying = sorted(self.names[id(p)] for p in self.model.parameters() if p.requires_grad
+                         and not any(p is q for q in leaving))
+        numel = {n: ZeroSession.numel(p) for n, p in self.model.named_parameters()}
+        before = {n: gather_slice(numel[n], self.master_of.get(n, {}), (0, numel[n])) for n in staying} \
+            if carry else {}  # (a check: the masters of params trained across the switch, whole)
+        self.active = active
+        set_flags(self.blocks, active)
+        z.rebuild([self.order()], leaving)
+        if carry:
+            self.moved.append(self.carry(numel))
+            now = z.owned()
+            self.carried.append(all(torch.equal(before[n], gather_slice(
+                numel[n], {now[id(p)][0].range: now[id(p)][1]} if id(p) in now else {}, (0, numel[n])))
+                for n, p in self.model.named_parameters() if n in staying))
+            z.write_low_precision()
+
+    def carry(self, numel) -> int:
+        """State and masters to each trained param's new ranges: local where no rank's range moved,
+        re-assembled otherwise. Returns how many params moved."""
+        now = {self.names[k]: v for k, v in self.session.owned().items()}
+        moved = 0
+        for name in sorted(n for n, p in self.model.named_parameters() if p.requires_grad):
+            rng = now[name][0].range if name in now else None
+            held, master = self.state_of.get(name, {}), self.master_of.get(name, {})
+            flags = torch.tensor([int(all(r == rng for r in [*held, *master])), int(bool(held)), int(bool(master))])
+            dist.all_reduce(flags[:1], op=dist.ReduceOp.MIN)
+            dist.all_reduce(flags[1:], op=dist.ReduceOp.MAX)
+            same, any_held, any_master = map(bool, flags.tolist())
+            if same:
+                if name in now and master:
+                    now[name][1].copy_(master[rng])
+                continue
+            moved += 1
+            m = gather_slice(numel[name], {r: t[0] for r, t in held.items()}, rng)
+            v = gather_slice(numel[name], {r: t[1] for r, t in held.items()}, rng)
+            w = gather_slice(numel[name], master, rng)
+            self.state_of[name] = {rng: (m, v)} if rng is not None and any_held else {}
+            self.master_of[name] = {rng: w} if rng is not None and any_master else {}
+            if any_master and rng is not None:
+                now[name][1].copy_(w)
+        return moved
+
+    # -- checkpoints (ZeRO saves/loads our state_dict in each rank's file) ---------------------------
+    def state_dict(self):
+        return {"global_step": self.global_step, "active": self.active, "steps": dict(self.steps),
+                "state": self.state_of, "master": self.master_of}
+
+    def load_state_dict(self, sd):
+        assert tuple(sd["active"]) == tuple(self.active), (sd["active"], self.active)  # (pre-aligned)
+        self.global_step, self.steps = sd["global_step"], dict(sd["steps"])
+        self.state_of = {n: {tuple(r): (m.clone(), v.clone()) for r, (m, v) in st.items()} for n, st in sd["state"].items()}
+        self.master_of = {n: {tuple(r): w.clone() for r, w in st.items()} for n, st in sd["master"].items()}
+
+    def before_load(self, load_dir, tag):
+        """The engine is about to load a checkpoint: train the saved active set first (its layout is what
+        DeepSpeed's files hold, and the model states' frozen fragments are keyed by it)."""
+        sd = torch.load(self.session.zero_file(load_dir, tag), map_location="cpu", weights_only=False, mmap=True)
+        saved = tuple(self.session.client_state_in(sd["optimizer_state_dict"])["active"])
+        if saved != tuple(self.active):
+            self.switch(saved, carry=False)  # (the checkpoint brings state and fp32 partitions)
 
 
-def reassemble(numel, pieces, want):
-    """Every rank holds {range: tensor} pieces of a param's flat state; return the slice `want` of this rank
-    (None: owns nothing). One all_reduce over the param's full size: collective, so every rank calls it."""
-    full = torch.zeros(numel)
-    for (a, b), t in pieces.items():
-        full[a:b] = t
-    dist.all_reduce(full)
-    return None if want is None else full[want[0]:want[1]].clone()
-
-
-@torch.no_grad()
-def rebuild(opt, model, always, blocks, active, order):
-    """The switch: page out (here: keep) the state and fp32 masters of every range, flip the flags, re-run
-    ZeRO's __init__ in place for the new trainable set (the client group holds the trainable params in
-    `order`), then carry state and masters to wherever the new partitions put them."""
-    z = opt.zero
-    for name, (rng, hp) in opt.owned().items():  # (a leaving block's master stays here until it returns)
-        opt.master_of[name] = {rng: hp.clone()}
-    numel = {n: getattr(p, "ds_numel", p.numel()) for n, p in model.named_parameters()}
-    staying = sorted(n for n, p in model.named_parameters()
-                     if p.requires_grad and not any(b not in active and n.startswith(f"blocks.{b}.") for b in range(len(blocks))))
-    before = {n: reassemble(numel[n], opt.master_of.get(n, {}), (0, numel[n])) for n in staying}  # (a check)
-    stage3 = not hasattr(z, "single_partition_of_fp32_groups")
-    for b, named in enumerate(blocks):  # leaving params still view ZeRO's flat buffers: own storage
-        if b not in active:
-            for _, p in named:
-                if p.requires_grad:
-                    if stage3:  # (their partitions live in lp_param_buffer)
-                        p.ds_tensor.data = p.ds_tensor.data.clone()
-                    else:  # (the whole params live in the flat bit16 group)
-                        p.data = p.data.clone()
-    z.destroy()
-    set_flags(blocks, active)
-    opt.param_groups[0]["params"] = list(order)  # (the client group ZeRO replaced by its flat partition)
-    type(z).__init__(z, **opt.zero_args)
-    if stage3 and not z._get_param_coordinator().is_invalid_trace():  # (a fresh coordinator has none yet)
-        z._get_param_coordinator()._invalidate_trace()
-    now = opt.owned()
-    trained = {n for n, p in model.named_parameters() if p.requires_grad}  # (the same on every rank)
-    moved = 0
-    for name in sorted(trained):  # (the same order on every rank: the loop holds collectives)
-        rng_now = now[name][0] if name in now else None
-        held = opt.state_of.get(name, {})
-        master = opt.master_of.get(name, {})
-        # every rank's range unchanged? (a collective decision: reassembly is a collective)
-        same = torch.tensor([int(all(r == rng_now for r in list(held) + list(master)))])
-        has_master = torch.tensor([int(bool(master))])
-        dist.all_reduce(same, op=dist.ReduceOp.MIN)
-        dist.all_reduce(has_master, op=dist.ReduceOp.MAX)
-        if bool(same):
-            if name in now and master:
-                now[name][1].copy_(master[rng_now])
-            continue
-        moved += 1
-        m = reassemble(numel[name], {r: t[0] for r, t in held.items()}, rng_now)
-        v = reassemble(numel[name], {r: t[1] for r, t in held.items()}, rng_now)
-        w = reassemble(numel[name], master, rng_now)
-        opt.state_of[name] = {} if rng_now is None or not held and not bool(has_master) else {rng_now: (m, v)}
-        opt.master_of[name] = {} if rng_now is None else {rng_now: w}
-        if bool(has_master) and rng_now is not None:
-            now[name][1].copy_(w)
-    now = opt.owned()
-    carried = all(torch.equal(before[n], reassemble(numel[n], {now[n][0]: now[n][1]} if n in now else {}, (0, numel[n])))
-                  for n in staying)
-    # the carried fp32 masters go to the model's low-precision copies: ZeRO's own fp32 -> lp path
-    if not stage3:
-        z.update_lp_params()
-    else:
-        for i in range(len(z.fp16_groups)):
-            z._reassign_or_swap_out_partitioned_parameters(i)
-    return moved, carried
-
-
-def scenario(stage, rank, world, dtype=torch.float32):
+def build(stage, rank, world, dtype):
     import deepspeed
 
     model = MLPStack(WIDTH, N_LAYERS, seed=rank).to(dtype)  # the engine broadcasts rank 0's weights
-    always, blocks = always_and_blocks(model)
-    active = SCHEDULE[0]
-    set_flags(blocks, active)
-    order = [p for _, p in always] + [p for b in active for _, p in blocks[b]]
-    opt = SliceAdamW(list(model.named_parameters()), order)
+    opt = SliceAdamW(model)
     config = {"train_micro_batch_size_per_gpu": BATCH // world, "gradient_accumulation_steps": 1,
               "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True,
               "gradient_clipping": 0.0, "steps_per_print": 10 ** 9}
     if dtype == torch.bfloat16:
         config["bf16"] = {"enabled": True}
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=config)
-    assert opt.zero is engine.optimizer, (type(engine.optimizer), opt.zero)
-    zero_id = id(engine.optimizer)
+    return model, opt, engine
 
-    def full(p):
-        if hasattr(p, "ds_id"):
-            with deepspeed.zero.GatheredParameters([p]):
-                return p.detach().float().clone()
-        return p.detach().float().clone()
 
-    before = {n: full(p) for n, p in model.named_parameters()}
-    seq, losses, moved, carried, bytes_ = [], [], [], [], []
-    for step, (x, y) in enumerate(batches()):
-        if step and step % SWITCH_EVERY == 0:
-            active = SCHEDULE[step // SWITCH_EVERY]
-            order = [p for _, p in always] + [p for b in active for _, p in blocks[b]]
-            m, c = rebuild(opt, model, always, blocks, active, order)
-            moved.append(m)
-            carried.append(c)
-        seq.append(active)
+def full_params(model):
+    import deepspeed
+
+    params = list(model.parameters())
+    with deepspeed.zero.GatheredParameters([p for p in params if hasattr(p, "ds_id")]):
+        return {n: p.detach().float().clone() for n, p in model.named_parameters()}
+
+
+def train(engine, opt, data, rank, world, dtype, save=None):
+    seq, losses = [], []
+    for step, (x, y) in data:
+        seq.append(opt.active)
         n = x.shape[0] // world
-        out = engine(x[rank * n:(rank + 1) * n].to(dtype)).float()
-        loss = torch.nn.functional.mse_loss(out, y[rank * n:(rank + 1) * n])
+        loss = torch.nn.functional.mse_loss(engine(x[rank * n:(rank + 1) * n].to(dtype)).float(),
+                                            y[rank * n:(rank + 1) * n])
         engine.backward(loss)
         engine.step()
         losses.append(loss.item())
-        bytes_.append(sum(4 * t.numel() for st in opt.state_of.values() for m, v in st.values() for t in (m, v)))
-    after = {n: full(p) for n, p in model.named_parameters()}
-    owned = {n: rng for n, (rng, _) in opt.owned().items()}
-    out = {"seq": seq, "losses": losses, "moved": moved, "masters_carried": carried, "params": after, "before": before,
-           "same_zero_object": id(engine.optimizer) == zero_id, "zero_class": type(engine.optimizer).__name__,
-           "owned": owned, "state_bytes": bytes_, "steps": dict(opt.steps)}
+        if save is not None and step + 1 == SAVE_AT:
+            engine.save_checkpoint(save, tag="mid")
+    return seq, losses
+
+
+def scenario(stage, rank, world, dtype, out_dir, name):
+    model, opt, engine = build(stage, rank, world, dtype)
+    zero_id = id(engine.optimizer)
+    before = full_params(model)
+    data = list(enumerate(batches()))
+    seq, losses = train(engine, opt, data, rank, world, dtype, save=f"{out_dir}/{name}")
+    res = {"seq": seq, "losses": losses, "moved": opt.moved, "masters_carried": opt.carried,
+           "params": full_params(model), "before": before, "same_zero_object": id(engine.optimizer) == zero_id,
+           "zero_class": type(engine.optimizer).__name__, "stage": opt.session.stage, "steps": dict(opt.steps),
+           "state_elements": sum(m.numel() for st in opt.state_of.values() if st for m, _ in st.values())}
     engine.destroy()
-    return out
+    # resume: a fresh model (other seed), optimizer and engine; load the mid-interval checkpoint, go on
+    model, opt, engine = build(stage, rank, world, dtype)
+    engine.load_checkpoint(f"{out_dir}/{name}", tag="mid")
+    res["resumed_active"], res["resumed_step"] = opt.active, opt.global_step
+    rseq, _ = train(engine, opt, data[SAVE_AT:], rank, world, dtype)
+    res["resumed_seq"], res["resumed_params"] = rseq, full_params(model)
+    engine.destroy()
+    return res
 
 
 def main(out_dir):
     import deepspeed
-
-    import datetime
 
     deepspeed.init_distributed(dist_backend="gloo", timeout=datetime.timedelta(seconds=120))
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -296,8 +271,8 @@ def main(out_dir):
                                ("zero3", 3, torch.float32), ("zero2_bf16", 2, torch.bfloat16),
                                ("zero3_bf16", 3, torch.bfloat16)]:
         try:
-            results[name] = scenario(stage, rank, world, dtype)
-        except Exception:  # (recorded: the test prints it; the other stages still run)
+            results[name] = scenario(stage, rank, world, dtype, out_dir, name)
+        except Exception:  # (recorded: the test shows it; the other stages still run)
             results[name] = {"error": traceback.format_exc()}
             print(f"rank {rank} {name}:\n{results[name]['error']}", flush=True)
         dist.barrier()

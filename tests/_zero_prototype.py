@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime
 import math
+import os
 import sys
 import traceback
 
@@ -36,9 +37,10 @@ def batches(steps=STEPS, batch=BATCH, seed=123):
     return [(torch.randn(batch, 3, generator=g), torch.randn(batch, 1, generator=g)) for _ in range(steps)]
 
 
-def always_and_blocks(model):
-    always = [(n, p) for n, p in model.named_parameters() if not n.startswith("blocks.")]
-    blocks = [list(blk.named_parameters(prefix=f"blocks.{b}")) for b, blk in enumerate(model.blocks)]
+def always_and_blocks(model, stack="blocks"):
+    """([(name, param)] outside the block stack, [[(name, param)] per block]); stack: the ModuleList's name."""
+    always = [(n, p) for n, p in model.named_parameters() if not n.startswith(stack + ".")]
+    blocks = [list(blk.named_parameters(prefix=f"{stack}.{b}")) for b, blk in enumerate(model.get_submodule(stack))]
     return always, blocks
 
 
@@ -72,18 +74,18 @@ class WatchedGroup(dict):
 class SliceAdamW(torch.optim.Optimizer):
     """Stand-in for FusedLISA under ZeRO (module doc)."""
 
-    def __init__(self, model):
-        self.model = model
-        self.always, self.blocks = always_and_blocks(model)
+    def __init__(self, model, stack="blocks", schedule=SCHEDULE, lr=LR):
+        self.model, self.schedule, self.lr = model, schedule, lr
+        self.always, self.blocks = always_and_blocks(model, stack)
         self.names = {id(p): n for n, p in model.named_parameters()}
         self.session = None
         self.state_of: dict[str, dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]]] = {}
         self.master_of: dict[str, dict[tuple[int, int], torch.Tensor]] = {}
         self.steps = {n: 0 for n in self.names.values()}
         self.global_step, self.counted, self.moved, self.carried = 0, False, [], []
-        self.active = SCHEDULE[0]
+        self.active = schedule[0]
         set_flags(self.blocks, self.active)
-        super().__init__(self.order(), dict(lr=LR, weight_decay=WD))
+        super().__init__(self.order(), dict(lr=lr, weight_decay=WD))
         self.param_groups = [WatchedGroup(g) for g in self.param_groups]
         for g in self.param_groups:
             g.owner = self
@@ -123,15 +125,15 @@ class SliceAdamW(torch.optim.Optimizer):
                     hp, gr = flat.narrow(0, s.offset, s.numel), flat.grad.narrow(0, s.offset, s.numel)
                     if s.range not in st:
                         st[s.range] = (torch.zeros_like(hp), torch.zeros_like(hp))
-                    adamw_(hp, gr, *st[s.range], self.steps[name])
+                    adamw_(hp, gr, *st[s.range], self.steps[name], lr=g["lr"])
 
     def after_zero_step(self):
         if not self.counted:
             return  # (no client step happened: an overflow, or no gradient)
         self.counted = False
         self.global_step += 1
-        if self.global_step % SWITCH_EVERY == 0 and self.global_step // SWITCH_EVERY < len(SCHEDULE):
-            self.switch(SCHEDULE[self.global_step // SWITCH_EVERY], carry=True)
+        if self.global_step % SWITCH_EVERY == 0 and self.global_step // SWITCH_EVERY < len(self.schedule):
+            self.switch(self.schedule[self.global_step // SWITCH_EVERY], carry=True)
 
     # -- the switch ---------------------------------------------------------------------------------
     @torch.no_grad()
@@ -261,21 +263,89 @@ def scenario(stage, rank, world, dtype, out_dir, name):
     return res
 
 
+LLAMA_SCHEDULE = [(1, 2), (0, 1), (0, 2), (1, 2)]  # 4 layers: 3 never active
+
+
+class StandInFactory:
+    """Trainer(optimizer_cls_and_kwargs=(StandInFactory, {...})): called as StandInFactory()(model, **kw)."""
+
+    def __call__(self, model, **kwargs):
+        return SliceAdamW(model, stack="model.layers", schedule=LLAMA_SCHEDULE, **kwargs)
+
+
+def scenario_trainer(rank, world, out_dir, stage=3, reentrant=True):
+    """TrainingArguments(deepspeed=ZeRO-3 + bf16, gradient_checkpointing=True) with the stand-in through
+    optimizer_cls_and_kwargs (LlamaFactory PR #3103's combination); a DeepSpeed checkpoint at step 3,
+    resumed by a fresh Trainer (resume_from_checkpoint) to step 8."""
+    import transformers
+    from accelerate.state import AcceleratorState
+    from transformers import Trainer, TrainingArguments
+
+    from helpers import lm_batch, tiny_llama
+
+    transformers.logging.set_verbosity_error()
+    data = [{"input_ids": x, "labels": x} for x in torch.cat([lm_batch(s, batch=4) for s in range(8)])]
+
+    def run(max_steps, resume=None):
+        args = TrainingArguments(
+            output_dir=f"{out_dir}/trainer_z{stage}", report_to=[], max_steps=max_steps,
+            per_device_train_batch_size=2, learning_rate=1e-3, logging_steps=1, disable_tqdm=True, seed=0,
+            save_strategy="steps", save_steps=SAVE_AT, lr_scheduler_type="constant",
+            gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": reentrant},
+            max_grad_norm=0.0,
+            deepspeed={"zero_optimization": {"stage": stage}, "bf16": {"enabled": "auto"},
+                       "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+                       "gradient_clipping": "auto", "steps_per_print": 10 ** 9})
+        # (CPU only: TrainingArguments refuses bf16=True without use_cpu, and use_cpu turns DeepSpeed off;
+        # so bf16 is switched on after the checks, in the args and in the DeepSpeed config they filled)
+        args.bf16 = True
+        args.hf_deepspeed_config.config["bf16"]["enabled"] = True
+        args.hf_deepspeed_config._dtype = torch.bfloat16
+        model = tiny_llama(4, seed=rank, dtype=torch.bfloat16)
+        trainer = Trainer(model=model, args=args, train_dataset=data,
+                          optimizer_cls_and_kwargs=(StandInFactory, {"lr": 1e-3}))
+        trainer.train(resume_from_checkpoint=resume)
+        opt = trainer.optimizer
+        while not isinstance(opt, SliceAdamW):
+            opt = opt.optimizer
+        params = full_params(trainer.model_wrapped.module)
+        losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+        out = {"params": params, "active": opt.active, "global_step": opt.global_step, "losses": losses,
+               "stage": opt.session.stage}
+        trainer.model_wrapped.destroy()
+        AcceleratorState._reset_state(True)
+        return out
+
+    before = full_params(tiny_llama(4, seed=0, dtype=torch.bfloat16))
+    full = run(8)
+    resumed = run(8, resume=f"{out_dir}/trainer_z{stage}/checkpoint-{SAVE_AT}")
+    return {"full": full, "resumed": resumed, "before": before}
+
+
 def main(out_dir):
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="gloo", timeout=datetime.timedelta(seconds=120))
     rank, world = dist.get_rank(), dist.get_world_size()
     results = {}
+    only = os.environ.get("ZERO_PROTOTYPE_ONLY")  # (a scenario name, to run one by hand)
     for name, stage, dtype in [("zero1", 1, torch.float32), ("zero2", 2, torch.float32),
                                ("zero3", 3, torch.float32), ("zero2_bf16", 2, torch.bfloat16),
                                ("zero3_bf16", 3, torch.bfloat16)]:
+        if only and name != only:
+            continue
         try:
             results[name] = scenario(stage, rank, world, dtype, out_dir, name)
         except Exception:  # (recorded: the test shows it; the other stages still run)
             results[name] = {"error": traceback.format_exc()}
             print(f"rank {rank} {name}:\n{results[name]['error']}", flush=True)
         dist.barrier()
+    try:
+        if not only or only == "trainer_zero3":
+            results["trainer_zero3"] = scenario_trainer(rank, world, out_dir)
+    except Exception:
+        results["trainer_zero3"] = {"error": traceback.format_exc()}
+        print(f"rank {rank} trainer_zero3:\n{results['trainer_zero3']['error']}", flush=True)
     torch.save(results, f"{out_dir}/rank{rank}.pt")
     dist.destroy_process_group()
 

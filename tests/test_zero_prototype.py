@@ -117,3 +117,20 @@ def test_optimizer_state_is_the_active_set_over_the_world(results, name):
     r0, r1 = results[name]
     total = sum(v.numel() for v in r0["params"].values())
     assert r0["state_elements"] + r1["state_elements"] < total
+
+
+def test_trainer_zero3_bf16_gradient_checkpointing_trains_and_resumes_bitwise(results):
+    """TrainingArguments(deepspeed=ZeRO-3 + bf16, gradient_checkpointing=True, reentrant) with the stand-in
+    through optimizer_cls_and_kwargs (LlamaFactory PR #3103's combination): layers 0-2 (ever active),
+    embedding, norm and head changed, layer 3 (never active) bitwise unchanged, ranks agree, and a fresh
+    Trainer resumed from the step-3 checkpoint (mid-interval) ends bitwise equal."""
+    r0, r1 = results["trainer_zero3"]
+    for r in (r0, r1):
+        assert "error" not in r, r.get("error")
+        assert r["full"]["stage"] == 3 and r["full"]["global_step"] == r["resumed"]["global_step"] == 8
+    full, before = r0["full"]["params"], r0["before"]
+    for n in full:
+        assert torch.equal(full[n], r1["full"]["params"][n]), n
+        assert torch.equal(full[n], r0["resumed"]["params"][n]) and torch.equal(full[n], r1["resumed"]["params"][n]), n
+        never = n.startswith("model.layers.3.")
+        assert torch.equal(full[n], before[n]) == never, n

@@ -4,7 +4,8 @@ No torch at build time: the extension takes raw pointers, so one binary serves e
 
 Environment:
   CUDA_HOME                  CUDA toolkit root; wins over everything below (an error if it has no bin/nvcc)
-  LISA_FUSED_CUDA_ARCHS      SM architectures, e.g. "80;90" (the default); the highest also gets PTX
+  LISA_FUSED_CUDA_ARCHS      SM architectures, e.g. "80;90"; the highest also gets PTX. Default: 80 and 90,
+                             plus 100 and 120 where the toolkit supports them (nvcc --list-gpu-arch)
   LISA_FUSED_SKIP_CUDA=1     build the CPU kernel only
   LISA_FUSED_SKIP_NATIVE=1   build no extension (the "torch" and "triton" backends still work)
 
@@ -29,7 +30,18 @@ from setuptools import setup
 from setuptools.errors import ExecError
 
 CSRC = Path("csrc")
-DEFAULT_CUDA_ARCHS = "80;90"
+# SASS for Ampere (sm_80; sm_86/89 run it too) and Hopper (sm_90), and for Blackwell (sm_100: B200/GB200,
+# also run by sm_103; sm_120: RTX 50xx / RTX PRO, also run by sm_121) where the toolkit knows it (CUDA >= 12.8).
+# The highest also ships as PTX, which the driver compiles for newer GPUs on their first launch.
+BASE_CUDA_ARCHS = ("80", "90")
+NEWER_CUDA_ARCHS = ("100", "120")
+# --fmad=false: no multiply-add contraction by nvcc, ptxas or the driver's PTX JIT; every FMA of the kernels
+# is an explicit fmaf, so a GPU rounds as the CPU kernel (-ffp-contract=off) and the reference do.
+# -lineinfo: source lines for compute-sanitizer and profilers (the code itself is unchanged).
+NVCC_FLAGS = ["-std=c++17", "-O3", "--fmad=false", "-lineinfo"]
+# The fatbin compressed for size where nvcc can (CUDA >= 12.8): with -lineinfo, 4 SASS architectures and the
+# PTX come to 89 MB uncompressed, 10.6 MB under nvcc's default compression, 7.2 MB with "size".
+SIZE_FLAGS = ["--compress-mode=size"]
 # -ffp-contract=off: the baseline and AVX2 copies of the CPU loop round identically (no FMA contraction).
 # -fno-math-errno / -fno-trapping-math let GCC vectorize sqrt and the select-based fp16 conversions.
 CPU_FLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math"]
@@ -122,15 +134,56 @@ def find_cuda_toolkit(environ=os.environ, which=shutil.which, facts=nvcc_facts,
     return select_toolkit(candidates, torch_cuda())
 
 
-def gencode_flags(archs: str) -> list[str]:
-    """ "80;90" -> SASS for sm_80 and sm_90, plus PTX for compute_90 (forward compatible)."""
+def toolkit_archs(nvcc: str, run=subprocess.run) -> set[str] | None:
+    """The architectures `nvcc --list-gpu-arch` lists ({"75", "80", "90", "100", ...}), or None when it
+    cannot say (an nvcc older than 11.x, or one that fails)."""
+    try:
+        done = run([nvcc, "--list-gpu-arch"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    found = set(re.findall(r"compute_(\d+)", (done.stdout or "") + (done.stderr or "")))
+    return found if getattr(done, "returncode", 0) == 0 and found else None
+
+
+def default_cuda_archs(supported: set[str] | None) -> str:
+    """BASE_CUDA_ARCHS plus the NEWER_CUDA_ARCHS in `supported` (toolkit_archs), e.g. "80;90;100;120"."""
+    return ";".join([*BASE_CUDA_ARCHS, *(a for a in NEWER_CUDA_ARCHS if supported and a in supported)])
+
+
+def arch_names(archs: str) -> list[str]:
+    """ "80;9.0;sm_100" -> ["80", "90", "100"]; RuntimeError naming the expected form otherwise."""
     names = [a.replace(".", "") for a in re.split(r"[;,\s]+", archs.strip()) if a]
     names = [a[3:] if a.startswith("sm_") else a for a in names]
     if not names or not all(re.fullmatch(r"\d+[af]?", a) for a in names):
         raise RuntimeError(f"LISA_FUSED_CUDA_ARCHS={archs!r}: expected a list like '80;90'")
+    return names
+
+
+def gencode_flags(archs: str) -> list[str]:
+    """ "80;90" -> SASS for sm_80 and sm_90, plus PTX for compute_90 (forward compatible), and
+    -DLISA_FUSED_PTX_ARCH=90, which lisa_fused._C.cuda_archs() reports."""
+    names = arch_names(archs)
     flags = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in names]
-    highest = max(names, key=lambda a: int(re.match(r"\d+", a).group()))
-    return flags + [f"-gencode=arch=compute_{highest},code=compute_{highest}"]
+    number = {a: int(re.match(r"\d+", a).group()) for a in names}
+    highest = max(names, key=number.get)
+    return flags + [f"-gencode=arch=compute_{highest},code=compute_{highest}", f"-DLISA_FUSED_PTX_ARCH={number[highest]}"]
+
+
+def nvcc_options(nvcc: str, run=subprocess.run) -> str:
+    """`nvcc --help`, to see which options this nvcc has ("" when it cannot say)."""
+    try:
+        done = run([nvcc, "--help"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return (done.stdout or "") + (done.stderr or "")
+
+
+def nvcc_command(nvcc: str, archs: str, source: Path, obj: Path, options: str = "") -> list[str]:
+    """The nvcc command line that compiles `source` to the object `obj` for `archs`; `options`: nvcc_options
+    (SIZE_FLAGS are added where it lists --compress-mode)."""
+    size = SIZE_FLAGS if "--compress-mode" in options else []
+    return [nvcc, *NVCC_FLAGS, *size, "--threads=0", "-Xcompiler=-fPIC", "-DLISA_FUSED_WITH_CUDA", f"-I{CSRC}",
+            *gencode_flags(archs), "-c", str(source), "-o", str(obj)]
 
 
 class BuildExt(build_ext):
@@ -151,15 +204,16 @@ class BuildExt(build_ext):
         super().build_extension(ext)
 
     def compile_cuda(self, toolkit: Toolkit, source: Path) -> Path:
-        archs = os.environ.get("LISA_FUSED_CUDA_ARCHS", DEFAULT_CUDA_ARCHS)
+        nvcc = str(toolkit.root / "bin" / "nvcc")
+        archs = os.environ.get("LISA_FUSED_CUDA_ARCHS") or default_cuda_archs(toolkit_archs(nvcc))
+        print(f"lisa_fused: CUDA architectures: {archs} (+PTX for the highest)", file=sys.stderr)
         tag = re.sub(r"[^0-9a-z]+", "_", f"{archs}_cuda{toolkit.version}")
         obj = Path(self.build_temp) / f"{source.stem}_{tag}.o"
         obj.parent.mkdir(parents=True, exist_ok=True)
-        inputs = [source, *CSRC.glob("*.h")]
+        inputs = [source, *CSRC.glob("*.h"), Path(__file__)]  # setup.py: NVCC_FLAGS
         if not self.force and obj.exists() and all(p.stat().st_mtime <= obj.stat().st_mtime for p in inputs):
             return obj  # up to date for these sources and architectures
-        cmd = [str(toolkit.root / "bin" / "nvcc"), "-std=c++17", "-O3", "--threads=0", "-Xcompiler=-fPIC",
-               "-DLISA_FUSED_WITH_CUDA", f"-I{CSRC}", *gencode_flags(archs), "-c", str(source), "-o", str(obj)]
+        cmd = nvcc_command(nvcc, archs, source, obj, nvcc_options(nvcc))
         try:
             self.spawn(cmd)
         except ExecError as exc:

@@ -5,11 +5,14 @@ grad_sumsq, kernels/triton_lean.py otherwise, compiled per mode with the GPU lau
 
 Each kernel comes back as {"sass", "ptx", "params", "names", "regs", "spill", "elts_per_thread", "kernel"}:
 SASS and PTX instruction lists (offline_sm90.py), PTX parameter symbols and the names of (parameter index,
-byte offset) pairs (the CUDA lean kernel takes one struct, PackedArgs), registers and spill-store bytes
-per thread, and the elements one thread handles per iteration of the source loop (before unrolling).
+byte offset) pairs (the CUDA lean kernel takes one struct, PackedArgs), and of the pointer-table entries
+both backends read the segments' param / grad / lowp addresses from, (parameter index, byte offset, byte
+offset in the row) (offline_loops.py), registers and spill-store bytes per thread, and the elements one
+thread handles per iteration of the source loop (before unrolling).
 """
 from __future__ import annotations
 
+import ast
 import importlib
 import importlib.util
 import os
@@ -66,9 +69,17 @@ def _template_args(name: str) -> tuple[str, tuple] | None:
     return m.group(1), args
 
 
+def nvcc_flags(setup_py: Path = Path(__file__).resolve().parents[1] / "setup.py") -> list[str]:
+    """setup.py's NVCC_FLAGS (-O3, --fmad=false, ...), read from its source (importing it needs pybind11)."""
+    for node in ast.parse(setup_py.read_text()).body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "NVCC_FLAGS" for t in node.targets):
+            return ast.literal_eval(node.value)
+    raise RuntimeError(f"{setup_py} has no NVCC_FLAGS = [...] list; update benchmarks/kernel_builds.py")
+
+
 def compile_cuda(csrc: Path, tmp: Path) -> subprocess.Popen:
-    """Start nvcc on csrc/adamw_cuda.cu for sm_90 (setup.py's device flags); -> Popen."""
-    cmd = [off.nvidia_tool("nvcc"), "-std=c++17", "-O3", "-DLISA_FUSED_WITH_CUDA", f"-I{csrc}",
+    """Start nvcc on csrc/adamw_cuda.cu for sm_90 with setup.py's NVCC_FLAGS; -> Popen."""
+    cmd = [off.nvidia_tool("nvcc"), *nvcc_flags(), "-DLISA_FUSED_WITH_CUDA", f"-I{csrc}",
            "-gencode", f"arch=compute_{off.ARCH},code=[sm_{off.ARCH},compute_{off.ARCH}]", "-fatbin",
            str(csrc / "adamw_cuda.cu"), "-o", str(tmp / "cuda.fatbin")]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -111,6 +122,14 @@ def cuda_kernels(csrc: Path, tmp: Path, proc: subprocess.Popen) -> dict[tuple, d
     layout = {(0, o): f for o, f in _packed_args_layout(csrc).items()}
     packed_src = re.search(r"adamw_packed_kernel\((.*?)\)\s*\{", source, re.S).group(1)
     packed_names = {(i, 0): p.split()[-1] for i, p in enumerate(packed_src.split(","))}
+    # The segment table (contract.SEG_*): the parameter (or PackedArgs field) that holds it, and the
+    # columns of its rows each kernel reads a segment's own tensors' addresses from.
+    from lisa_fused.kernels.contract import SEG_GRAD, SEG_LOWP, SEG_PARAM
+
+    columns = ((SEG_PARAM, "param"), (SEG_GRAD, "grad"), (SEG_LOWP, "param_lowp"))
+    for names in (packed_names, layout):
+        segs = next(k for k, n in names.items() if n == "segs")
+        names.update({(*segs, 8 * col): n for col, n in columns})
     out = {}
     for name, code in sass.items():
         if _template_args(name) is None:
@@ -137,17 +156,18 @@ def _triton_module(stem: str):
 
 def _triton_compile(mode: Mode) -> dict:
     """Compile one mode's Triton kernel (in a worker process): asm plus what the count needs to read it."""
-    from lisa_fused.kernels import contract, quant
+    from lisa_fused.kernels import quant
 
     half = mode.master != "fp32"
+    # The segments' params, grads and lowps are addressed through the pointer table (segs_ptr, *i64): no
+    # arguments of their own; their dtypes are the constexpr GRAD_KIND / LOWP (triton_adamw.GRAD_KIND).
     if mode.fp32_state:
         mod = _triton_module("triton_adamw")
         _, block, warps = mod._GPU_CONFIG
-        fn = mod._adamw_packed_kernel
+        fn = mod._adamw_segments_kernel
         lowp = mode.master == "fp32+bf16"
-        spec = dict(pointers=dict(g_ptr="*i16", low_ptr="*bf16") if lowp else {},
-                    constexprs=dict(GRAD_BF16=lowp, HAS_LOWP=lowp, LOWP_BF16=lowp, HAS_SCALE=mode.scale),
-                    layout=dict(ALIGNMENT=contract.ALIGN, BLOCK=block))
+        spec = dict(pointers={}, constexprs=dict(GRAD_KIND=int(lowp), LOWP=int(lowp), HAS_SCALE=mode.scale),
+                    layout=dict(BLOCK=block))
         sets = {}
     else:
         mod = _triton_module("triton_lean")
@@ -155,14 +175,13 @@ def _triton_compile(mode: Mode) -> dict:
         fn = mod._adamw_lean_kernel
         p16 = "*fp32" if mode.master.startswith("fp32") else "*i16"
         mom = {"fp32": "*fp32", "bf16": "*i16"}.get(mode.moments, "*u8")
-        spec = dict(pointers=dict(p_ptr=p16, g_ptr="*i16" if half else "*fp32", m_ptr=mom, v_ptr=mom,
-                                  low_ptr="*i16" if mode.master == "fp32+bf16" else p16,
-                                  comp_ptr="*i16" if mode.master == "kahan" else p16, codes_ptr="*i64"),
+        spec = dict(pointers=dict(m_ptr=mom, v_ptr=mom, comp_ptr="*i16" if mode.master == "kahan" else p16,
+                                  codes_ptr="*i64"),
                     constexprs=dict(MOM=quant.FORMAT_CODE[mode.moments], MASTER={"kahan": 1, "sr": 2}.get(mode.master, 0),
                                     PARAM_BF16=not mode.master.startswith("fp32"), GRAD_KIND=int(half),
                                     LOWP=int(mode.master == "fp32+bf16"), HAS_SCALE=mode.scale, HAS_SUMSQ=mode.sumsq,
                                     SR=True, QB=quant.BLOCK.get(mode.moments, 256), BITS=quant.BITS.get(mode.moments, 8)),
-                    layout=dict(TILE=block, ALIGNMENT=contract.ALIGN))  # the launcher's, for ALIGN offsets
+                    layout=dict(TILE=block))
         sets = dict(int_scalars={"seed", "n_cols", "lerp_small"}, float_scalars=off.FLOAT_SCALARS)
     asm = off.compile_triton(fn, spec, warps, **sets)
     runtime = [p.name for p in fn.params if not p.is_constexpr]  # constexprs are not PTX parameters
@@ -178,11 +197,18 @@ def triton_kernels(modes: list[Mode]) -> list[dict]:
 
     with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("fork")) as pool:
         compiled = list(pool.map(_triton_compile, modes))
+    from lisa_fused.kernels.contract import SEG_GRAD, SEG_LOWP, SEG_PARAM
+
     out = []
     for c, (sass, usage) in zip(compiled, off.disassemble_cubins([c["cubin"] for c in compiled])):
         (name, code), = sass.items()
         (pcode, params), = off.ptx_functions(c["ptx"]).values()
-        out.append(dict(sass=code, ptx=pcode, params=params, names={(i, 0): n for i, n in enumerate(c["runtime"])},
+        names = {(i, 0): n for i, n in enumerate(c["runtime"])}
+        # the segments' own tensors: addresses read from the pointer table's columns (offline_loops.py)
+        segs = c["runtime"].index("segs_ptr")
+        names.update({(segs, 0, 8 * col): n for col, n in ((SEG_PARAM, "p_ptr"), (SEG_GRAD, "g_ptr"),
+                                                           (SEG_LOWP, "low_ptr"))})
+        out.append(dict(sass=code, ptx=pcode, params=params, names=names,
                         regs=usage[name]["REG"], spill=off.spill_store_bytes(code),
                         elts_per_thread=c["elts_per_thread"], kernel=c["kernel"]))
     return out

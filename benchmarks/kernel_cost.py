@@ -127,6 +127,11 @@ def analyse(mode: Mode, backend: str, k: dict, bandwidth: float, issue_rate: flo
                    or (name == "grad_scale" and mode.scale and st == 0))
         if not allowed:
             errors.append(f"{name}: {ld:g} B/elt loaded, {st:g} stored in the main loop; the formats move none")
+    # access widths: each stream of >= 2 B per element, read or written, in 16-byte vectors (the aligned
+    # path's 128-bit loads and stores; code bytes are narrower by design: 8 or 4 B per thread)
+    narrow = sorted({(_stream(k, a["param"]), a["bytes"]) for a in ptx if a["kind"] in ("ld", "st")
+                     and _stream(k, a["param"]) in OWNED and max(want.get(_stream(k, a["param"]), (0, 0))) >= 2
+                     and a["bytes"] < 16})
     glob = [n for kind, n in loop["accesses"] if kind != "local"]
     ptx_bytes = sum(a["bytes"] for a in ptx)
     gathers = sum(a["bytes"] for a in ptx if _stream(k, a["param"]) == "qtable")
@@ -141,7 +146,18 @@ def analyse(mode: Mode, backend: str, k: dict, bandwidth: float, issue_rate: flo
     return dict(mode=mode.name, backend=backend, bytes=bytes_, instr=instr, regs=k["regs"], spill=k["spill"],
                 loop_local=sum(local) / ept, byte_ns=byte_ns, issue_ns=issue_ns, ratio=ratio,
                 loop_instructions=loop["instructions"], elts_per_warp=32 * ept, access_bytes=sum(glob) / ept,
-                kernel=k["kernel"], errors=errors, verdict=verdict(ratio))
+                kernel=k["kernel"], errors=errors, verdict=verdict(ratio),
+                contractable=len(loops.contractable_pairs(k["ptx"])), narrow=[f"{n} {b} B" for n, b in narrow])
+
+
+def instantiation(k: dict) -> dict:
+    """What the guards check of every CUDA instantiation, table mode or not: registers, spill-store bytes
+    (whole kernel) and local-memory bytes per thread on its main-loop path, and the PTX's contractable
+    mul+add pairs (offline_loops.contractable_pairs; a few, as text)."""
+    pairs = loops.contractable_pairs(k["ptx"])
+    local = sum(n for kind, n in loops.sass_loop(k["sass"])["accesses"] if kind == "local")
+    return dict(regs=k["regs"], spill=k["spill"], loop_local=local, contractable=len(pairs),
+                pairs=[" ; ".join(p) for p in pairs[:3]])
 
 
 def verdict(ratio: float) -> str:
@@ -164,7 +180,8 @@ def run(csrc: Path, bandwidth: float, clock: float) -> dict:
     meta = dict(date=datetime.date.today().isoformat(), triton=triton.__version__,
                 nvcc=off.tool_version(nvcc_path), triton_ptxas=off.tool_version(ptxas),
                 cuobjdump=off.tool_version(off.nvidia_tool("cuobjdump")), bandwidth=bandwidth, clock=clock, sms=SMS,
-                schedulers=SCHEDULERS, issue_rate=issue_rate)
+                schedulers=SCHEDULERS, issue_rate=issue_rate,
+                cuda_kernels={k["kernel"]: instantiation(k) for k in cuda.values()})
     return dict(rows=rows + triton_rows, meta=meta)
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ARCH = 90
-# Runtime scalars of the fp32 Triton kernel (triton_adamw._adamw_packed_kernel) that are not fp32.
+# Runtime scalars of the fp32 Triton kernel (triton_adamw._adamw_segments_kernel) that are not fp32.
 INT_SCALARS = {"lerp_small"}
 FLOAT_SCALARS = {"lerp_w", "lerp_w_minus_1", "beta2", "one_minus_beta2", "eps"}
 
@@ -49,7 +49,9 @@ def tool_version(path: str) -> str:
 # ------------------------------------------------------------------------------------------ Triton
 def _signature(fn, mode: dict, int_scalars=INT_SCALARS, float_scalars=FLOAT_SCALARS) -> tuple[dict, dict, dict]:
     """(signature, constexprs, attrs) for triton.compiler.ASTSource, as a launch on aligned tensors.
-    mode: {"pointers": {name: "*i16"} (default *fp32, chunks *i64), "constexprs": {...}, "layout": {...}}."""
+    mode: {"pointers": {name: "*i16"} (default *fp32; the chunk and pointer tables *i64), "constexprs": {...},
+    "layout": {...}}. The segments' own params / grads / lowps are no arguments: their addresses come from
+    the pointer table (segs_ptr), and the kernel decides their alignment at run time."""
     signature, constexprs, attrs = {}, {}, {}
     for i, param in enumerate(fn.params):
         name = param.name
@@ -63,7 +65,7 @@ def _signature(fn, mode: dict, int_scalars=INT_SCALARS, float_scalars=FLOAT_SCAL
             else:
                 raise KeyError(f"constexpr {name} of {fn.__name__} has no value in the caller's mode table")
         elif name.endswith("_ptr"):
-            signature[name] = mode["pointers"].get(name, "*i64" if name in ("chunks_ptr", "bounds_ptr") else "*fp32")
+            signature[name] = mode["pointers"].get(name, "*i64" if name in ("chunks_ptr", "segs_ptr") else "*fp32")
             attrs[(i,)] = [["tt.divisibility", 16]]  # torch allocations are 16-byte aligned, as at launch
         elif name in int_scalars:
             signature[name] = "i32"

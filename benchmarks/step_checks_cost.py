@@ -1,15 +1,18 @@
-"""What step()'s host-side checks cost at the 7B shape: the .grad checks (is each grad still the packed
-view? copy it in if not), the requires_grad flag checks and the param-group checks, against the update
-itself.
+"""What step()'s host side costs at the 7B structure: following the model (one data_ptr per active
+param), the param-group and requires_grad checks, reading every active .grad into the segment lists,
+the version-counter check of bf16 masters, the hyperparameter table and the kernel's pointer table
+(rebuilt only when an address changes), against the update itself.
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/step_checks_cost.py [--repeat 200]
 
-The checks depend on the number of parameters, not their size, so they are timed on a Llama with the
-Llama-2-7B *structure* (32 blocks, 291 trained tensors) and small widths, with gamma=2 (21 bound params)
-and with every block active (291 bound). The step they are compared with is the CPU kernel's time for the
+The host side depends on the number of parameters, not their size, so a whole step() is timed on a Llama
+with the Llama-2-7B *structure* (32 blocks, 291 trained tensors) and tiny widths (the kernel's own share
+of that step is a few microseconds), with gamma=2 (21 active params) and with every block active (291),
+with the same grads every step (the pointer table is reused) and with new grad tensors every step (as
+after zero_grad(set_to_none=True): rebuilt). The step it is compared with is the CPU kernel's time for the
 7B active set: active elements from memory_stats() of a real-shape meta model, times the C++ kernel's
-measured ns per element (fp32 state, one thread) over a 16.8M-element packed buffer timed here.
-Prints microseconds per step and the ratio; nothing is asserted (a benchmark, not a test).
+measured ns per element (fp32 state, one thread) over a 16.8M-element buffer timed here. Prints
+microseconds per step and the ratio; nothing is asserted (a benchmark, not a test).
 """
 from __future__ import annotations
 
@@ -19,45 +22,40 @@ import time
 import torch
 
 
-def check_cost(gamma: int, repeat: int, swapped: bool = False) -> float:
-    """Microseconds per step of FusedLISA.step()'s checks (everything before the kernel) at gamma."""
+def check_cost(gamma: int, repeat: int, swapped: bool = False) -> tuple[float, int]:
+    """(microseconds per FusedLISA.step() at gamma on tiny widths, active params)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from lisa_fused import FusedLISA, groups
+    from lisa_fused import FusedLISA
 
     cfg = LlamaConfig(vocab_size=256, hidden_size=16, intermediate_size=32, num_hidden_layers=32,
                       num_attention_heads=2, num_key_value_heads=2)
     model = LlamaForCausalLM(cfg)
-    opt = FusedLISA(model, n_active_layers=gamma, backend="cpu")
+    opt = FusedLISA(model, lr=1e-6, n_active_layers=gamma, switch_every=10**9, backend="cpu")
     x = torch.randint(0, 256, (1, 8))
     model(input_ids=x, labels=x).loss.backward()
-    parts = opt._slots.segments()
-    idx = [i for _, sp in parts for i in sp]
     assert len(opt._params) == 291, len(opt._params)
-    grads = {i: opt._params[i].grad.detach().clone() for i in idx}
+    active = [p for p in opt._params if p.requires_grad]
+    grads = [p.grad.detach().clone() for p in active]
 
-    def checks():
-        if swapped:  # the slow path: every .grad a tensor of its own, copied in
-            for i in idx:
-                opt._params[i].grad = grads[i].clone()
-        groups.check_unchanged(opt.param_groups, opt._layout_keys)
-        opt._slots.check_flags()
-        opt._binding.check_grad_shapes(idx)
-        for _, sp in parts:
-            [opt._binding.collect(i) for i in sp]
+    def one():
+        if swapped:  # new grad tensors every step: the pointer table is rebuilt
+            for p, g in zip(active, grads):
+                p.grad = g.clone()
+        opt.step()
 
-    checks()
+    one()
     t = time.perf_counter()
     for _ in range(repeat):
-        checks()
+        one()
     per = (time.perf_counter() - t) / repeat * 1e6
-    if swapped:  # subtract the test's own clones
+    if swapped:  # subtract the benchmark's own clones
         t = time.perf_counter()
         for _ in range(repeat):
-            for i in idx:
-                grads[i].clone()
+            for g in grads:
+                g.clone()
         per -= (time.perf_counter() - t) / repeat * 1e6
-    return per, len(idx)
+    return per, len(active)
 
 
 def kernel_ns_per_element(n: int = 16 << 20, repeat: int = 5) -> float:
@@ -95,8 +93,8 @@ def main():
         kernel_us = active_numel_7b(gamma) * ns / 1e3
         for swapped in (False, True):
             us, bound = check_cost(gamma, args.repeat, swapped)
-            what = "every .grad replaced (copied in)" if swapped else ".grad = the packed views"
-            print(f"gamma={gamma:2d} ({bound} bound params), {what}: checks {us:8.1f} us per step; "
+            what = "new .grad tensors every step" if swapped else "the same .grad tensors"
+            print(f"gamma={gamma:2d} ({bound} active params), {what}: host side {us:8.1f} us per step; "
                   f"7B CPU step {kernel_us / 1e3:8.1f} ms -> {100 * us / kernel_us:.4f}% of the step")
 
 

@@ -1,4 +1,6 @@
-// CPU AdamW over a packed buffer: OpenMP over the chunk table, one auto-vectorized loop per chunk.
+// CPU AdamW over a segment table: OpenMP over the chunk table, one auto-vectorized loop per chunk. Each
+// chunk's param / grad / low-precision pointers come from its segment's row (the model's own tensors,
+// anywhere in memory), its state pointers from the packed buffers at the chunk's state index.
 // The wheel must run on any x86-64, so the loop is compiled for the baseline ISA (SSE2, no FMA) and
 // again for AVX2+FMA, picked at run time like torch picks its own CPU kernels: two divisions and a
 // square root per element keep one core near its divider's limit, and 8-wide vectors run it about twice
@@ -23,8 +25,8 @@ namespace {
 template <int GD, int LD, bool kScale, bool kSmall, bool kFused>
 LF_HD void chunk_update(float* __restrict__ p, const typename Storage<GD>::T* __restrict__ g,
                         float* __restrict__ m, float* __restrict__ v, void* __restrict__ low_ptr,
-                        int64_t begin, int64_t end, const SegScalars s, const Hyper h, const float scale) {
-  for (int64_t i = begin; i < end; ++i) {
+                        int64_t n, const SegScalars s, const Hyper h, const float scale) {
+  for (int64_t i = 0; i < n; ++i) {
     float gi = Storage<GD>::load(g[i]);
     if (kScale) gi = gi / scale;
     float pi = p[i], mi = m[i], vi = v[i];
@@ -38,28 +40,34 @@ LF_HD void chunk_update(float* __restrict__ p, const typename Storage<GD>::T* __
   }
 }
 
-// One chunk [begin, end) of one segment; the instantiation is picked once per launch.
-using ChunkFn = void (*)(const PackedArgs&, int64_t begin, int64_t end, SegScalars s);
+// One chunk [begin, end) (state indices) of the segment whose segment-table row is `seg`; the
+// instantiation is picked once per launch.
+using ChunkFn = void (*)(const PackedArgs&, const int64_t* seg, int64_t begin, int64_t end, SegScalars s);
 
 template <int GD, int LD, bool kScale, bool kSmall, bool kFused>
-LF_HD void chunk_body(const PackedArgs& a, int64_t begin, int64_t end, SegScalars s) {
+LF_HD void chunk_body(const PackedArgs& a, const int64_t* seg, int64_t begin, int64_t end, SegScalars s) {
+  using GT = typename Storage<GD>::T;
   const float scale = kScale ? *reinterpret_cast<const float*>(a.grad_scale) : 1.0f;
+  const int64_t local = begin - seg[kSegOffset];  // the chunk's first element within the segment's tensors
+  void* low = nullptr;
+  if constexpr (LD != kNone) low = reinterpret_cast<typename Storage<LD>::T*>(seg[kSegLowp]) + local;
   chunk_update<GD, LD, kScale, kSmall, kFused>(
-      reinterpret_cast<float*>(a.param), reinterpret_cast<const typename Storage<GD>::T*>(a.grad),
-      reinterpret_cast<float*>(a.exp_avg), reinterpret_cast<float*>(a.exp_avg_sq),
-      reinterpret_cast<void*>(a.param_lowp), begin, end, s, a.hyper, scale);
+      reinterpret_cast<float*>(seg[kSegParam]) + local, reinterpret_cast<const GT*>(seg[kSegGrad]) + local,
+      reinterpret_cast<float*>(a.exp_avg) + begin, reinterpret_cast<float*>(a.exp_avg_sq) + begin, low,
+      end - begin, s, a.hyper, scale);
 }
 
 template <int GD, int LD, bool kScale, bool kSmall>
-void chunk_baseline(const PackedArgs& a, int64_t begin, int64_t end, SegScalars s) {
-  chunk_body<GD, LD, kScale, kSmall, false>(a, begin, end, s);
+void chunk_baseline(const PackedArgs& a, const int64_t* seg, int64_t begin, int64_t end, SegScalars s) {
+  chunk_body<GD, LD, kScale, kSmall, false>(a, seg, begin, end, s);
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #define LF_AVX2_COPY 1
 template <int GD, int LD, bool kScale, bool kSmall>
-__attribute__((target("avx2,fma"))) void chunk_avx2(const PackedArgs& a, int64_t begin, int64_t end, SegScalars s) {
-  chunk_body<GD, LD, kScale, kSmall, true>(a, begin, end, s);
+__attribute__((target("avx2,fma"))) void chunk_avx2(const PackedArgs& a, const int64_t* seg, int64_t begin,
+                                                    int64_t end, SegScalars s) {
+  chunk_body<GD, LD, kScale, kSmall, true>(a, seg, begin, end, s);
 }
 #endif
 
@@ -205,7 +213,8 @@ const CodeTables& code_tables(int moments, const float* qt) {
 
 struct LeanSeg {
   SegScalars s;
-  int64_t offset;  // segment start in the packed buffer (SR indices are relative to it)
+  int64_t offset;  // segment start in the packed state (SR indices and the tensors below are relative to it)
+  uintptr_t param, grad, lowp;  // the segment's own tensors (element 0 at state index `offset`)
   uint32_t key_p, key_m, key_v;
   const CodeTables* codes;  // the launch's bucket tables (quantized formats)
 };
@@ -214,11 +223,12 @@ template <bool kFused>
 LF_HD float lean_piece(const PackedArgs& a, int64_t b, int64_t e, const LeanSeg& ls, bool small) {
   float P[kPiece], M[kPiece], V[kPiece], G[kPiece];
   const int n = static_cast<int>(e - b);
+  const int64_t t = b - ls.offset;  // the piece's first element in the segment's own tensors
   // grad -> fp32, unscaled
   switch (a.grad_dtype) {
-    case kFloat32: { auto g = reinterpret_cast<const float*>(a.grad) + b; for (int i = 0; i < n; ++i) G[i] = g[i]; break; }
-    case kBFloat16: { auto g = reinterpret_cast<const uint16_t*>(a.grad) + b; for (int i = 0; i < n; ++i) G[i] = bf16_to_f32(g[i]); break; }
-    default: { auto g = reinterpret_cast<const uint16_t*>(a.grad) + b; for (int i = 0; i < n; ++i) G[i] = f16_to_f32(g[i]); break; }
+    case kFloat32: { auto g = reinterpret_cast<const float*>(ls.grad) + t; for (int i = 0; i < n; ++i) G[i] = g[i]; break; }
+    case kBFloat16: { auto g = reinterpret_cast<const uint16_t*>(ls.grad) + t; for (int i = 0; i < n; ++i) G[i] = bf16_to_f32(g[i]); break; }
+    default: { auto g = reinterpret_cast<const uint16_t*>(ls.grad) + t; for (int i = 0; i < n; ++i) G[i] = f16_to_f32(g[i]); break; }
   }
   if (a.grad_scale != 0) {
     const float scale = *reinterpret_cast<const float*>(a.grad_scale);
@@ -238,10 +248,10 @@ LF_HD float lean_piece(const PackedArgs& a, int64_t b, int64_t e, const LeanSeg&
   }
   // param -> fp32 (kahan: p + compensation)
   if (a.master == kMasterFp32) {
-    auto p = reinterpret_cast<const float*>(a.param) + b;
+    auto p = reinterpret_cast<const float*>(ls.param) + t;
     for (int i = 0; i < n; ++i) P[i] = p[i];
   } else {
-    auto p = reinterpret_cast<const uint16_t*>(a.param) + b;
+    auto p = reinterpret_cast<const uint16_t*>(ls.param) + t;
     const bool bf = a.param_dtype == kBFloat16;
     for (int i = 0; i < n; ++i) P[i] = bf ? bf16_to_f32(p[i]) : f16_to_f32(p[i]);
     if (a.master == kMasterKahan) {
@@ -284,7 +294,7 @@ LF_HD float lean_piece(const PackedArgs& a, int64_t b, int64_t e, const LeanSeg&
   const Hyper h = a.hyper;
   for (int i = 0; i < n; ++i) adamw_element<kFused>(P[i], M[i], V[i], G[i], ls.s, h, small);
   // store moments
-  const uint32_t idx0 = static_cast<uint32_t>(b - ls.offset);
+  const uint32_t idx0 = static_cast<uint32_t>(t);
   switch (a.moments) {
     case kMomFp32: {
       auto m = reinterpret_cast<float*>(a.exp_avg) + b, v = reinterpret_cast<float*>(a.exp_avg_sq) + b;
@@ -327,15 +337,15 @@ LF_HD float lean_piece(const PackedArgs& a, int64_t b, int64_t e, const LeanSeg&
   }
   // store param
   if (a.master == kMasterFp32) {
-    auto p = reinterpret_cast<float*>(a.param) + b;
+    auto p = reinterpret_cast<float*>(ls.param) + t;
     for (int i = 0; i < n; ++i) p[i] = P[i];
     if (a.lowp_dtype != kNone) {
-      auto low = reinterpret_cast<uint16_t*>(a.param_lowp) + b;
+      auto low = reinterpret_cast<uint16_t*>(ls.lowp) + t;
       const bool bf = a.lowp_dtype == kBFloat16;
       for (int i = 0; i < n; ++i) low[i] = bf ? f32_to_bf16(P[i]) : f32_to_f16(P[i]);
     }
   } else if (a.master == kMasterKahan) {
-    auto p = reinterpret_cast<uint16_t*>(a.param) + b;
+    auto p = reinterpret_cast<uint16_t*>(ls.param) + t;
     auto c = reinterpret_cast<uint16_t*>(a.compensation) + b;
     if (a.param_dtype == kBFloat16) {
       for (int i = 0; i < n; ++i) { const uint16_t hi = f32_to_bf16(P[i]); p[i] = hi; c[i] = f32_to_bf16(P[i] - bf16_to_f32(hi)); }
@@ -343,7 +353,7 @@ LF_HD float lean_piece(const PackedArgs& a, int64_t b, int64_t e, const LeanSeg&
       for (int i = 0; i < n; ++i) { const uint16_t hi = f32_to_f16(P[i]); p[i] = hi; c[i] = f32_to_f16(P[i] - f16_to_f32(hi)); }
     }
   } else {
-    auto p = reinterpret_cast<uint16_t*>(a.param) + b;
+    auto p = reinterpret_cast<uint16_t*>(ls.param) + t;
     for (int i = 0; i < n; ++i) p[i] = f32_to_bf16_sr(P[i], sr_bits(ls.key_p, idx0 + i));
   }
   return sumsq;
@@ -375,14 +385,13 @@ void lean_cpu(const PackedArgs& a, int num_threads) {
   if (a.grad_dtype < kFloat32 || a.grad_dtype > kFloat16) throw std::invalid_argument("grad dtype code " + std::to_string(a.grad_dtype));
   if (a.master != kMasterFp32 && a.param_dtype != kBFloat16 && a.param_dtype != kFloat16) throw std::invalid_argument("param dtype code " + std::to_string(a.param_dtype));
   if ((a.moments == kMom8bit || a.moments == kMom4bit) && (a.qtable == 0 || a.exp_avg_scale == 0 || a.exp_avg_sq_scale == 0)) throw std::invalid_argument("quantized moments need qtable and both scale buffers");
-  if (a.bounds == 0) throw std::invalid_argument("the lean loop needs the segment bounds table");
   LeanFn fn = lean_chunk_baseline;
 #ifdef LF_AVX2_COPY
   if (use_avx2()) fn = lean_chunk_avx2;
 #endif
   const bool small = a.hyper.one_minus_beta1 < 0.5f;
   const int64_t* chunks = reinterpret_cast<const int64_t*>(a.chunks);
-  const int64_t* bounds = reinterpret_cast<const int64_t*>(a.bounds);
+  const int64_t* segs = reinterpret_cast<const int64_t*>(a.segs);
   const double* table = reinterpret_cast<const double*>(a.table);
   const bool sr = a.n_cols >= kNumColsLean;
   const int64_t n_chunks = a.n_chunks;
@@ -398,7 +407,11 @@ void lean_cpu(const PackedArgs& a, int num_threads) {
     ls.s.step_size = static_cast<float>(row[kStepSize]);
     ls.s.decay = static_cast<float>(row[kDecay]);
     ls.s.bc2_sqrt = static_cast<float>(row[kBc2Sqrt]);
-    ls.offset = bounds[2 * seg];
+    const int64_t* srow = segs + seg * kNumSegCols;
+    ls.offset = srow[kSegOffset];
+    ls.param = static_cast<uintptr_t>(srow[kSegParam]);
+    ls.grad = static_cast<uintptr_t>(srow[kSegGrad]);
+    ls.lowp = static_cast<uintptr_t>(srow[kSegLowp]);
     const uint32_t pid = sr ? static_cast<uint32_t>(row[kParamId]) : 0u, step = sr ? static_cast<uint32_t>(row[kStep]) : 0u;
     ls.key_p = segment_key(a.seed, pid, step, kLaneParam);
     ls.key_m = segment_key(a.seed, pid, step, kLaneExpAvg);
@@ -445,7 +458,35 @@ void nearest_codes_cpu(const float* x, int64_t n, const float* qtable, int momen
   }
 }
 
+// Every enabled chunk lies inside its segment and the segment has the pointers the launch reads: checked
+// before any element is written (one pass over the chunk rows, ~1 ns each), so a bad table changes nothing.
+static void check_segments(const PackedArgs& a) {
+  const int64_t* chunks = reinterpret_cast<const int64_t*>(a.chunks);
+  const int64_t* segs = reinterpret_cast<const int64_t*>(a.segs);
+  const double* table = reinterpret_cast<const double*>(a.table);
+  const bool want_lowp = a.lowp_dtype != kNone;
+  for (int64_t c = 0; c < a.n_chunks; ++c) {
+    const int64_t seg = chunks[3 * c], begin = chunks[3 * c + 1], end = chunks[3 * c + 2];
+    if (seg < 0) throw std::invalid_argument("chunk " + std::to_string(c) + " names segment " + std::to_string(seg));
+    if (table[seg * a.n_cols + kEnabled] == 0.0) continue;
+    const int64_t* row = segs + seg * kNumSegCols;
+    const std::string which = "segment " + std::to_string(seg);
+    if (begin < row[kSegOffset] || end > row[kSegOffset] + row[kSegNumel] || begin > end) {
+      throw std::invalid_argument("chunk [" + std::to_string(begin) + ", " + std::to_string(end) + ") is outside " +
+                                  which + " (offset " + std::to_string(row[kSegOffset]) + ", numel " +
+                                  std::to_string(row[kSegNumel]) + ")");
+    }
+    if (row[kSegParam] == 0) throw std::invalid_argument(which + " is enabled but its param pointer is null");
+    if (row[kSegGrad] == 0) throw std::invalid_argument(which + " is enabled but its grad pointer is null");
+    if ((row[kSegLowp] != 0) != want_lowp) {
+      throw std::invalid_argument(which + (want_lowp ? " has no low-precision copy, but lowp_dtype is " + std::to_string(a.lowp_dtype)
+                                                     : " has a low-precision copy, but lowp_dtype is none"));
+    }
+  }
+}
+
 void adamw_cpu(const PackedArgs& a, int num_threads) {
+  check_segments(a);
   if (a.lean()) {
     lean_cpu(a, num_threads);
     return;
@@ -463,6 +504,7 @@ void adamw_cpu(const PackedArgs& a, int num_threads) {
   }
   const int64_t* chunks = reinterpret_cast<const int64_t*>(a.chunks);
   const double* table = reinterpret_cast<const double*>(a.table);
+  const int64_t* segs = reinterpret_cast<const int64_t*>(a.segs);
   const int64_t n_chunks = a.n_chunks;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads < 1 ? 1 : num_threads)
   for (int64_t c = 0; c < n_chunks; ++c) {
@@ -472,7 +514,7 @@ void adamw_cpu(const PackedArgs& a, int num_threads) {
     s.step_size = static_cast<float>(row[kStepSize]);
     s.decay = static_cast<float>(row[kDecay]);
     s.bc2_sqrt = static_cast<float>(row[kBc2Sqrt]);
-    fn(a, chunks[3 * c + 1], chunks[3 * c + 2], s);
+    fn(a, segs + chunks[3 * c] * kNumSegCols, chunks[3 * c + 1], chunks[3 * c + 2], s);
   }
 }
 

@@ -1,14 +1,25 @@
-// CUDA AdamW over a packed buffer: one launch, one block per chunk of the chunk table.
+// CUDA AdamW over a segment table: one launch, one block per chunk of the chunk table.
 //
-// Each block reads its (segment, start, end) row and the segment's fp32 scalars, returns at once when
-// the segment is disabled, then walks its chunk with 16-byte vector loads (4 fp32 grads or 8 bf16/fp16
-// grads per thread and step) and finishes with a scalar tail. Segment offsets are multiples of 64
-// elements (contract.ALIGN), so every chunk start is vector aligned; a block whose pointers are not
-// (a sliced buffer) takes the scalar loop for its whole chunk. Indices are int64 throughout.
+// Each block reads its (segment, start, end) chunk row, the segment's row of the segment table (state
+// offset, numel, and the addresses of the segment's own param, grad and low-precision copy: the model's
+// tensors, wherever they live) and its fp32 scalars, and returns at once when the segment is disabled.
+// Its base pointers are 64-bit: the segment's tensors from element (start - offset) on, the packed state
+// from element start on; offsets within the chunk (< 2^31) are 32-bit. A block whose base pointers are all
+// 16-byte aligned walks its chunk with 16-byte vector loads (4 fp32 grads or 8 bf16/fp16 grads per thread
+// and step) and finishes with a scalar tail; a block with any misaligned pointer (a slice at an odd
+// element offset, an FSDP2 shard, a DDP bucket view) takes the scalar loop for its whole chunk. Segment
+// offsets in the packed state are multiples of contract.ALIGN (256 elements), so state pointers are
+// aligned whenever the state buffers are.
+//
+// Roundings: built with --fmad=false (setup.py NVCC_FLAGS), so nvcc, ptxas and the driver's PTX JIT never
+// contract a multiply and an add into an FMA: every FMA is an explicit fmaf (adamw_math.h madd, the
+// grad_sumsq accumulation, code_linear16), the rest rounds as written, as the CPU kernel does
+// (tests/test_kernel_cost.py checks the PTX of every kernel for a contractable pair).
 #include <cuda_runtime.h>
 
 #include <string>
 #include <type_traits>
+#include <vector>
 
 #include "adamw.h"
 
@@ -16,6 +27,20 @@ namespace lisa_fused {
 namespace {
 
 constexpr int kThreads = 256;
+// The lean kernel's offsets within a chunk are 32-bit, and a thread's first code bit o * kBitsPer (o <
+// chunk + kLeanStep) must fit in an int: chunks stay below kCudaMaxChunk (adamw.h; kernels/native.py
+// checks its chunk size against it).
+static_assert((kCudaMaxChunk + kThreads * 8) * 8 <= 0x7fffffffLL, "o * kBitsPer overflows int32");
+
+// A pointer read from the segment table (an address the host wrote as an integer), element `local` on.
+// The table holds global-memory addresses (torch's CUDA allocations); saying so lets the compiler use
+// global loads and stores (LDG/STG) rather than generic ones, as it does for pointer parameters.
+template <typename T>
+__device__ __forceinline__ T* table_ptr(int64_t addr, int64_t local) {
+  T* p = reinterpret_cast<T*>(addr) + local;
+  __builtin_assume(__isGlobal(p));
+  return p;
+}
 
 template <typename T, int N>
 struct alignas(sizeof(T) * N) Pack {
@@ -60,19 +85,36 @@ __device__ __forceinline__ void store_f32(float* ptr, const float (&in)[kVec]) {
   }
 }
 
+// Register budgets: without a minimum of resident blocks ptxas aims at 64 registers here and spilled
+// 4-12 B per thread, in the main loop, in the five instantiations with 16-bit grads and a bf16/fp16 copy
+// or a grad_scale (sm_90, nvcc 13.0). A minimum of 3 blocks of 256 threads (at most 85 registers) lets it
+// keep them in 64-66; 768 threads per SM still keep far more bytes in flight than the bandwidth needs
+// (16-byte loads of 4 streams per thread). tests/test_kernel_cost.py checks every instantiation.
+constexpr int kPackedMinBlocks = 3;
+
 template <int GD, int LD, bool kScale>
-__global__ void __launch_bounds__(kThreads)
-    adamw_packed_kernel(float* __restrict__ p, const typename Storage<GD>::T* __restrict__ g,
-                        float* __restrict__ m, float* __restrict__ v, void* __restrict__ low_ptr,
-                        const int64_t* __restrict__ chunks, const float* __restrict__ table, const int n_cols,
-                        const float* __restrict__ grad_scale, const Hyper h) {
+__global__ void __launch_bounds__(kThreads, kPackedMinBlocks)
+    adamw_packed_kernel(const int64_t* __restrict__ segs, float* __restrict__ exp_avg,
+                        float* __restrict__ exp_avg_sq, const int64_t* __restrict__ chunks,
+                        const float* __restrict__ table, const int n_cols, const float* __restrict__ grad_scale,
+                        const Hyper h) {
   using GT = typename Storage<GD>::T;
   constexpr int kVec = 16 / sizeof(GT);  // 16-byte grad loads: 4 fp32 or 8 bf16/fp16
   const int64_t c = blockIdx.x;
+  const int64_t seg = chunks[3 * c];
   const int64_t begin = chunks[3 * c + 1];
-  const int64_t end = chunks[3 * c + 2];
-  const float* row = table + chunks[3 * c] * n_cols;
+  const int len = static_cast<int>(chunks[3 * c + 2] - begin);  // <= the chunk size
+  const float* row = table + seg * n_cols;
   if (row[kEnabled] == 0.0f) return;
+  const int64_t* srow = segs + seg * kNumSegCols;
+  const int64_t local = begin - srow[kSegOffset];  // the chunk's first element in the segment's tensors
+  float* __restrict__ p = table_ptr<float>(srow[kSegParam], local);
+  const GT* __restrict__ g = table_ptr<const GT>(srow[kSegGrad], local);
+  float* __restrict__ m = exp_avg + begin;
+  float* __restrict__ v = exp_avg_sq + begin;
+  using LT = typename Storage<LD == kNone ? kBFloat16 : LD>::T;
+  LT* __restrict__ low = nullptr;
+  if constexpr (LD != kNone) low = table_ptr<LT>(srow[kSegLowp], local);
   SegScalars s;
   s.step_size = row[kStepSize];
   s.decay = row[kDecay];
@@ -87,12 +129,10 @@ __global__ void __launch_bounds__(kThreads)
 
   uintptr_t addr_bits = reinterpret_cast<uintptr_t>(p) | reinterpret_cast<uintptr_t>(g) |
                         reinterpret_cast<uintptr_t>(m) | reinterpret_cast<uintptr_t>(v);
-  if (LD != kNone) addr_bits |= reinterpret_cast<uintptr_t>(low_ptr);
-  const bool aligned = (addr_bits % 16 == 0) && (begin % kVec == 0);
-  const int64_t vec_end = aligned ? begin + (end - begin) / kVec * kVec : begin;
+  if (LD != kNone) addr_bits |= reinterpret_cast<uintptr_t>(low);
+  const int vec_end = addr_bits % 16 == 0 ? len / kVec * kVec : 0;
 
-  for (int64_t i = begin + static_cast<int64_t>(threadIdx.x) * kVec; i < vec_end;
-       i += static_cast<int64_t>(kThreads) * kVec) {
+  for (int i = static_cast<int>(threadIdx.x) * kVec; i < vec_end; i += kThreads * kVec) {
     GT gv[kVec];
     float pv[kVec], mv[kVec], vv[kVec];
     load_pack<GT, kVec>(g + i, gv);
@@ -105,20 +145,19 @@ __global__ void __launch_bounds__(kThreads)
     store_f32<kVec>(m + i, mv);
     store_f32<kVec>(v + i, vv);
     if constexpr (LD != kNone) {
-      using LT = typename Storage<LD>::T;
       LT lv[kVec];
 #pragma unroll
       for (int k = 0; k < kVec; ++k) lv[k] = Storage<LD>::store(pv[k]);
-      store_pack<LT, kVec>(static_cast<LT*>(low_ptr) + i, lv);
+      store_pack<LT, kVec>(low + i, lv);
     }
   }
-  for (int64_t i = vec_end + threadIdx.x; i < end; i += kThreads) {
+  for (int i = vec_end + static_cast<int>(threadIdx.x); i < len; i += kThreads) {
     float pi = p[i], mi = m[i], vi = v[i];
     update(pi, mi, vi, Storage<GD>::load(g[i]));
     p[i] = pi;
     m[i] = mi;
     v[i] = vi;
-    if constexpr (LD != kNone) static_cast<typename Storage<LD>::T*>(low_ptr)[i] = Storage<LD>::store(pi);
+    if constexpr (LD != kNone) low[i] = Storage<LD>::store(pi);
   }
 }
 
@@ -129,9 +168,8 @@ std::string cuda_error(const char* what, cudaError_t err) {
 template <int GD, int LD, bool kScale>
 void launch(const PackedArgs& a, cudaStream_t stream) {
   adamw_packed_kernel<GD, LD, kScale><<<static_cast<unsigned>(a.n_chunks), kThreads, 0, stream>>>(
-      reinterpret_cast<float*>(a.param), reinterpret_cast<const typename Storage<GD>::T*>(a.grad),
-      reinterpret_cast<float*>(a.exp_avg), reinterpret_cast<float*>(a.exp_avg_sq),
-      reinterpret_cast<void*>(a.param_lowp), reinterpret_cast<const int64_t*>(a.chunks),
+      reinterpret_cast<const int64_t*>(a.segs), reinterpret_cast<float*>(a.exp_avg),
+      reinterpret_cast<float*>(a.exp_avg_sq), reinterpret_cast<const int64_t*>(a.chunks),
       reinterpret_cast<const float*>(a.table), a.n_cols, reinterpret_cast<const float*>(a.grad_scale), a.hyper);
 }
 
@@ -275,6 +313,19 @@ __device__ __forceinline__ float warp_sum(float x) {
   return x;
 }
 
+// *addr += x with the IEEE fp32 add of the rest of the kernel (no flush to zero: nvcc's default
+// -ftz=false). A float atomicAdd (atom/red.add.f32) flushes subnormal inputs and results to zero (PTX
+// ISA), which would drop a segment's tiny partial sums of g * g; a compare-and-swap loop on the bits
+// keeps them. One call per warp and chunk, so the retries under contention cost nothing measurable.
+__device__ __forceinline__ void atomic_add_keep_subnormals(float* addr, float x) {
+  unsigned int* bits = reinterpret_cast<unsigned int*>(addr);
+  unsigned int seen = *bits, was;
+  do {
+    was = seen;
+    seen = atomicCAS(bits, was, __float_as_uint(__uint_as_float(was) + x));
+  } while (seen != was);  // compares bit patterns, so a NaN sum ends the loop too
+}
+
 template <int MF> struct LeanFormat {
   static constexpr bool kQuant = MF == kMom8bit || MF == kMom4bit;
   static constexpr int kGroup = MF == kMom4bit ? 128 : 256;  // elements per scale
@@ -287,8 +338,17 @@ template <int MF> struct LeanFormat {
   static constexpr int kTabV = kQuant && code_table_bytes<kMapV>() > 0 ? static_cast<int>(code_table_bytes<kMapV>()) : 1;
 };
 
+// ptxas' own register budget (0: no minimum of resident blocks) except where it spilled in the main loop:
+// fp32 moments with fp16 grads and fp16 Kahan params (20 B per thread at 64 registers; none at 80 with a
+// minimum of 3 blocks, sm_90, nvcc 13.0). A minimum for every mode spilled elsewhere (3: five modes at 80
+// registers; 4: three at 64).
+template <int MF, int GD, int PM>
+constexpr int lean_min_blocks() {
+  return MF == kMomFp32 && GD == kFloat16 && PM == kPmKahanF16 ? 3 : 0;
+}
+
 template <int MF, int GD, int PM, bool kScale>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, lean_min_blocks<MF, GD, PM>())
     adamw_lean_kernel(const PackedArgs a) {
   using F = LeanFormat<MF>;
   using P = ParamTraits<PM>;
@@ -334,19 +394,23 @@ __global__ void __launch_bounds__(kThreads)
     key_v = segment_key(a.seed, pid, step, kLaneExpAvgSq);
   }
   const float scale = kScale ? *reinterpret_cast<const float*>(a.grad_scale) : 1.0f;
-  // The chunk's streams from its first element on: in the loop, offsets within the chunk (< 2^31) are
-  // 32-bit; the chunk's own position stays 64-bit. SR indices are relative to the segment (< 2^32).
-  const GT* g0 = reinterpret_cast<const GT*>(a.grad) + begin;
-  PT* p0 = reinterpret_cast<PT*>(a.param) + begin;
+  // The chunk's streams from its first element on: the segment's own tensors (segment-table row) from
+  // element begin - offset, the packed state from element begin. In the loop, offsets within the chunk
+  // (< 2^31) are 32-bit; the base pointers are 64-bit. SR indices are relative to the segment (< 2^32).
+  const int64_t* srow = reinterpret_cast<const int64_t*>(a.segs) + seg * kNumSegCols;
+  const int64_t local = begin - srow[kSegOffset];
+  const GT* g0 = table_ptr<const GT>(srow[kSegGrad], local);
+  PT* p0 = table_ptr<PT>(srow[kSegParam], local);
   PT* comp0 = reinterpret_cast<PT*>(a.compensation) + begin;
-  uint16_t* low0 = reinterpret_cast<uint16_t*>(a.param_lowp) + begin;
+  uint16_t* low0 = nullptr;
+  if constexpr (P::kLowp != kNone) low0 = table_ptr<uint16_t>(srow[kSegLowp], local);
   MT* m0 = reinterpret_cast<MT*>(a.exp_avg) + begin;
   MT* v0 = reinterpret_cast<MT*>(a.exp_avg_sq) + begin;
   uint8_t* cm0 = reinterpret_cast<uint8_t*>(a.exp_avg) + (begin * F::kCodeBits) / 8;
   uint8_t* cv0 = reinterpret_cast<uint8_t*>(a.exp_avg_sq) + (begin * F::kCodeBits) / 8;
   float* ms0 = reinterpret_cast<float*>(a.exp_avg_scale) + begin / F::kGroup;
   float* vs0 = reinterpret_cast<float*>(a.exp_avg_sq_scale) + begin / F::kGroup;
-  const uint32_t idx0 = static_cast<uint32_t>(begin - reinterpret_cast<const int64_t*>(a.bounds)[2 * seg]);
+  const uint32_t idx0 = static_cast<uint32_t>(local);
   const int len = static_cast<int>(end - begin);  // <= the chunk size
   float sumsq = 0.0f;
 
@@ -453,15 +517,23 @@ __global__ void __launch_bounds__(kThreads)
     }
   };
 
-  const uintptr_t addr_bits = a.param | a.grad | a.exp_avg | a.exp_avg_sq | a.param_lowp | a.compensation;
+  // Vector loads only where every stream the mode touches starts on a 16-byte boundary.
+  uintptr_t addr_bits = reinterpret_cast<uintptr_t>(g0) | reinterpret_cast<uintptr_t>(p0);
+  if constexpr (P::kKahan) addr_bits |= reinterpret_cast<uintptr_t>(comp0);
+  if constexpr (P::kLowp != kNone) addr_bits |= reinterpret_cast<uintptr_t>(low0);
+  if constexpr (F::kQuant) {
+    addr_bits |= reinterpret_cast<uintptr_t>(cm0) | reinterpret_cast<uintptr_t>(cv0);
+  } else {
+    addr_bits |= reinterpret_cast<uintptr_t>(m0) | reinterpret_cast<uintptr_t>(v0);
+  }
   int base = 0;
-  if (addr_bits % 16 == 0 && begin % kLeanVec == 0) {
+  if (addr_bits % 16 == 0) {
     for (; base + kLeanStep <= len; base += kLeanStep) step(std::true_type{}, base);
   }
   for (; base < len; base += kLeanStep) step(std::false_type{}, base);
   if (a.grad_sumsq != 0) {
     const float w = warp_sum(sumsq);
-    if ((threadIdx.x & 31) == 0) atomicAdd(reinterpret_cast<float*>(a.grad_sumsq) + seg, w);
+    if ((threadIdx.x & 31) == 0) atomic_add_keep_subnormals(reinterpret_cast<float*>(a.grad_sumsq) + seg, w);
   }
 }
 
@@ -536,21 +608,39 @@ int cuda_device_count(std::string* why) {
 std::string adamw_cuda(const PackedArgs& a, int device, uintptr_t stream) {
   if (a.n_chunks <= 0) return "";
   if (a.n_chunks > 0x7fffffff) return "too many chunks for one launch: " + std::to_string(a.n_chunks);
-  int prev = 0;
-  cudaError_t err = cudaGetDevice(&prev);
+  // The launch goes to the calling thread's current device, which the caller (kernels/native.py, under
+  // torch.cuda.device) has made the tensors' device. Switching devices here and back would create a
+  // context on the previous device when it had none (cudaSetDevice initializes its primary context), so
+  // a mismatch is an error instead. The runtime reads the current device from the driver's current
+  // context, the one torch's own runtime set.
+  int current = -1;
+  cudaError_t err = cudaGetDevice(&current);
   if (err != cudaSuccess) return cuda_error("cudaGetDevice", err);
-  if (prev != device && (err = cudaSetDevice(device)) != cudaSuccess) return cuda_error("cudaSetDevice", err);
-  std::string result;
+  if (current != device) {
+    return "the current CUDA device is " + std::to_string(current) + ", but the tensors are on cuda:" +
+           std::to_string(device) + " (launch under torch.cuda.device(" + std::to_string(device) + "))";
+  }
   if (!(a.lean() ? dispatch_lean(a, reinterpret_cast<cudaStream_t>(stream))
                   : dispatch(a, reinterpret_cast<cudaStream_t>(stream)))) {
-    result = "unsupported codes: grad dtype " + std::to_string(a.grad_dtype) + ", param_lowp dtype " +
-             std::to_string(a.lowp_dtype) + ", moments " + std::to_string(a.moments) + ", master " +
-             std::to_string(a.master) + ", param dtype " + std::to_string(a.param_dtype);
-  } else if ((err = cudaGetLastError()) != cudaSuccess) {
-    result = cuda_error("launching the AdamW kernel", err);
+    return "unsupported codes: grad dtype " + std::to_string(a.grad_dtype) + ", param_lowp dtype " +
+           std::to_string(a.lowp_dtype) + ", moments " + std::to_string(a.moments) + ", master " +
+           std::to_string(a.master) + ", param dtype " + std::to_string(a.param_dtype);
   }
-  if (prev != device) cudaSetDevice(prev);
-  return result;
+  if ((err = cudaGetLastError()) != cudaSuccess) return cuda_error("launching the AdamW kernel", err);
+  return "";
+}
+
+void cuda_build_archs(std::vector<int>* sass, int* ptx) {
+  // __CUDA_ARCH_LIST__ (nvcc >= 11.5): the virtual architectures compiled, e.g. 800,900,1000,1200; each
+  // also has its SASS (setup.py gencode_flags), and LISA_FUSED_PTX_ARCH is the one shipped as PTX.
+#ifdef __CUDA_ARCH_LIST__
+  for (const int arch : {__CUDA_ARCH_LIST__}) sass->push_back(arch / 10);
+#endif
+#ifdef LISA_FUSED_PTX_ARCH
+  *ptx = LISA_FUSED_PTX_ARCH;
+#else
+  *ptx = -1;
+#endif
 }
 
 }  // namespace lisa_fused

@@ -30,6 +30,10 @@ enum DType : int { kNone = -1, kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 enum Col : int { kStepSize = 0, kDecay = 1, kBc2Sqrt = 2, kEnabled = 3, kParamId = 4, kStep = 5 };
 constexpr int kNumCols = 4;
 constexpr int kNumColsLean = 6;
+// Columns of the int64 segment (pointer) table, as kernels/contract.py SEG_*: the segment's offset into
+// the packed state, its numel, and the addresses of its own param, grad and low-precision copy (0: none).
+enum SegCol : int { kSegOffset = 0, kSegNumel = 1, kSegParam = 2, kSegGrad = 3, kSegLowp = 4 };
+constexpr int kNumSegCols = 5;
 
 // Lean-state modes, codes shared with kernels/quant.py (FORMAT_CODE, MASTER_CODE).
 enum MomentFormat : int { kMomFp32 = 0, kMomBf16 = 1, kMom8bit = 2, kMom4bit = 3 };
@@ -142,8 +146,9 @@ template <> struct Storage<kFloat16> {
   static LF_HD uint16_t store(float x) { return f32_to_f16(x); }
 };
 
-// a * b, never contracted into an FMA with a later addition (nvcc contracts by default; the host code is
-// built with -ffp-contract=off).
+// a * b, never contracted into an FMA with a later addition (the CUDA code is built with --fmad=false and
+// the host code with -ffp-contract=off, so plain `a * b + c` is not contracted either; this spells it out
+// where the order matters).
 LF_HD float mul_rn(float a, float b) {
 #ifdef __CUDA_ARCH__
   return __fmul_rn(a, b);

@@ -2,9 +2,11 @@
 // so one binary serves every torch version. Tensor checks happen in Python (kernels/__init__.py,
 // kernels/native.py) before any pointer gets here.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "adamw.h"
 
@@ -23,28 +25,24 @@ bool has_cuda() {
 
 namespace {
 
-PackedArgs make_args(uintptr_t param, uintptr_t grad, uintptr_t exp_avg, uintptr_t exp_avg_sq,
-                     uintptr_t param_lowp, uintptr_t grad_scale, uintptr_t chunks, int64_t n_chunks,
-                     uintptr_t table, int grad_dtype, int lowp_dtype, double one_minus_beta1, double beta2,
-                     double one_minus_beta2, double eps, const py::dict& lean) {
-  for (auto [name, ptr] : {std::pair<const char*, uintptr_t>{"param", param},
-                           {"grad", grad},
+PackedArgs make_args(uintptr_t segs, uintptr_t exp_avg, uintptr_t exp_avg_sq, uintptr_t grad_scale,
+                     uintptr_t chunks, int64_t n_chunks, uintptr_t table, int grad_dtype, int lowp_dtype,
+                     double one_minus_beta1, double beta2, double one_minus_beta2, double eps,
+                     const py::dict& lean) {
+  for (auto [name, ptr] : {std::pair<const char*, uintptr_t>{"segs", segs},
                            {"exp_avg", exp_avg},
                            {"exp_avg_sq", exp_avg_sq},
                            {"chunks", chunks},
                            {"table", table}}) {
     if (ptr == 0 && n_chunks > 0) throw std::invalid_argument(std::string(name) + " is a null pointer");
   }
-  if ((param_lowp == 0) != (lowp_dtype == lisa_fused::kNone)) {
-    throw std::invalid_argument("param_lowp and lowp_dtype disagree (pointer " + std::to_string(param_lowp) +
-                                ", dtype code " + std::to_string(lowp_dtype) + ")");
+  if (lowp_dtype != lisa_fused::kNone && lowp_dtype != lisa_fused::kBFloat16 && lowp_dtype != lisa_fused::kFloat16) {
+    throw std::invalid_argument("lowp_dtype code " + std::to_string(lowp_dtype) + " is not none/bfloat16/float16");
   }
   PackedArgs a;
-  a.param = param;
-  a.grad = grad;
+  a.segs = segs;
   a.exp_avg = exp_avg;
   a.exp_avg_sq = exp_avg_sq;
-  a.param_lowp = param_lowp;
   a.grad_scale = grad_scale;
   a.chunks = chunks;
   a.table = table;
@@ -67,7 +65,6 @@ PackedArgs make_args(uintptr_t param, uintptr_t grad, uintptr_t exp_avg, uintptr
     else if (key == "exp_avg_sq_scale") a.exp_avg_sq_scale = py::cast<uintptr_t>(val);
     else if (key == "compensation") a.compensation = py::cast<uintptr_t>(val);
     else if (key == "qtable") a.qtable = py::cast<uintptr_t>(val);
-    else if (key == "bounds") a.bounds = py::cast<uintptr_t>(val);
     else if (key == "grad_sumsq") a.grad_sumsq = py::cast<uintptr_t>(val);
     else if (key == "seed") a.seed = py::cast<uint32_t>(val);
     else throw std::invalid_argument("unknown lean argument '" + key + "'");
@@ -75,16 +72,14 @@ PackedArgs make_args(uintptr_t param, uintptr_t grad, uintptr_t exp_avg, uintptr
   if (a.n_cols != lisa_fused::kNumCols && a.n_cols != lisa_fused::kNumColsLean) {
     throw std::invalid_argument("table has " + std::to_string(a.n_cols) + " columns, expected 4 or 6");
   }
-  if (a.lean() && a.bounds == 0 && n_chunks > 0) throw std::invalid_argument("lean state needs `bounds`");
   return a;
 }
 
-void adamw_cpu(uintptr_t param, uintptr_t grad, uintptr_t exp_avg, uintptr_t exp_avg_sq, uintptr_t param_lowp,
-               uintptr_t grad_scale, uintptr_t chunks, int64_t n_chunks, uintptr_t table, int grad_dtype,
-               int lowp_dtype, double one_minus_beta1, double beta2, double one_minus_beta2, double eps,
-               int num_threads, const py::dict& lean) {
-  const PackedArgs a = make_args(param, grad, exp_avg, exp_avg_sq, param_lowp, grad_scale, chunks, n_chunks,
-                                 table, grad_dtype, lowp_dtype, one_minus_beta1, beta2, one_minus_beta2, eps, lean);
+void adamw_cpu(uintptr_t segs, uintptr_t exp_avg, uintptr_t exp_avg_sq, uintptr_t grad_scale, uintptr_t chunks,
+               int64_t n_chunks, uintptr_t table, int grad_dtype, int lowp_dtype, double one_minus_beta1,
+               double beta2, double one_minus_beta2, double eps, int num_threads, const py::dict& lean) {
+  const PackedArgs a = make_args(segs, exp_avg, exp_avg_sq, grad_scale, chunks, n_chunks, table, grad_dtype,
+                                 lowp_dtype, one_minus_beta1, beta2, one_minus_beta2, eps, lean);
   py::gil_scoped_release release;
   lisa_fused::adamw_cpu(a, num_threads);
 }
@@ -99,13 +94,13 @@ void require_gpu() {
 }
 #endif
 
-void adamw_cuda(uintptr_t param, uintptr_t grad, uintptr_t exp_avg, uintptr_t exp_avg_sq, uintptr_t param_lowp,
-                uintptr_t grad_scale, uintptr_t chunks, int64_t n_chunks, uintptr_t table, int grad_dtype,
-                int lowp_dtype, double one_minus_beta1, double beta2, double one_minus_beta2, double eps,
-                int device, uintptr_t stream, const py::dict& lean) {
+void adamw_cuda(uintptr_t segs, uintptr_t exp_avg, uintptr_t exp_avg_sq, uintptr_t grad_scale, uintptr_t chunks,
+                int64_t n_chunks, uintptr_t table, int grad_dtype, int lowp_dtype, double one_minus_beta1,
+                double beta2, double one_minus_beta2, double eps, int device, uintptr_t stream,
+                const py::dict& lean) {
 #ifdef LISA_FUSED_WITH_CUDA
-  const PackedArgs a = make_args(param, grad, exp_avg, exp_avg_sq, param_lowp, grad_scale, chunks, n_chunks,
-                                 table, grad_dtype, lowp_dtype, one_minus_beta1, beta2, one_minus_beta2, eps, lean);
+  const PackedArgs a = make_args(segs, exp_avg, exp_avg_sq, grad_scale, chunks, n_chunks, table, grad_dtype,
+                                 lowp_dtype, one_minus_beta1, beta2, one_minus_beta2, eps, lean);
   require_gpu();
   const std::string err = lisa_fused::adamw_cuda(a, device, stream);
   if (!err.empty()) throw std::runtime_error("lisa_fused._C.adamw_cuda: " + err);
@@ -137,25 +132,45 @@ py::object cuda_unavailable_reason() {
 #endif
 }
 
+// None without CUDA, else {"sass": [80, 90, ...], "ptx": 90 or None}: the architectures compiled in.
+py::object cuda_archs() {
+#ifdef LISA_FUSED_WITH_CUDA
+  std::vector<int> sass;
+  int ptx = -1;
+  lisa_fused::cuda_build_archs(&sass, &ptx);
+  py::dict out;
+  out["sass"] = py::cast(sass);
+  out["ptx"] = ptx < 0 ? py::none() : py::object(py::int_(ptx));
+  return std::move(out);
+#else
+  return py::none();
+#endif
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "lisa_fused native kernels: packed AdamW for the CPU and, when built with nvcc, CUDA";
+  m.doc() = "lisa_fused native kernels: segment-table AdamW for the CPU and, when built with nvcc, CUDA";
   m.def("has_cuda", &lisa_fused::has_cuda, "True when this build contains the CUDA kernel");
   m.def("cpu_kernel_isa", &lisa_fused::cpu_kernel_isa,
         "The CPU loop this machine runs: 'avx2+fma' (rounds like torch's AVX2 kernels) or 'baseline'");
   m.def("cuda_unavailable_reason", &cuda_unavailable_reason,
         "None when the CUDA kernel can run here, else why not");
+  m.def("cuda_archs", &cuda_archs,
+        "None without the CUDA kernel, else {'sass': [80, 90, ...], 'ptx': 90 or None}: the architectures "
+        "this build has machine code (SASS) and PTX for");
+  m.attr("CUDA_MAX_CHUNK") = lisa_fused::kCudaMaxChunk;
 #define LF_PACKED_ARGS                                                                                     \
-  py::arg("param"), py::arg("grad"), py::arg("exp_avg"), py::arg("exp_avg_sq"), py::arg("param_lowp"),       \
-      py::arg("grad_scale"), py::arg("chunks"), py::arg("n_chunks"), py::arg("table"), py::arg("grad_dtype"), \
-      py::arg("lowp_dtype"), py::arg("one_minus_beta1"), py::arg("beta2"), py::arg("one_minus_beta2"),       \
-      py::arg("eps")
+  py::arg("segs"), py::arg("exp_avg"), py::arg("exp_avg_sq"), py::arg("grad_scale"), py::arg("chunks"),    \
+      py::arg("n_chunks"), py::arg("table"), py::arg("grad_dtype"), py::arg("lowp_dtype"),                    \
+      py::arg("one_minus_beta1"), py::arg("beta2"), py::arg("one_minus_beta2"), py::arg("eps")
   m.def("adamw_cpu", &adamw_cpu, LF_PACKED_ARGS, py::arg("num_threads"), py::arg("lean") = py::dict(),
-        "AdamW over a packed buffer on the CPU (pointers as integers; table: float64 [S, n_cols] host); "
-        "`lean`: dict of PackedArgs lean fields (csrc/adamw.h), e.g. moments, master, qtable, bounds");
+        "AdamW over a segment table on the CPU (pointers as integers; segs: int64 [S, 5] host, "
+        "table: float64 [S, n_cols] host); `lean`: dict of PackedArgs lean fields (csrc/adamw.h), e.g. "
+        "moments, master, qtable");
   m.def("adamw_cuda", &adamw_cuda, LF_PACKED_ARGS, py::arg("device"), py::arg("stream"), py::arg("lean") = py::dict(),
-        "AdamW over a packed buffer on `stream` of `device` (table: float32 [S, n_cols] on the device)");
+        "AdamW over a segment table on `stream` of `device` (segs: int64 [S, 5], table: float32 [S, n_cols], "
+        "both in device memory)");
   m.def("nearest_codes_cpu", &nearest_codes_cpu, py::arg("x"), py::arg("n"), py::arg("qtable"), py::arg("moments"),
         py::arg("which"), py::arg("vectorized"), py::arg("out"),
         "Tests: the kernels' code search on n fp32 values (uint8 out[n]; csrc/adamw.h nearest_codes_cpu)");

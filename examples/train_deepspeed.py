@@ -84,7 +84,8 @@ def run_trainer(args, rank, world, out):
     # (no use_cpu: accelerate 1.16 selects DeepSpeed only when not asked for the CPU; on a CPU-only machine
     # DeepSpeed then runs on its CPU accelerator)
     targs = TrainingArguments(output_dir=out, report_to=[], per_device_train_batch_size=args.batch,
-                              max_steps=args.steps, learning_rate=args.lr, logging_steps=args.switch_every,
+                              max_steps=args.steps, learning_rate=args.lr, weight_decay=0.01,
+                              logging_steps=args.switch_every,
                               seed=args.seed, disable_tqdm=True, save_strategy="no", deepspeed=config)
     model = tiny_llama(args.layers, args.hidden, args.seq, DTYPES[args.dtype], args.seed + rank)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}

@@ -70,7 +70,7 @@ def run_trainer(args, out):
     cpu = not torch.cuda.is_available()
     targs = TrainingArguments(
         output_dir=out, use_cpu=cpu, report_to=[], per_device_train_batch_size=args.batch, max_steps=args.steps,
-        learning_rate=args.lr, lr_scheduler_type="constant", logging_steps=args.switch_every, seed=args.seed,
+        learning_rate=args.lr, weight_decay=0.01, lr_scheduler_type="constant", logging_steps=args.switch_every, seed=args.seed,
         disable_tqdm=True, save_strategy="steps" if args.save_at else "no", save_steps=args.save_at or 500,
         fsdp=True, fsdp_config={"fsdp_version": 2, "transformer_layer_cls_to_wrap": [BLOCK],
                                         "reshard_after_forward": True, "state_dict_type": "SHARDED_STATE_DICT"})

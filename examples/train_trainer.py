@@ -92,14 +92,14 @@ def main(argv=None):
         targs = TrainingArguments(
             output_dir=args.output_dir or tmp, use_cpu=not torch.cuda.is_available(), report_to=[],
             per_device_train_batch_size=args.batch, gradient_accumulation_steps=args.grad_accum,
-            max_steps=args.steps, learning_rate=args.lr, lr_scheduler_type="cosine", warmup_steps=args.steps // 10,
+            max_steps=args.steps, learning_rate=args.lr, weight_decay=0.01,  # FusedLISA's lr and weight decay
+            lr_scheduler_type="cosine", warmup_steps=args.steps // 10,
             max_grad_norm=1.0, logging_steps=args.logging_steps, seed=args.seed, disable_tqdm=True,
             save_strategy="steps" if args.save_steps else "no", save_steps=args.save_steps or 500,
             ddp_find_unused_parameters=True,  # inactive blocks get no gradient
         )
         model = tiny_llama(args.layers, args.hidden, args.seq, DTYPES[args.dtype], args.seed)
-        opt = FusedLISA(model, lr=args.lr, weight_decay=0.01, n_active_layers=args.n_active,
-                        switch_every=args.switch_every, seed=args.seed)
+        opt = FusedLISA(model, n_active_layers=args.n_active, switch_every=args.switch_every, seed=args.seed)
         active = ActiveSets(opt)
         trainer = Trainer(model=model, args=targs, train_dataset=text_windows(args.seq, args.seed),
                           optimizers=(opt, None),  # None: the Trainer makes the scheduler over opt

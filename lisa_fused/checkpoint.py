@@ -37,6 +37,7 @@ import math
 
 import torch
 
+from . import sampling
 from .binding import local
 from .groups import LAYOUT_KEYS
 from .kernels import quant
@@ -155,7 +156,7 @@ def _saved_dtype(lisa, saved_state) -> str:
     return "bfloat16/float16" if has_master else "float32"
 
 
-def _validate(opt, state_dict):
+def _validate(opt, state_dict, quiet: bool = False):
     """Every check before anything changes; returns (lisa, saved_state, target active set, masters_to_params)."""
     lisa = state_dict.get("lisa") if isinstance(state_dict, dict) else None
     if lisa is None:
@@ -222,13 +223,14 @@ def _validate(opt, state_dict):
     masters_to_params = not lowp_here and any("master_param" in e for e in saved_state.values())
     missing_master = any("master_param" in row_keys(packed.buffers_of(i)) and "master_param" not in e
                          for i, e in saved_state.items())
-    if masters_to_params:
+    if masters_to_params and not quiet:
         logger.warning("FusedLISA.load_state_dict: the state_dict was saved from a %s model with fp32 masters; this "
                        "model is %s: its trained params are set to the saved masters", saved_dtype, here_dtype)
     if missing_master:
         if saved_dtype == here_dtype:
             raise ValueError(f"state_dict of a {here_dtype} model has no 'master_param' for some params: it is damaged")
-        logger.warning("FusedLISA.load_state_dict: the state_dict was saved from a %s model (no fp32 masters); this "
+        if not quiet:
+            logger.warning("FusedLISA.load_state_dict: the state_dict was saved from a %s model (no fp32 masters); this "
                        "model is %s: its fp32 masters start from its current params", saved_dtype, here_dtype)
     for i, entry in saved_state.items():
         bufs = packed.buffers_of(i)
@@ -244,16 +246,15 @@ def _validate(opt, state_dict):
                                  f"{tuple(entry[key].shape)}, expected {dtype or ''} {tuple(shape)} "
                                  f"(moments={bufs.moments!r})")
     target = tuple(sorted(int(b) for b in lisa["active_layers"]))
-    n_blocks = len(opt._block_params)
-    if len(set(target)) != opt.n_active_layers or any(not 0 <= b < n_blocks for b in target):
-        raise ValueError(f"state_dict active_layers {list(target)} are not {opt.n_active_layers} distinct "
-                         f"blocks in 0..{n_blocks - 1}")
-    return lisa, saved_state, target, masters_to_params
+    sampling.check_saved_active(opt._sampler, opt.n_active_layers, target)  # (blocks with nothing to train)
+    return lisa, saved_state, target, masters_to_params, lowp_here, saved_dtype, here_dtype
 
 
 @torch.no_grad()
-def load_state_dict(opt, state_dict) -> None:
-    lisa, saved_state, target, masters_to_params = _validate(opt, state_dict)
+def load_state_dict(opt, state_dict, quiet: bool = False) -> None:
+    """Load `state_dict` (this module's layout) into `opt`; `quiet`: no warnings for cross-dtype rules (a
+    rebuild after the model moved says so itself)."""
+    lisa, saved_state, target, masters_to_params, lowp_here, saved_dtype, here_dtype = _validate(opt, state_dict, quiet)
     # Everything is checked: from here on the load cannot fail half-way.
     for g, saved in zip(opt.param_groups, state_dict["param_groups"]):  # (the state formats stay this optimizer's)
         g.update({k: v for k, v in saved.items() if k != "params" and k not in LAYOUT_KEYS})
@@ -290,8 +291,7 @@ def load_state_dict(opt, state_dict) -> None:
 
     placed = packed.placements(opt._slot_of)
     for i, off, n in placed:
-        bufs = packed.buffers_of(i)
-        fill(bufs.rows(off, n), i, bufs.param[off:off + n])
+        fill(packed.buffers_of(i).rows(off, n), i, local(opt._params[i]).detach().reshape(-1))
     for b, idx in enumerate(opt._block_params):
         if b in opt._slot_of or not any(i in saved_state for i in idx):
             continue
@@ -302,11 +302,12 @@ def load_state_dict(opt, state_dict) -> None:
                 fill(packed.bufs[k].rows(off, n, buffers=per_part[k]), i,
                      local(opt._params[i]).detach().reshape(-1).float().cpu())
         opt._store.put(b, block_state)
-    if masters_to_params:  # an fp32 model continues from the saved fp32 masters
-        packed_at = {i: (off, n) for i, off, n in placed}
+    # an fp32 model continues from the saved fp32 masters; a bf16 <-> fp16 one from them rounded to its dtype
+    # (its params were rounded to the other dtype: they would otherwise be read as written, over the masters)
+    other_lowp = lowp_here and saved_dtype not in (here_dtype, "float32") and "/" not in saved_dtype
+    if masters_to_params or other_lowp:
         for i, e in saved_state.items():
             if "master_param" in e:
                 local(opt._params[i]).detach().copy_(e["master_param"].reshape(opt._shapes[i]))
-                if i in packed_at:  # (the same memory unless FSDP2's copy mode)
-                    off, n = packed_at[i]
-                    packed.buffers_of(i).param[off:off + n].copy_(e["master_param"].reshape(-1))
+    opt._binding.dirty.clear()  # the masters now hold what was saved (or the params' values)
+    opt._binding.seen()

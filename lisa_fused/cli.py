@@ -13,7 +13,7 @@ import os
 import sys
 
 from . import presets
-from .bench import DEFAULT_METHODS, METHODS
+from .bench import DEFAULT_METHODS, GROUPS, METHODS, PEERS
 
 # = lisa_fused.sampling.SAMPLER_NAMES, which imports torch (tests/test_cli_fast.py keeps them equal)
 SAMPLER_NAMES = ("uniform", "weight_norm", "grad_norm", "outlier", "loss_feedback")
@@ -60,7 +60,16 @@ def _name_list(kind: str, allowed):
 
 
 _samplers = _name_list("sampler", SAMPLER_NAMES)
-_methods = _name_list("method", METHODS)
+
+
+def _methods(text: str) -> list[str]:
+    """--methods: a comma list of METHODS and GROUPS names ("peers", "default"), groups expanded in place;
+    a method a group brings twice is kept once, a name written twice is an error."""
+    names = _name_list("method", (*METHODS, *GROUPS))(text)
+    out: list[str] = []
+    for name in names:
+        out += [m for m in GROUPS.get(name, (name,)) if m not in out]
+    return out
 
 
 class _Parser(argparse.ArgumentParser):
@@ -82,11 +91,14 @@ class _HelpFormatter(argparse.HelpFormatter):
         return f"{text} (default: {default})"
 
 
+PLAN_METHODS = ("full", "lora", "lisa", "badam")
+
+
 def _plan_methods(text: str) -> list[str]:
     names = [m.strip() for m in text.split(",") if m.strip()]
-    bad = [n for n in names if n not in ("full", "lora", "lisa")]
+    bad = [n for n in names if n not in PLAN_METHODS]
     if bad or not names or len(set(names)) != len(names):
-        raise argparse.ArgumentTypeError(f"{text!r}: give distinct methods from full,lora,lisa")
+        raise argparse.ArgumentTypeError(f"{text!r}: give distinct methods from {','.join(PLAN_METHODS)}")
     return names
 
 
@@ -107,9 +119,9 @@ def _add_plan(sub) -> None:
     p = sub.add_parser(
         "plan", help="predict peak memory per method and state setting; what fits --gpu-mem",
         description="Predict the peak memory of one training step (weights, trainable state, activations "
-                    "and temporaries, logits and loss included) for full AdamW, LoRA and each FusedLISA "
-                    "setting, without downloading or allocating the model: it is built on the meta device, "
-                    "the optimizers run on it and one step is traced with fake tensors.",
+                    "and temporaries, logits and loss included) for full AdamW, LoRA, each FusedLISA "
+                    "setting and BAdam, without downloading or allocating the model: it is built on the meta "
+                    "device, the optimizers run on it and one step is traced with fake tensors.",
         formatter_class=_HelpFormatter)
     p.add_argument("model", metavar="MODEL",
                    help=f"a preset ({', '.join(presets.names())}), a config.json or a local model folder")
@@ -120,8 +132,9 @@ def _add_plan(sub) -> None:
     p.add_argument("--dtype", choices=sorted(PLAN_DTYPES), default="bf16", help="parameter dtype")
     p.add_argument("--gradient-checkpointing", action="store_true",
                    help="trace with transformers' gradient checkpointing (non-reentrant)")
-    p.add_argument("--methods", type=_plan_methods, default=["full", "lora", "lisa"],
-                   help="comma list of full,lora,lisa (lisa: one row per FusedLISA setting)")
+    p.add_argument("--methods", type=_plan_methods, default=list(PLAN_METHODS),
+                   help="comma list of full,lora,lisa,badam (lisa: one row per FusedLISA setting; badam: BAdam's "
+                        "BlockOptimizer, traced when pip badam is installed, else listed as skipped)")
     p.add_argument("--lora-rank", type=_int_at_least(1), default=128, help="LoRA rank on every projection")
     p.add_argument("--gamma", type=_int_at_least(1), default=2, help="FusedLISA active blocks")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
@@ -135,7 +148,8 @@ def run_plan(args) -> int:
     import torch
 
     from . import __version__
-    from .plan import format_table, load_config, plan, to_json
+    from .plan import load_config, plan, to_json
+    from .plan.report import format_plan
 
     parser = args.subparser
     try:
@@ -151,12 +165,10 @@ def run_plan(args) -> int:
               "gradient_checkpointing": args.gradient_checkpointing, "lora_rank": args.lora_rank,
               "gamma": args.gamma, "target": args.device, "traced_on": planner.trace_device,
               "gpu_mem_bytes": args.gpu_mem, "n_blocks": planner.n_blocks, "lisa_fused_version": __version__}
-    print(f"{args.model} ({config.model_type}, {planner.n_blocks} blocks), {header['dtype']}, batch "
-          f"{args.batch_size} x seq {args.seq_len}" + (", gradient checkpointing" if args.gradient_checkpointing
-                                                        else "") + f"; predicted for {args.device}")
-    print(format_table(rows, args.gpu_mem))
-    for s in skipped:
-        print(f"skipped lisa {s.setting}: {s.reason}")
+    title = (f"{args.model} ({config.model_type}, {planner.n_blocks} blocks), {header['dtype']}, batch "
+             f"{args.batch_size} x seq {args.seq_len}" + (", gradient checkpointing" if args.gradient_checkpointing
+                                                          else "") + f"; predicted for {args.device}")
+    print(format_plan(title, rows, skipped, args.gpu_mem, args.device))
     if args.gpu_mem and rows and not any(r.fits for r in rows):
         act = min(rows, key=lambda r: r.peak_bytes)
         print(f"nothing fits {args.gpu_mem / 2**30:.1f} GiB (the leanest row needs {act.peak_bytes / 2**30:.2f} GiB, "
@@ -166,12 +178,6 @@ def run_plan(args) -> int:
     if planner.trace_device != args.device:
         print(f"note: traced on {planner.trace_device} fake tensors (this torch has no {args.device}); "
               f"temporaries follow {planner.trace_device} kernels")
-    print("weights: the model's parameters (LoRA: + adapters; LISA: minus the params it trains, which sit in its "
-          "packed buffer and count in state); state: grads + moments + masters (FusedLISA: memory_stats after "
-          "every block was active once); act+temp: traced peak of forward, backward and optimizer step (full "
-          "AdamW's foreach step makes whole-model temporaries, so its peak can be the step); host: LISA's paged "
-          "state (pinned); peak = weights + state + act+temp" + (" + host (a CPU target: the same RAM)"
-                                                                 if args.device == "cpu" else ""))
     if args.json:
         with open(args.json, "w") as f:
             f.write(to_json(header, rows, skipped))
@@ -200,7 +206,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--data", metavar="PATH", help="fine-tuning text: a .txt file, or .jsonl with a \"text\" field "
                    "(default: the Python reference docs in pydoc_data, part of the standard library)")
     b.add_argument("--methods", type=_methods, default=list(DEFAULT_METHODS),
-                   help="comma list of " + ",".join(METHODS) + " (lora-fa: LoRA with A frozen, peft's LoRA-FA optimizer)")
+                   help="comma list of " + ",".join(METHODS) + " (lora-fa: LoRA with A frozen, peft's LoRA-FA "
+                        "optimizer), or peers (= " + ",".join(PEERS) + ": FusedLISA against BAdam, LISA as the "
+                        "published callbacks run it, GaLore and 8-bit AdamW from torchao and bitsandbytes; "
+                        'pip install "lisa_fused[peers]"; a peer whose package is missing is reported as skipped)')
     b.add_argument("--samplers", type=_samplers, default=["uniform"],
                    help=f"comma list of FusedLISA samplers ({','.join(SAMPLER_NAMES)}): "
                         "each lisa method runs once per sampler")
@@ -275,7 +284,7 @@ def resolve_bench_args(args: argparse.Namespace) -> argparse.Namespace:
     if "lisa-4bit-sr" in args.methods and args.dtype != "bfloat16":
         parser.error(f"--methods lisa-4bit-sr: master_weights='stochastic' needs bf16 params, --dtype is "
                      f"{args.dtype}: add --dtype bfloat16")
-    if args.gamma > n and any(m.startswith("lisa") for m in args.methods):
+    if args.gamma > n and any(m.startswith("lisa") for m in args.methods):  # lisa-published too
         parser.error(f"--gamma {args.gamma}: larger than the model's {n} layers")
     return args
 

@@ -38,6 +38,7 @@ Not kept: the "loss_feedback" sampler's statistics of the interval in progress a
 from __future__ import annotations
 
 import json
+import sys
 
 import torch
 
@@ -52,10 +53,33 @@ def distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
+def called_by_dcp() -> bool:
+    """True when FusedLISA.state_dict() runs inside torch.distributed.checkpoint (get_optimizer_state_dict,
+    get_state_dict, ...), which keeps only "state" and "param_groups" of what it returns."""
+    frame = sys._getframe(2)
+    for _ in range(12):
+        if frame is None:
+            return False
+        if frame.f_globals.get("__name__", "").startswith("torch.distributed.checkpoint"):
+            return True
+        frame = frame.f_back
+    return False
+
+
 def wanted(opt) -> bool:
-    """The DCP layout is used under torch.distributed, except for quantized moments of FSDP2 shards."""
+    """The DCP layout is used under torch.distributed or inside torch.distributed.checkpoint's state_dict
+    helpers (also in one process without a process group), except for quantized moments of FSDP2 shards:
+    those keep the plain per-rank layout, and a DCP helper asking for them raises (it would drop the
+    LISA section)."""
     quantized = any(f.moments in quant.BLOCK for f in opt._packed_state.formats)
-    return distributed() and not (opt._binding.copy_mode and quantized)
+    by_dcp = called_by_dcp()
+    if by_dcp and opt._sharded and quantized:
+        raise RuntimeError(
+            "FusedLISA: torch.distributed.checkpoint cannot hold the 8bit/4bit moments of FSDP2 shards (codes and "
+            "block scales of per-rank shards do not reshard), and it would drop FusedLISA's schedule: save "
+            "opt.state_dict() per rank with torch.save(opt.state_dict(), f'opt-rank{rank}.pt') instead, or use "
+            "moments='fp32'/'bf16' under FSDP2")
+    return (distributed() or by_dcp) and not (opt._sharded and quantized)
 
 
 def is_dcp_layout(sd) -> bool:
@@ -93,7 +117,7 @@ def to_dcp_layout(opt, sd: dict) -> dict:
     lisa = dict(sd["lisa"])
     generator = lisa.pop("generator")
     meter = lisa.pop("grad_meter")
-    sharded = opt._binding.copy_mode
+    sharded = opt._sharded
     rows = {}
     for i, (name, p) in enumerate(zip(opt._names, opt._params)):
         entry = sd["state"].get(i)
@@ -109,7 +133,7 @@ def to_dcp_layout(opt, sd: dict) -> dict:
         if sharded:
             entry = {k: v if k == "step" else _sharded_like(v, p) for k, v in entry.items()}
         rows[name] = entry
-    world = torch.distributed.get_world_size()
+    world = torch.distributed.get_world_size() if distributed() else 1
     meta = {**lisa, "world_size": world, "sharded": sharded,
             "grad_meter": None if meter is None else {k: v for k, v in meter.items() if k != "sumsq"}}
     section = {"layout": LAYOUT, "meta": json.dumps(meta), "generator": generator, "state": rows}

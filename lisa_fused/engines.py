@@ -8,16 +8,18 @@ All of them touch the optimizer through `param_groups` or `state`, so that is wh
   - accelerate (1.16: accelerator.py `_prepare_fsdp2`, utils/fsdp_utils.py
     `fsdp2_switch_optimizer_parameters`) shards the model with `fully_shard` and then assigns the new
     DTensor Parameters, one per old param in the same order, group by group: once every group is
-    switched, FusedLISA rebinds to them (`follow_params`, rebuild.rebind), in copy mode (binding.py),
-    keeping its active blocks, schedule and sampler state.
+    switched, FusedLISA rebuilds on them (`follow_params`, rebuild.rebind: their local shards are
+    updated in place), keeping its active blocks, schedule and sampler state.
   - DeepSpeed (0.19: runtime/engine.py `_configure_optimizer`) wraps a client optimizer for ZeRO 1-3
     and for fp16/bf16; every wrapper assigns its own flat fp32 tensors of the params trainable at
     `deepspeed.initialize` (stage_1_and_2.py, stage3.py, bf16_optimizer.py, fp16/*.py), which LISA's
     later blocks can never join: refused there, naming the stage (`refusal`). ZeRO stage 0 in fp32 uses
     the client optimizer as it is, and works.
-* `StateView` is `opt.state`: torch.distributed.checkpoint's `_init_optim_state` runs `step()` with zero
-  gradients and lr 0 when `optim.state` is empty, which would advance LISA's schedule; FusedLISA keeps its
-  state in packed buffers, so its `state` is a read-only, never-empty view of them.
+* `StateView` is `opt.state`, as torch's: an entry per param that has state, empty before the first step.
+  torch.distributed.checkpoint's `_init_optim_state` runs `step()` with zero gradients and lr 0 when
+  `optim.state` is empty (to create torch optimizers' state lazily); `dcp_init_step()` recognizes that
+  call, so the step creates FusedLISA's state entries as it does torch AdamW's (step 1, zero moments, no
+  change to the params) without moving LISA's schedule.
 
 docs/engines-findings.md has the file:line trail for each of these.
 """
@@ -29,7 +31,7 @@ from collections.abc import Mapping
 
 import torch
 
-from . import checkpoint
+from . import checkpoint, rebuild
 
 # What each DeepSpeed optimizer wrapper is, for the refusal message (class name -> description).
 _DEEPSPEED_WRAPPERS = {
@@ -105,8 +107,6 @@ def follow_params(opt, index: int, frame, final: bool = False) -> None:
     param any more, FusedLISA rebinds to the new ones (rebuild.rebind). Anything else (DeepSpeed's flat
     partitions, other tensors) raises RuntimeError naming who did it and what works.
     """
-    from . import rebuild
-
     olds = _old_groups(opt)
     new, old = list(opt.param_groups[index]["params"]), olds[index]
     if len(new) == len(old) and all(a is b for a, b in zip(new, old)):
@@ -174,36 +174,50 @@ def _describe(frame) -> str:
     return f"{frame.f_globals.get('__name__', '?')}.{name}"
 
 
-def replace_layout_params(layout, mapping: dict) -> None:
-    """Point the ModelLayout at the new Parameter objects (mapping: id(old) -> new), in place: the samplers
-    that read weights hold this layout object."""
-    swap = lambda named: tuple((n, mapping[id(p)]) for n, p in named)  # noqa: E731
-    object.__setattr__(layout, "always", swap(layout.always))
-    object.__setattr__(layout, "blocks", tuple(swap(blk) for blk in layout.blocks))
+def dcp_init_step() -> bool:
+    """True when the running step() was called by torch.distributed.checkpoint's `_init_optim_state` (the
+    zero-gradient, lr-0 step it takes to create an optimizer's state before get/set_optimizer_state_dict)."""
+    frame = sys._getframe(1)
+    for _ in range(8):  # step() -> torch's step wrappers (profile hook, _use_grad) -> _init_optim_state
+        frame = frame.f_back
+        if frame is None:
+            return False
+        if frame.f_code.co_name == "_init_optim_state" and \
+                frame.f_globals.get("__name__", "").startswith("torch.distributed.checkpoint"):
+            return True
+    return False
 
 
 class StateView(Mapping):
     """`FusedLISA.state`: trained param -> its state as in `state_dict()["state"]` (CPU copies, built on
-    access; empty for a param without state). Read-only; never empty, so that
-    torch.distributed.checkpoint's `_init_optim_state` does not take a zero-gradient step."""
+    access), for each param with state (stepped at least once, state kept: under "drop" an inactive block
+    has none); empty before the first step, as torch's. Read-only. Holds the optimizer (a view taken from
+    a temporary optimizer stays usable)."""
 
     def __init__(self, opt):
-        self._opt = weakref.ref(opt)
+        self._opt = opt
 
-    def _index(self) -> dict[int, int]:
-        return {id(p): i for i, p in enumerate(self._opt()._params)}
+    def _with_state(self) -> list[int]:
+        opt = self._opt
+        if opt._binding is None:
+            return []
+        bound = opt._binding.offset
+        parked = {i for b, ix in enumerate(opt._block_params) if b not in opt._slot_of and opt._store.has(b) for i in ix}
+        return [i for i, s in enumerate(opt._steps) if s > 0 and (i in bound or i in parked)]
 
     def __len__(self) -> int:
-        return len(self._opt()._params)
+        return len(self._with_state())
 
     def __iter__(self):
-        return iter(list(self._opt()._params))
+        params = self._opt._params
+        return iter([params[i] for i in self._with_state()])
 
     def __contains__(self, p) -> bool:
-        return id(p) in self._index()
+        return any(q is p for q in self)
 
     def __getitem__(self, p) -> dict:
-        i = self._index().get(id(p))
-        if i is None:
-            raise KeyError("not a parameter this FusedLISA trains")
-        return dict(checkpoint.state_dict(self._opt())["state"].get(i, {}))
+        index = {id(q): i for i, q in enumerate(self._opt._params)}
+        i = index.get(id(p))
+        if i is None or i not in self._with_state():
+            raise KeyError("not a parameter with state in this FusedLISA")
+        return dict(checkpoint.state_dict(self._opt)["state"][i])

@@ -16,8 +16,9 @@ FusedLISA takes the model, so its groups are given by name or by Parameter, on t
   "lm_head" matches "lm_head.weight"), or a list mixing both. Within a group, parameters keep the model's
   order. A parameter may belong to one group only.
 - Keys a group may set (GROUP_KEYS): lr, betas, eps, weight_decay (read at every step: edit them in place
-  as with torch), moments, master_weights, min_quantized_size (fixed at construction: they decide the packed
-  layout; step() raises if they were edited).
+  as with torch; every value torch.optim.AdamW accepts: hparams.py), moments, master_weights,
+  min_quantized_size (fixed at construction: they decide the packed layout; step() raises if they were
+  edited).
 
 State format of a parameter (`StateFormat`): its group's `moments` and `master_weights`, except that under
 moments="8bit"/"4bit" a parameter with fewer than `min_quantized_size` elements keeps fp32 moments (the
@@ -28,11 +29,11 @@ packed buffers (a *partition*, packing.py); each partition is one kernel launch 
 from __future__ import annotations
 
 import fnmatch
-import math
 from dataclasses import dataclass
 
 import torch
 
+from . import hparams
 GROUP_KEYS = ("lr", "betas", "eps", "weight_decay", "moments", "master_weights", "min_quantized_size")
 LAYOUT_KEYS = ("moments", "master_weights", "min_quantized_size")  # fixed at construction
 MIN_QUANTIZED_SIZE = 4096  # bitsandbytes min_8bit_size, torchao's threshold
@@ -72,25 +73,7 @@ def validate_group_options(options: dict, where: str, param_dtypes=()) -> None:
     for key in options:
         if key != "params" and key not in GROUP_KEYS:
             raise ValueError(f"{where}: unknown key {key!r}; a FusedLISA param group may set {GROUP_KEYS}")
-    if "lr" in options:
-        lr = options["lr"]
-        value = lr.item() if isinstance(lr, torch.Tensor) and lr.numel() == 1 else lr
-        if isinstance(lr, torch.Tensor) and lr.numel() != 1:
-            raise ValueError(f"{where}: Invalid learning rate: tensor lr must have one element, got shape {tuple(lr.shape)}")
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-            raise ValueError(f"{where}: Invalid learning rate: {lr}")
-    if "betas" in options:
-        betas = options["betas"]
-        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-            raise ValueError(f"{where}: Invalid betas: {betas!r} (expected a pair (beta1, beta2))")
-        for k, b in enumerate(betas):
-            if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0.0 <= b < 1.0:
-                raise ValueError(f"{where}: Invalid beta parameter at index {k}: {b}")
-    for key, what in (("eps", "epsilon value"), ("weight_decay", "weight_decay value")):
-        if key in options:
-            v = options[key]
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-                raise ValueError(f"{where}: Invalid {what}: {v}")
+    hparams.check(options, where)  # lr, betas, eps, weight_decay: what torch.optim.AdamW accepts
     if "moments" in options and options["moments"] not in quant.FORMATS:
         raise ValueError(f"{where}: Invalid moments: {options['moments']!r}; choose one of {quant.FORMATS}")
     if "master_weights" in options:
@@ -193,19 +176,20 @@ def layout_keys(param_groups) -> list[tuple]:
     return [tuple(g.get(k) for k in LAYOUT_KEYS) for g in param_groups]
 
 
-def check_unchanged(param_groups, keys: list[tuple]) -> None:
-    """param_groups edited in place: hyperparameters are read every step (ValueError naming the group for an
-    invalid one, as at construction), but the state-format keys decide the packed layout and the group list
-    the param set (RuntimeError naming the group, the key and the fix)."""
+def check_unchanged(param_groups, keys: list[tuple]) -> dict:
+    """param_groups edited in place: hyperparameters are read every step (ValueError / TypeError naming the
+    group for an invalid one, as at construction), but the state-format keys decide the packed layout and the
+    group list the param set (RuntimeError naming the group, the key and the fix). Returns the step's
+    hyperparameters, {id(group): hparams.HParams}, read once here (one host read per tensor value), for
+    update.adamw_step."""
     if len(param_groups) != len(keys):
         raise RuntimeError(f"FusedLISA has {len(keys)} param groups, param_groups now holds {len(param_groups)}: "
                            "add groups with opt.add_param_group(...) (or FusedLISA(param_groups=...)), not by "
                            "editing the list")
+    read = {}
     for k, (g, was) in enumerate(zip(param_groups, keys)):
-        # the hyperparameters, as at construction (an edit or a scheduler may have set them to anything)
-        validate_group_options({key: g[key] for key in ("lr", "betas", "eps", "weight_decay")
-                                if key in g and not isinstance(g[key], torch.Tensor)},  # (no device sync)
-                               f"opt.param_groups[{k}] (edited in place)")
+        # the hyperparameters, checked as at construction (an edit or a scheduler may have set them to anything)
+        read[id(g)] = hparams.read(g, f"opt.param_groups[{k}] (edited in place)")
         now = tuple(g.get(key) for key in LAYOUT_KEYS)
         if now != was:
             key, a, b = next((n, x, y) for n, x, y in zip(LAYOUT_KEYS, was, now) if x != y)
@@ -213,6 +197,7 @@ def check_unchanged(param_groups, keys: list[tuple]) -> None:
                 f"param_groups[{k}][{key!r}] was changed from {a!r} to {b!r}: the state format is fixed at "
                 f"construction (it decides the packed layout); set it back, or take state_dict(), release() and "
                 f"build a new FusedLISA with {key}={b!r} (load_state_dict converts the moments)")
+    return read
 
 
 def index_params(layout, members: list[list[int]]):

@@ -5,13 +5,12 @@ from collections import Counter
 
 
 def memory_stats(opt) -> dict[str, int]:
-    """Bytes the optimizer holds (ints), FusedLISA.memory_stats():
+    """Bytes the optimizer holds (ints), FusedLISA.memory_stats(). Only what the optimizer adds: the
+    model's params and grads are its own tensors (never packed), counted by the model, not here.
 
-    device_bytes        packed params/masters, grads, moments, scales, compensation on the model's device,
-                        plus resident block state under inactive_moments="device"
-    extra_device_bytes  device_bytes - param_bytes: what the optimizer adds to the model's own weights
-    param_bytes         what the trained params view (bf16/fp16, or the fp32 masters of an fp32 model)
-    master_bytes        fp32 masters of a low-precision model; grad_bytes: the packed grads
+    device_bytes        packed state on the model's device: fp32 masters (bf16/fp16 params only), moments,
+                        scales, compensation; plus resident block state under inactive_moments="device"
+    master_bytes        fp32 masters of bf16/fp16 params (an fp32 param is its own master: 0)
     moment_bytes        exp_avg + exp_avg_sq (codes when quantized); scale_bytes: fp32 block scales
     compensation_bytes  Kahan compensation (master_weights="kahan")
     host_bytes          paged-out block state ("host"); pinned_bytes: page-locked host memory reserved
@@ -25,12 +24,10 @@ def memory_stats(opt) -> dict[str, int]:
     stored = store.nbytes()
     on_device = store.policy == "device"
     kinds = packed_state.nbytes_by_kind()
-    device = packed + (stored if on_device else 0)
     small = sum(p.numel() for p, f, g in zip(opt._params, packed_state_formats(opt), opt._group_of)
                 if f.moments == "fp32" and g["moments"] != "fp32")
     return {
-        "device_bytes": device,
-        "extra_device_bytes": device - kinds["param"],
+        "device_bytes": packed + (stored if on_device else 0),
         **{f"{k}_bytes": v for k, v in kinds.items()},
         "host_bytes": 0 if on_device else stored,
         "packed_bytes": packed,

@@ -23,11 +23,18 @@ froze beforehand (a frozen embedding, peft's frozen base weights) appears in nei
 A block whose parameters are all frozen is still a block: it keeps its index, with an empty tuple of
 parameters, so block indices always match positions in the stack.
 
+Which block a parameter belongs to is decided by module identity, not by its name: it lies in block i
+when a module that registers it is block i (``stack[i]``) or a module inside it, whatever attribute path
+reaches that module. So a stack (or a block, or a module inside a block) that the model also reaches
+under a second name (a wrapper's shortcut, ``self.blocks = self.model.layers``) is still one stack, and
+its parameters are not "outside".
+
 A trainable Parameter reachable under several names is listed once, under its first name in
 ``model.named_parameters(remove_duplicate=False)`` order (e.g. GPT-2's tied ``transformer.wte.weight``
 and ``lm_head.weight`` appear once, as ``transformer.wte.weight``). Sharing is fine inside one block and
-outside the stack; a trainable Parameter shared between a block and the outside, or between two
-blocks, raises ValueError, since it cannot be both always-trained and sampled (or sampled twice).
+outside the stack; a trainable Parameter that modules of a block and of the outside both register, or
+modules of two blocks, raises ValueError, since it cannot be both always-trained and sampled (or
+sampled twice).
 """
 from __future__ import annotations
 
@@ -94,33 +101,28 @@ def find_layout(model: nn.Module, layers: str | nn.Module | None = None) -> Mode
     if len(stack) == 0:
         raise ValueError(f"layers={stack_path!r} is an empty {type(stack).__name__}: no blocks to sample")
 
-    prefix = f"{stack_path}." if stack_path else ""
-    # _modules, not named_children(): the latter lists a module appended twice only once.
-    child_index = {name: i for i, name in enumerate(stack._modules)}
-
-    # Every (name, Parameter) pair, shared ones included, then one place per trainable Parameter.
+    # Which block each trainable Parameter lies in, by module identity (not by name: a stack reached under
+    # several attribute paths, a wrapper's shortcut, is one stack), then its names in named_parameters order.
+    places = _places(model, stack)
     names: dict[int, list[str]] = {}
-    where: dict[int, set[int | None]] = {}  # block index, or None for outside the stack
     params: dict[int, nn.Parameter] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
-        if not p.requires_grad:
-            continue
-        key = id(p)
-        params[key] = p
-        names.setdefault(key, []).append(name)
-        where.setdefault(key, set()).add(_block_of(name, prefix, child_index))
+        if p.requires_grad:
+            params[id(p)] = p
+            names.setdefault(id(p), []).append(name)
 
     blocks: list[list[tuple[str, nn.Parameter]]] = [[] for _ in range(len(stack))]
     always: list[tuple[str, nn.Parameter]] = []
-    for key, places in where.items():  # dicts keep first-seen order: named_parameters order
-        if len(places) > 1:
-            why = ("it cannot be both always trained and sampled with a block" if None in places
+    for key in names:  # dicts keep first-seen order: named_parameters order
+        where = places[key]
+        if len(where) > 1:
+            why = ("it cannot be both always trained and sampled with a block" if None in where
                    else "blocks are sampled independently, so it cannot belong to more than one")
             raise ValueError(
                 f"a trainable parameter is shared between "
-                f"{' and '.join(_describe_place(x) for x in sorted(places, key=_place_order))} "
+                f"{' and '.join(_describe_place(x) for x in sorted(where, key=_place_order))} "
                 f"under the names {names[key]}: {why}. Untie it, or freeze it (requires_grad=False) first")
-        (place,) = places
+        (place,) = where
         entry = (names[key][0], params[key])
         (always if place is None else blocks[place]).append(entry)
 
@@ -170,13 +172,23 @@ def host_floats(values: list[torch.Tensor]) -> list[float]:
 # -- stack detection -----------------------------------------------------------------------------------
 
 
-def _block_of(name: str, prefix: str, child_index: dict[str, int]) -> int | None:
-    """Index of the block a qualified parameter name lies in, or None outside the stack (a parameter
-    registered on the stack container itself counts as outside)."""
-    if not name.startswith(prefix):
-        return None
-    head, dot, _ = name[len(prefix):].partition(".")
-    return child_index.get(head) if dot else None
+def _places(model: nn.Module, stack: nn.Module) -> dict[int, set[int | None]]:
+    """{id(Parameter): the blocks it lies in (None: outside the stack)} for every trainable Parameter.
+
+    A Parameter lies where the modules that register it (``module._parameters``) lie: in block i if such a
+    module is block i or inside it (by identity, whatever path reaches it), outside the stack otherwise (a
+    parameter registered on the stack container itself counts as outside). Two places mean real sharing."""
+    inside: dict[int, set[int]] = {}  # id(module) -> the blocks it is part of
+    for b, blk in enumerate(_children(stack)):
+        if blk is not None:
+            for m in blk.modules():
+                inside.setdefault(id(m), set()).add(b)
+    places: dict[int, set[int | None]] = {}
+    for m in model.modules():  # each module object once, however many paths reach it
+        for p in m._parameters.values():
+            if p is not None and p.requires_grad:
+                places.setdefault(id(p), set()).update(inside.get(id(m), {None}))
+    return places
 
 
 def _describe_place(place: int | None) -> str:

@@ -14,17 +14,12 @@ from typing import Callable
 import torch
 from torch import nn
 
-from . import checkpoint, dcp, engines, groups, introspect, kernels, rebuild, sampling, update, validation
-from .binding import ParamBinding, claim_check, local
+from . import checkpoint, dcp, engines, groups, hparams, introspect, kernels, rebuild, sampling, update, validation
+from .binding import DTensor, ParamBinding, claim_check, local
 from .layers import find_layout
 from .packing import PackedState
 from .paging import MomentStore
 from .slots import Slots
-
-try:
-    from torch.distributed.tensor import DTensor
-except ImportError:  # torch built without distributed support: no DTensor params to meet
-    DTensor = ()
 
 logger = logging.getLogger("lisa_fused")
 
@@ -37,11 +32,16 @@ class FusedLISA(torch.optim.Optimizer):
     (LISA: Pan et al., 2024, "LISA: Layerwise Importance Sampling for Memory-Efficient LLM Fine-Tuning").
 
     With inactive_moments="host" or "device" a run equals torch.optim.AdamW over all parameters where
-    frozen blocks simply have no gradient; with "drop" a re-activated block restarts from step 1. A param
-    steps iff its `.grad` is not None at step(), as in torch; a step where no param has a gradient changes
-    nothing and does not count towards `switch_every`. A moved or converted model is followed at the next
-    step()/zero_grad() (rebuild.py); `release()` hands the model back; copies and pickles are refused (save
-    `state_dict()`). Samplers: lisa_fused/sampling; state formats and the small-tensor rule
+    frozen blocks simply have no gradient; with "drop" a re-activated block restarts from step 1. Params and
+    grads keep their own storage (the optimizer holds only its state: moments, fp32 masters of bf16/fp16
+    params, scales, compensation; binding.py). A param steps iff its `.grad` is not None at step(), as in
+    torch; a step where no param has a gradient changes nothing and does not count towards `switch_every`.
+    A moved, converted or resized model is followed at the next step() (rebuild.follow); `release()` gives
+    the user's requires_grad flags back; copies and pickles are refused (save `state_dict()`). lr, betas, eps,
+    weight_decay: torch.optim.AdamW's defaults and every value it accepts (hparams.py); on backend="torch" a
+    run is bitwise torch's AdamW, on the native kernels within the tolerance README.md states. Blocks with no
+    trainable parameter are never drawn (sampling/trainable.py). Samplers: lisa_fused/sampling; state formats
+    and the small-tensor rule
     (`min_quantized_size`): kernels/contract.py, groups.py; `param_groups`: groups.py. Every keyword with
     its default and choices: docs/usage.md.
     """
@@ -52,10 +52,10 @@ class FusedLISA(torch.optim.Optimizer):
     def __init__(
         self,
         model: nn.Module,
-        lr: float = 1e-5,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 0.0,
+        lr: float = hparams.LR,  # torch.optim.AdamW's defaults: 1e-3, (0.9, 0.999), 1e-8, 1e-2 (hparams.py)
+        betas: tuple[float, float] = hparams.BETAS,
+        eps: float = hparams.EPS,
+        weight_decay: float = hparams.WEIGHT_DECAY,
         n_active_layers: int = 2,
         switch_every: int = 20,
         seed: int = 0,
@@ -69,7 +69,8 @@ class FusedLISA(torch.optim.Optimizer):
         min_quantized_size: int = groups.MIN_QUANTIZED_SIZE,
         param_groups: list[dict] | None = None,
     ):
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, moments=moments,
+        given, adamw = hparams.given(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        defaults = dict(adamw, moments=moments,
                         master_weights="fp32" if master_weights is None else master_weights,
                         min_quantized_size=min_quantized_size)
         validation.check_options(model, switch_every, inactive_moments, sampler)
@@ -80,6 +81,7 @@ class FusedLISA(torch.optim.Optimizer):
         if n_active_layers < layout.num_blocks:
             validation.check_ddp(model)
         self._model, self._backend_request = model, backend
+        self._hparams_given = given  # the AdamW keys given, not left at their defaults (trainer_hparams.py)
         self._sampler_spec = (sampler, sampler_options)
         self.n_active_layers, self.switch_every, self.inactive_moments = n_active_layers, switch_every, inactive_moments
         self.seed, self.moments, self.master_weights = seed, moments, defaults["master_weights"]
@@ -88,11 +90,9 @@ class FusedLISA(torch.optim.Optimizer):
         self._generator = torch.Generator().manual_seed(seed)
         self._sync_generator_from_rank0()
         named, members = self._plan(layout, param_groups)
+        sampling.announce(layout, n_active_layers, self._sampler)  # blocks without a trainable parameter
         super().__init__(groups.group_dicts(defaults, param_groups, members, [p for _, p in named]), defaults)
         self._build(layout, named, members)
-        # torch.distributed.checkpoint's _init_optim_state runs step() with zero grads when opt.state is
-        # empty; FusedLISA keeps its state in packed buffers, so opt.state is a (never empty) view of it.
-        self.state = engines.StateView(self)
 
     def _plan(self, layout, param_groups):
         """Everything that can refuse the groups, before anything changes: (named params, group members)."""
@@ -104,15 +104,17 @@ class FusedLISA(torch.optim.Optimizer):
         self._sampler = sampling.build_sampler(*self._sampler_spec[:1], layout, self._sampler_spec[1])
         return named, members
 
-    def _build(self, layout, named, members, active=None, user_flags=None):
+    def _build(self, layout, named, members, active=None, user_flags=None, user_frozen=()):
         """Bind the params of `self.param_groups` (members: their indices in `named`) into fresh packed
         buffers and activate `active` (None: the next draw). Param index i = position in the concatenated
         groups. user_flags: the requires_grad flags release() restores (rebuild.rebind: new Parameter objects
-        that copied flags FusedLISA had set). Every group becomes an engines.WatchedGroup: a wrapper that swaps
+        that copied flags FusedLISA had set); user_frozen: params the user froze in active blocks (kept frozen).
+        Every group becomes an engines.WatchedGroup: a wrapper that swaps
         a group's params (accelerate's FSDP2 prepare, DeepSpeed's optimizer wrappers) is followed or refused
         at that moment (engines.py)."""
         engines.watch_groups(self)  # (first: _group_of holds these group objects)
         order, always, self._block_params = groups.index_params(layout, members)
+        self._always = list(always)
         self._group_sizes = [len(m) for m in members]
         self.model_layout = layout
         self._names, self._params = [named[j][0] for j in order], [named[j][1] for j in order]
@@ -123,21 +125,20 @@ class FusedLISA(torch.optim.Optimizer):
         formats = [groups.state_format(g, p.numel()) for g, p in zip(self._group_of, self._params)]
         self._packed_state = PackedState(formats, always, self._block_params, local_params, self.n_active_layers,
                                          self.device, self.param_dtype)
-        # FSDP2 (fully_shard) params are DTensors whose local shards live in FSDP's own padded storage,
-        # which it all-gathers from: re-pointing .data would be ignored, so they are bound by copy instead
-        # (packed buffers hold the rank-local shards; grads are copied in, updated shards copied back).
-        self._binding = ParamBinding(self._names, self._params, self._shapes, self._packed_state,
-                                     copy_mode=any(isinstance(p, DTensor) for p in self._params), user_flags=user_flags)
+        self._binding = ParamBinding(self._names, self._params, self._shapes, self._packed_state, user_flags)
+        self._sharded = any(isinstance(p, DTensor) for p in self._params)  # FSDP2: the state is per rank
         self._store = MomentStore.reserved(self.inactive_moments, self.device, self._packed_state)
         self._steps = [0] * len(self._params)  # per-param AdamW step count (bias correction), host ints
         self._global_step = 0  # optimizer steps taken (skipped overflow steps excluded)
-        # Pack the always-trained params once; they stay bound until release().
+        # The always-trained params' state is packed once; they stay bound until release().
         for lay in self._packed_state.layouts:
             for i, off, n in lay.always.entries:
-                self._binding.bind(i, off, write_master=True)
+                self._binding.bind(i, off)
+            self._binding.write_masters(lay.always.entries)
         ours = {id(p) for p in self._params}
         untrained = [(n, p) for n, p in self._model.named_parameters() if not p.requires_grad and id(p) not in ours]
         self._slots = Slots(self._packed_state, self._block_params, self._params, self._names, untrained)
+        self._slots.user_frozen |= set(user_frozen)
         first = self._draw() if active is None else tuple(active)
         for b in range(layout.num_blocks):
             if b not in first:
@@ -155,20 +156,33 @@ class FusedLISA(torch.optim.Optimizer):
         return self._slots.active
 
     def memory_stats(self) -> dict[str, int]:
-        """Bytes the optimizer holds, as ints: device_bytes, host_bytes, extra_device_bytes and the packed
-        buffers by kind (param/master/grad/moment/scale/compensation_bytes); introspect.memory_stats says
-        what each key counts."""
+        """Bytes the optimizer holds, as ints (only what it adds to the model: params and grads stay the
+        model's): device_bytes, host_bytes and the packed state by kind (master/moment/scale/
+        compensation_bytes); introspect.memory_stats says what each key counts."""
         return introspect.memory_stats(self)
+
+    @property
+    def state(self) -> "engines.StateView":
+        """As torch's `opt.state`: trained param -> its state as in `state_dict()["state"]` (CPU copies,
+        built on access), for each param that has state (stepped at least once; under "drop" an inactive
+        block keeps none); empty before the first step. Read-only: load state with load_state_dict()."""
+        return engines.StateView(self)
+
+    @state.setter
+    def state(self, value) -> None:
+        if value:  # (torch.optim.Optimizer.__init__ assigns an empty defaultdict: nothing to keep)
+            raise TypeError("FusedLISA.state is a read-only view of its packed state; restore state with "
+                            "opt.load_state_dict(sd)")
 
     def state_formats(self) -> dict[str, str]:
         """{parameter name: "moments/master_weights"}: each trained parameter's state format."""
         return introspect.state_formats(self)
 
     def release(self) -> None:
-        """Hand the model back: every trained param gets its own storage again (values and grads as they
-        are now), the requires_grad flag the user had, and no hooks. The optimizer is unusable afterwards
-        (step/zero_grad/state_dict raise); a new FusedLISA or any torch optimizer then starts clean.
-        Take `state_dict()` before, to resume with a new FusedLISA. Calling it twice is harmless."""
+        """Hand the model back: every trained param gets the requires_grad flag the user had (params and
+        grads always kept their own storage and values), and the optimizer drops its state. It is unusable
+        afterwards (step/state_dict raise); a new FusedLISA or any torch optimizer then starts clean. Take
+        `state_dict()` before, to resume with a new FusedLISA. Calling it twice is harmless."""
         if self._binding is None:
             return
         self._store.synchronize()
@@ -200,13 +214,11 @@ class FusedLISA(torch.optim.Optimizer):
 
     __deepcopy__ = __copy__ = lambda self, *memo: self.__reduce_ex__(2)
 
-    @torch.no_grad()
     def zero_grad(self, set_to_none: bool = True):
-        """As torch.optim.Optimizer.zero_grad: every trained param's `.grad` becomes None (the next
-        backward re-points it into the packed buffer before accumulating, see binding.lazy_grad), or with
-        set_to_none=False, existing grads are zeroed in place (one fill of the packed buffer)."""
-        self._check_binding()
-        self._binding.zero_grad(set_to_none)
+        """torch.optim.Optimizer.zero_grad over every trained param: `.grad` becomes None, or with
+        set_to_none=False existing grads are zeroed in place (the grads are autograd's own tensors)."""
+        self._live()
+        super().zero_grad(set_to_none)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -220,35 +232,36 @@ class FusedLISA(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._check_binding()
-        groups.check_unchanged(self.param_groups, self._layout_keys)
+        hp = groups.check_unchanged(self.param_groups, self._layout_keys)  # (the hyperparameters, read once)
         self._slots.check_flags()
         if loss is not None:
             self.observe_loss(loss)
-        if (self._global_step + 1) % self.switch_every == 0:  # this step switches: parked params must fit too
-            self._binding.check_unbound()
+        counted = not engines.dcp_init_step()  # DCP's state-materializing zero step does not move the schedule
+        switches = counted and (self._global_step + 1) % self.switch_every == 0
+        if switches:  # this step switches: the arriving blocks' params must match the state too
+            rebuild.check_parked(self)
         overflow, grad_scale = update.amp_scaling(self)
         if overflow:  # GradScaler: the step never happened
             return loss
 
-        if self._global_step == 0:  # e.g. DeepSpeed broadcast rank 0's weights after construction
-            self._binding.adopt_written_params()
         parts = self._slots.segments()
-        self._binding.check_grad_shapes(i for _, seg_params in parts for i in seg_params)
-        collect = self._binding.collect
-        enabled = [[collect(i) for i in seg_params] for _, seg_params in parts]
-        if not any(map(any, enabled)):
+        lists = self._binding.collect(parts)  # (raises for a bad .grad before anything changes)
+        if not any(any(on) for *_, on in lists):
             return loss  # no gradient anywhere: as torch's AdamW, nothing changes (nor does the schedule)
-        for (_, seg_params), on in zip(parts, enabled):
+        for (_, seg_params), (*_, on) in zip(parts, lists):
             for i, e in zip(seg_params, on):
                 self._steps[i] += e
-        self._store.wait_ready()
-        update.adamw_step(self._packed_state, parts, enabled, self._steps, self._group_of, backend=self.backend,
+        self._store.wait_ready()  # (the page-in of the last switch, before masters are read or written)
+        self._binding.mark_written()
+        if self._binding.dirty:  # masters of params written since (step 0: every one), arriving blocks
+            self._binding.adopt_written()
+        update.adamw_step(self._packed_state, parts, lists, self._steps, self._group_of, backend=self.backend,
                           grad_scale=grad_scale, seed=self._sr_seed,
-                          grad_sumsq=None if self._meter is None else self._meter.kernel_buffer())
-        if self._binding.copy_mode:  # FSDP2: the updated shards go back to FSDP's storage
-            self._binding.write_back(parts, enabled)
-        self._global_step += 1
-        if self._global_step % self.switch_every == 0:
+                          grad_sumsq=None if self._meter is None else self._meter.kernel_buffer(), hp=hp)
+        self._binding.seen()
+        if counted:
+            self._global_step += 1
+        if switches:
             self._switch()
         return loss
 
@@ -267,18 +280,16 @@ class FusedLISA(torch.optim.Optimizer):
         return self._sampler.probabilities()
 
     def state_dict(self):
-        """torch's optimizer format plus a "lisa" section (checkpoint.py); under torch.distributed, the
-        layout that torch.distributed.checkpoint keeps whole (dcp.py)."""
+        """torch's optimizer format plus a "lisa" section (checkpoint.py); under torch.distributed, or when
+        torch.distributed.checkpoint's helpers ask, the layout that DCP keeps whole (dcp.py)."""
         self._check_binding()
         sd = checkpoint.state_dict(self)
-        return dcp.to_dcp_layout(self, sd) if dcp.distributed() else sd
+        return dcp.to_dcp_layout(self, sd)  # (the plain layout unless under torch.distributed / DCP)
 
     def load_state_dict(self, state_dict):
         """Exact resume, also across param dtypes (checkpoint.py), from either layout (dcp.py). Raises
         ValueError naming the mismatch (model, policy, shapes) before anything changes."""
         self._check_binding()
-        if self._binding.copy_mode:  # the model's shards were (typically) just loaded: their values win
-            self._binding.reread(force=True)
         checkpoint.load_state_dict(self, dcp.from_dcp_layout(self, state_dict) if dcp.is_dcp_layout(state_dict)
                                    else state_dict)
 
@@ -289,25 +300,22 @@ class FusedLISA(torch.optim.Optimizer):
         return self._binding
 
     def _check_binding(self):
-        """A wrapper replaced the params in place in param_groups (engines.check_group), FSDP2 shards were
-        written since (binding.reread), or the model was moved or converted: follow, or raise naming it."""
+        """A wrapper replaced the params in place in param_groups (engines.check_group), or the model was
+        moved, converted or resized (a bound param has a new address): follow, or raise naming it."""
         self._live()
-        engines.check_group(self)  # (may rebind: self._binding is then new)
-        if self._binding.copy_mode:
-            self._binding.reread()  # e.g. a checkpoint loaded into the FSDP2 shards after construction
-        if self._binding.moved():
-            rebuild.follow_move(self)
+        engines.check_group(self)  # (may rebuild: self._binding is then new)
+        replaced = self._binding.replaced(self._model, self._always)  # (the few always-trained: cheap)
+        if replaced or self._binding.changed():
+            rebuild.follow(self, replaced)
 
     def _draw(self) -> tuple[int, ...]:
-        n = len(self._block_params)
-        if self.n_active_layers == n:
-            return tuple(range(n))
-        return self._sampler.draw(n, self.n_active_layers, self._generator)  # every rank: it may broadcast
+        # only blocks with a trainable parameter; all of them when no more than n_active (sampling/trainable.py)
+        return sampling.draw_active(self._sampler, self.n_active_layers, self._generator)  # every rank: it may broadcast
 
     def _switch(self):
         meter = self._meter
         if meter is not None:  # the interval's grad norms, read once (one host transfer)
-            if self._binding.copy_mode and torch.distributed.is_initialized():
+            if self._sharded and torch.distributed.is_initialized():
                 meter.all_reduce_()  # FSDP2: each rank summed its shards' squares
             self._sampler.observe_grad_norms(*meter.read(self.active_layers))
         new = self._draw()

@@ -1,8 +1,10 @@
-"""Slot layout of the packed buffers: which parameter sits where.
+"""Slot layout of the packed state buffers: where each trained parameter's optimizer state sits.
 
     [ always-trained params | slot 0 | slot 1 | ... | slot gamma-1 ]
 
-The always-trained region (embeddings, head, final norm, ...) is packed once. Each slot is as long as
+Only the optimizer's own state is packed (moments, scales, compensation, fp32 masters of bf16/fp16
+params); the parameters and gradients stay the model's own tensors (kernels/contract.py: each segment
+addresses them by pointer). The always-trained region (embeddings, head, final norm, ...) is packed once. Each slot is as long as
 the largest block, so any block fits any slot and the buffers never grow: device memory is fixed at
 construction. Every segment (one parameter) starts at a multiple of ALIGN elements.
 
@@ -66,22 +68,18 @@ class PackedLayout:
         return out
 
     def segments(self, slot_of: dict[int, int]) -> tuple[Segments, list[int]]:
-        """The kernel's segment table for this assignment, and the param index of each segment."""
+        """The kernel's segments (state offsets) for this assignment, and the param index of each segment."""
         pl = self.placements(slot_of)
         return Segments([(off, n) for _, off, n in pl]), [i for i, _, _ in pl]
 
 
 class PackedBuffers:
-    """The flat device buffers of one state setting (kernels/contract.py defines every format).
-
-    `param` is what model parameters view: the fp32 master itself for fp32 models, a low-precision copy
-    for bf16/fp16 models (written back by the kernel from the fp32 master, or updated in place by the
-    kernel when master_weights is "kahan" / "stochastic": then there is no fp32 master at all).
+    """The flat device buffers of one state setting (kernels/contract.py defines every format): only
+    what the optimizer adds to the model. Params and grads are the model's own tensors, never packed.
 
         attribute          dtype, elements (total = packed elements, a multiple of ALIGN)
-        master             fp32 [total]                 master_weights="fp32" only
-        lowp               bf16/fp16 [total]            low-precision models only
-        grad               param dtype [total]
+        master             fp32 [total]                 bf16/fp16 params with master_weights="fp32" only
+                                                        (an fp32 param is its own master)
         exp_avg(_sq)       fp32 | bf16 [total], or uint8 codes [total] (8bit) / [total/2] (4bit)
         exp_avg(_sq)_scale fp32 [total / BLOCK]         8bit (BLOCK 256) / 4bit (BLOCK 128) only
         compensation       param dtype [total]          master_weights="kahan" only
@@ -93,32 +91,30 @@ class PackedBuffers:
 
     def __init__(self, total: int, device: torch.device, param_dtype: torch.dtype, moments: str = "fp32",
                  master_weights: str = "fp32"):
-        kw = dict(device=device)
-        self.moments, self.master_weights = moments, master_weights
-        self.master = torch.zeros(total, dtype=torch.float32, **kw) if master_weights == "fp32" else None
-        self.lowp = None if param_dtype == torch.float32 else torch.zeros(total, dtype=param_dtype, **kw)
-        self.grad = torch.zeros(total, dtype=param_dtype, **kw)
+        self.moments, self.master_weights, self.param_dtype = moments, master_weights, param_dtype
+        lowp = param_dtype != torch.float32
+        self.master = torch.zeros(total, dtype=torch.float32, device=device) \
+            if master_weights == "fp32" and lowp else None
         state = quant.state_buffers(total, moments, master_weights, param_dtype, device)  # the kernels' formats
         self.exp_avg, self.exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
         self.exp_avg_scale, self.exp_avg_sq_scale = state.get("exp_avg_scale"), state.get("exp_avg_sq_scale")
         self.compensation = state.get("compensation")
 
     @property
-    def param(self) -> torch.Tensor:
-        return self.master if self.lowp is None else self.lowp
+    def device(self) -> torch.device:
+        return self.exp_avg.device
 
-    @property
-    def kernel_param(self) -> torch.Tensor:
-        """The `param` the kernel updates: the fp32 master, or the bf16/fp16 params themselves."""
-        return self.lowp if self.master is None else self.master
+    def state_kwargs(self) -> dict:
+        """The lean-state keywords of kernels.adamw_segments_ for these buffers."""
+        return dict(moments=self.moments, master_weights=self.master_weights, exp_avg_scale=self.exp_avg_scale,
+                    exp_avg_sq_scale=self.exp_avg_sq_scale, compensation=self.compensation)
 
     def paged_names(self) -> tuple[str, ...]:
         """Attribute names of the buffers whose slot contents follow a block when it leaves: moments
-        (with their scales), the Kahan compensation, and masters when the model's own params are low
-        precision (an fp32 model's params go back to the model instead). exp_avg, exp_avg_sq first."""
-        names = ("exp_avg", "exp_avg_sq", "exp_avg_scale", "exp_avg_sq_scale", "compensation")
-        names = tuple(n for n in names if getattr(self, n) is not None)
-        return names + (("master",) if self.lowp is not None and self.master is not None else ())
+        (with their scales), the Kahan compensation, and the fp32 masters of low-precision params: every
+        buffer. exp_avg, exp_avg_sq first."""
+        names = ("exp_avg", "exp_avg_sq", "exp_avg_scale", "exp_avg_sq_scale", "compensation", "master")
+        return tuple(n for n in names if getattr(self, n) is not None)
 
     def paged(self) -> tuple[torch.Tensor, ...]:
         return tuple(getattr(self, n) for n in self.paged_names())
@@ -142,21 +138,19 @@ class PackedBuffers:
         return out
 
     def nbytes_by_kind(self) -> dict[str, int]:
-        """Bytes per kind: param (what the model views), master, grad, moment, scale, compensation."""
+        """Bytes per kind: master, moment, scale, compensation."""
         def b(*ts):
             return sum(t.numel() * t.element_size() for t in ts if t is not None)
 
-        master = None if self.lowp is None else self.master  # an fp32 model's master is its param
-        return {"param": b(self.param), "master": b(master), "grad": b(self.grad),
-                "moment": b(self.exp_avg, self.exp_avg_sq), "scale": b(self.exp_avg_scale, self.exp_avg_sq_scale),
-                "compensation": b(self.compensation)}
+        return {"master": b(self.master), "moment": b(self.exp_avg, self.exp_avg_sq),
+                "scale": b(self.exp_avg_scale, self.exp_avg_sq_scale), "compensation": b(self.compensation)}
 
     def nbytes(self) -> int:
         return sum(self.nbytes_by_kind().values())
 
 
 class PackedState:
-    """Every partition's layout (fixed) and buffers (replaced when the model moves).
+    """Every partition's layout (fixed) and buffers (rebuilt when the model moves).
 
     formats: the StateFormat of each trained param (param index i = position); always: indices of the
     always-trained params; blocks: indices of each block's params; params: the (rank-local) tensors, for

@@ -1,143 +1,183 @@
-"""Rebuilding a FusedLISA's packed state after construction: when the model moved (`follow_move`), when
-parameters join (`add_param_group`), and when a wrapper swapped the Parameter objects before the first step
-(`rebind`: accelerate's FSDP2 prepare). Each keeps every parameter's optimizer state and the schedule."""
+"""Rebuilding a FusedLISA's packed state after construction, each time through its own state_dict (so
+every parameter's optimizer state, the schedule and the sampler carry over exactly):
+
+* `follow`: the model moved, was converted or resized (`model.to(...)`, `.half()`,
+  `resize_token_embeddings`), or a param got new storage of the same kind (`p.data = t`, which needs no
+  rebuild: the masters re-read it);
+* `add_param_group`: parameters join;
+* `rebind`: a wrapper swapped the Parameter objects before the first step (accelerate's FSDP2 prepare).
+"""
 from __future__ import annotations
 
 import logging
 
 import torch
 
-from . import groups, kernels
-from .binding import local
+from . import checkpoint, groups, kernels
+from .binding import SUPPORTED_DTYPES, local
+from .kernels import quant
 from .layers import find_layout
-from .paging import MomentStore
 
 logger = logging.getLogger("lisa_fused")
 
 
+def _uniform_target(names, params) -> tuple[torch.device, torch.dtype]:
+    """The one device and dtype every param of `params` now has. RuntimeError naming a param that differs,
+    or a dtype the kernels do not support, and the fix."""
+    first = local(params[0])
+    dev, dt = first.device, first.dtype
+    for name, p in zip(names, params):
+        t = local(p)
+        if t.device != dev or t.dtype != dt:
+            raise RuntimeError(
+                f"FusedLISA: parameter {name!r} is {t.dtype} on {t.device} but {names[0]!r} is {dt} on {dev}: a "
+                "partial model.to() left the trained parameters on mixed devices/dtypes; move the whole model to "
+                "one device and dtype (or opt.release(), convert, and build a new FusedLISA)")
+    if dt not in SUPPORTED_DTYPES:
+        raise RuntimeError(
+            f"FusedLISA: parameter {names[0]!r} was converted to {dt}, which the fused AdamW kernels do not support "
+            f"({', '.join(map(str, SUPPORTED_DTYPES))}): convert the model back (e.g. model.float()), or "
+            "opt.release() and build a new optimizer for it")
+    return dev, dt
+
+
+def check_parked(opt) -> None:
+    """Before a step that switches: every trained param (inactive ones too) is still the model's and matches
+    the state's device, dtype and shape, else `follow` (which raises for a partial move)."""
+    replaced = opt._binding.replaced(opt._model, range(len(opt._params)))
+    if replaced or opt._binding.mismatch(opt.device, opt.param_dtype) is not None:
+        follow(opt, replaced)
+
+
 @torch.no_grad()
-def follow_move(opt) -> None:
-    """The model's params got new storage (model.to(...), .half(), .cuda()): rebuild the packed buffers and
-    the paged store where the params went (_moved_buffers says what survives). RuntimeError naming the
-    param where following is impossible; nothing changes before it."""
-    binding = opt._binding
-    dev, dt = binding.target()  # raises where following is impossible
+def follow(opt, replaced: dict | None = None) -> None:
+    """The model's params got new storage: same device, dtype and shapes (`p.data = t`, a re-load): the
+    binding takes the new addresses and the fp32 masters re-read the params. Otherwise (moved, converted,
+    resized) the packed state and paged store are rebuilt where the params are, through state_dict: moments
+    carry over; fp32 values the optimizer holds survive a conversion (checkpoint.py's cross-dtype rules:
+    a bf16 model's masters become an fp32 model's params; an fp32 model's params become a bf16 model's
+    masters); a resized param keeps the state of its overlapping elements and new elements start at zero
+    moments, as a fresh AdamW would (its master: the param's value). RuntimeError naming the param where
+    following is impossible (mixed devices/dtypes, a dtype the kernels lack, master-free state across a
+    dtype change, a change of rank); nothing changes before it. `replaced`: {param index: the Parameter the
+    model now has under its name} (binding.replaced), which takes the old one's place and state."""
+    replaced = replaced or {}
+    params = [replaced.get(i, p) for i, p in enumerate(opt._params)]
+    dev, dt = _uniform_target(opt._names, params)
+    resized = [i for i, p in enumerate(params) if tuple(local(p).shape) != tuple(opt._shapes[i])]
+    if (dev, dt) == (opt.device, opt.param_dtype) and not resized and not replaced:
+        opt._binding.refresh()
+        logger.info("FusedLISA: parameters got new storage (same device, dtype and shape); the optimizer uses it")
+        return
     lean_masters = sorted({f.master_weights for f in opt._packed_state.formats} - {"fp32"})
     if dt != opt.param_dtype and lean_masters:
         raise RuntimeError(
             f"FusedLISA: the model was converted from {opt.param_dtype} to {dt}, but master_weights="
             f"{lean_masters[0]!r} keeps no fp32 master to convert from: convert the model back, or "
             "take state_dict(), release(), and build a new FusedLISA for the converted model")
-    backend = kernels.resolve_backend(opt._backend_request, dev)
-    opt._store.synchronize()
+    for i in resized:
+        old, new = opt._shapes[i], tuple(local(params[i]).shape)
+        if len(old) != len(new):
+            raise RuntimeError(
+                f"FusedLISA: parameter {opt._names[i]!r} changed from shape {tuple(old)} to {new} (another rank): "
+                "FusedLISA follows a resize that keeps the number of dimensions (resize_token_embeddings, a "
+                "pruned head); take state_dict(), release(), and build a new FusedLISA for this model")
+    kernels.resolve_backend(opt._backend_request, dev)  # raises for a backend the new device lacks
     was = (opt.device, opt.param_dtype)
-    olds = binding.state.bufs
-    binding.repoint(_moved_buffers(binding, dev, dt))
-    old_store, opt._store = opt._store, MomentStore.reserved(opt.inactive_moments, dev, opt._packed_state)
-    for b in range(len(opt._block_params)):
-        if b not in opt._slot_of and old_store.has(b):
-            opt._store.put(b, _parked_rows(binding, b, old_store.get(b), olds))
-    old_store.release()  # (unregisters its pinned memory now, not at garbage collection)
-    opt.device, opt.param_dtype, opt.backend = dev, dt, backend
-    if opt._meter is not None:
-        opt._meter.to(dev)
-    log = logger.warning if dt != was[1] else logger.info
-    log("FusedLISA: the model's params got new storage (model.to(...): %s on %s -> %s on %s); the optimizer "
-        "followed (packed buffers, paged state, masters; backend %r)", was[1], was[0], dt, dev, backend)
+    sd = checkpoint.state_dict(opt)
+    for i in resized:
+        _resize_state(sd, i, params[i])
+    if replaced:
+        replace_params(opt.model_layout, {id(opt._params[i]): q for i, q in replaced.items()})
+        logger.warning("FusedLISA: the model replaced %s by new Parameter objects; the optimizer trains the new ones "
+                       "with the old ones' state", ", ".join(repr(opt._names[i]) for i in sorted(replaced)[:3]))
+    _rebuild(opt, sd, params)
+    if resized:
+        logger.warning("FusedLISA: %s resized (%s); the optimizer followed: overlapping elements keep their state, new "
+                       "ones start from zero moments", ", ".join(repr(opt._names[i]) for i in resized[:3]),
+                       ", ".join(f"{tuple(sd['lisa']['params'][i][1])}" for i in resized[:3]))
+    if (dev, dt) != was:
+        log = logger.warning if dt != was[1] else logger.info
+        log("FusedLISA: the model's params moved (%s on %s -> %s on %s); the optimizer moved its state (backend %r)",
+            was[1], was[0], dt, dev, opt.backend)
 
 
-def _moved_buffers(binding, device, dtype):
-    """New packed buffers on `device` for `dtype` params, filled from the current ones.
-
-    Values: the fp32 values the optimizer holds survive the move (masters of a low-precision model become
-    the params of an fp32 one; an fp32 model's params become the masters of a low-precision one), and
-    low-precision params are their masters rounded to nearest; except a param whose value is not its old
-    value converted (someone wrote it after the move, e.g. DDP's broadcast of rank 0's weights), which
-    keeps its new value (and its master becomes it). Moments move as they are. Lean state (moments /
-    master_weights, the same before and after) moves as it is; without an fp32 master (kahan / stochastic:
-    the dtype cannot change) the params keep their moved values."""
-    state = binding.state
-    olds, news = state.bufs, state.allocate(device, dtype)
-    for old, new in zip(olds, news):
-        for name in ("master", "exp_avg", "exp_avg_sq", "exp_avg_scale", "exp_avg_sq_scale", "compensation"):
-            if getattr(new, name) is not None:
-                getattr(new, name).copy_(getattr(old, name))
-    for i, off in binding.offset.items():
-        old, new = olds[state.part_of[i]], news[state.part_of[i]]
-        moved = local(binding.params[i]).detach()
-        if new.master is None:
-            binding.view(new.lowp, i, off).copy_(moved)
-        elif not torch.equal(moved, binding.view(old.param, i, off).to(device=moved.device, dtype=moved.dtype)):
-            # written after the move (a DDP wrapper's broadcast of rank 0's weights): that value wins
-            binding.view(new.master, i, off).copy_(moved)
-    for new in news:
-        if new.lowp is not None and new.master is not None:  # params = masters rounded to nearest, as after a step
-            new.lowp.copy_(new.master)
-    return news
-
-
-def _parked_rows(binding, block: int, rows, olds) -> list[torch.Tensor]:
-    """A parked block's store rows (every partition's, PackedState.block_rows order) converted for the
-    current buffers after a move from `olds`: its params take their masters (rounded, for a low-precision
-    model) unless written after the move; an fp32 -> low-precision move gives it masters from its
-    (converted) params."""
-    state, out = binding.state, []
-    for k, (part, old, new) in enumerate(zip(state.split_rows(rows, olds), olds, state.bufs)):
-        region, part = state.layouts[k].blocks[block], [r.clone() for r in part]
-        names = old.paged_names()
-        if "master" not in names and "master" not in new.paged_names():
-            out += part  # lean state without masters, same dtype: it moves as it is
+def _resize_state(sd, i: int, param) -> None:
+    """Param i of state_dict `sd` resized to `param`'s shape: every per-element row keeps its overlap with the
+    old shape (leading slices of each dimension), new elements get zero moments / compensation and the
+    param's own value as master; quantized moments are converted to fp32 first (the load requantizes them)."""
+    shape = tuple(local(param).shape)
+    lisa = sd["lisa"]
+    old = tuple(lisa["params"][i][1])
+    lisa["params"][i] = (lisa["params"][i][0], tuple(shape))
+    entry = sd["state"].get(i)
+    if entry is None:
+        return
+    fmt = lisa["formats"][i]
+    if fmt[0] in quant.BLOCK:
+        entry = checkpoint.convert_moments(entry, fmt[0], "fp32", old)
+        lisa["formats"][i] = ["fp32", fmt[1]]
+    overlap = tuple(slice(0, min(a, b)) for a, b in zip(old, shape))
+    value = local(param).detach().float().cpu()
+    out = {"step": entry["step"]}
+    for key, row in entry.items():
+        if key == "step":
             continue
-        if old.lowp is not None:
-            mi = names.index("master")
-            for i, off, n in region.entries:
-                p, master = local(binding.params[i]).detach(), part[mi][off:off + n].view(binding.shapes[i])
-                if torch.equal(p, master.to(old.lowp.dtype).to(device=p.device, dtype=p.dtype)):
-                    p.copy_(master)
-                else:
-                    master.copy_(p)
-        out += [r for name, r in zip(names, part) if name != "master"]  # moments, scales
-        if new.lowp is not None:
-            if old.lowp is None:
-                own = torch.zeros(region.length)
-                for i, off, n in region.entries:
-                    own[off:off + n] = local(binding.params[i]).detach().reshape(-1).float().cpu()
-                out.append(own)
-            else:
-                out.append(part[names.index("master")])
-    return out
+        row = row.reshape(old)
+        grown = value.clone().to(row.dtype) if key == "master_param" else torch.zeros(shape, dtype=row.dtype)
+        grown[overlap] = row[overlap]
+        out[key] = grown
+    sd["state"][i] = out
 
 
-@torch.no_grad()
-def rebind(opt, new_params) -> None:
-    """Start over on new Parameter objects for the same parameters, in the same order (`new_params`, one per
-    opt._params): accelerate's FSDP2 prepare swaps in their DTensor shards. Buffers, store, slots and meter
-    are rebuilt over them with the same groups, active blocks, generator, sampler and user-frozen params;
-    engines.follow_params allows it only before the first step (no optimizer state to carry over)."""
-    from . import engines, validation
-
-    active, flags, frozen = opt.active_layers, opt._binding.user_flags(), set(opt._slots.user_frozen)
-    mapping = {id(p): q for p, q in zip(opt._params, new_params)}
-    opt._store.synchronize()
-    opt._binding.release()
-    opt._binding = None
-    opt._store.release()
-    engines.replace_layout_params(opt.model_layout, mapping)
+def _named_members(opt, params):
+    """(layout, named, members) for `params` (one per opt._params, same order) on the current model."""
     layout = opt.model_layout
     named = list(layout.always) + [np for blk in layout.blocks for np in blk]
     index = {id(p): j for j, (_, p) in enumerate(named)}
     members, start = [], 0
     for n in opt._group_sizes:
-        members.append([index[id(q)] for q in new_params[start:start + n]])
+        members.append([index[id(q)] for q in params[start:start + n]])
         start += n
-    opt.device, opt.param_dtype = validation.device_and_dtype(list(new_params))
+    return layout, named, members
+
+
+def _rebuild(opt, sd, params) -> None:
+    """Build fresh packed state and store for `params` (opt._params or their replacements, same order) with
+    the same groups, active blocks, generator, sampler and user-frozen params, and load `sd` into it."""
+    from . import validation
+
+    active, flags, frozen = opt.active_layers, opt._binding.user_flags(), set(opt._slots.user_frozen)
+    opt._store.release()
+    opt._binding.release()
+    layout, named, members = _named_members(opt, params)
+    opt.device, opt.param_dtype = validation.device_and_dtype([local(p) for p in params])
     opt.backend = kernels.resolve_backend(opt._backend_request, opt.device)
     for g, idx in zip(opt.param_groups, members):
         dict.__setitem__(g, "params", [named[j][1] for j in idx])  # (not the watched assignment)
-    opt._build(layout, named, members, active=active, user_flags=flags)
-    opt._slots.user_frozen |= frozen
-    logger.info("FusedLISA: followed a parameter switch (%d params, now %s on %s; copy mode %s)", len(new_params),
-                opt.param_dtype, opt.device, opt._binding.copy_mode)
+    opt._build(layout, named, members, active=active, user_flags=flags, user_frozen=frozen)
+    if sd is not None:
+        checkpoint.load_state_dict(opt, sd, quiet=True)
+
+
+def replace_params(layout, mapping: dict) -> None:
+    """Point the ModelLayout at new Parameter objects (mapping: id(old) -> new; others stay), in place: the samplers
+    that read weights hold this layout object."""
+    swap = lambda named: tuple((n, mapping.get(id(p), p)) for n, p in named)  # noqa: E731
+    object.__setattr__(layout, "always", swap(layout.always))
+    object.__setattr__(layout, "blocks", tuple(swap(blk) for blk in layout.blocks))
+
+
+@torch.no_grad()
+def rebind(opt, new_params) -> None:
+    """Start over on new Parameter objects for the same parameters, in the same order (`new_params`, one per
+    opt._params): accelerate's FSDP2 prepare swaps in their DTensor shards. The state is rebuilt over them
+    with the same groups, active blocks, generator, sampler and user-frozen params; engines.follow_params
+    allows it only before the first step (no optimizer state to carry over)."""
+    replace_params(opt.model_layout, {id(p): q for p, q in zip(opt._params, new_params)})
+    _rebuild(opt, None, list(new_params))
+    logger.info("FusedLISA: followed a parameter switch (%d params, now %s on %s)", len(new_params),
+                opt.param_dtype, opt.device)
 
 
 def add_param_group(opt, param_group: dict) -> None:

@@ -1,11 +1,12 @@
-"""Which block sits in which slot of FusedLISA's packed buffer, and the move from one active set to the
-next: a leaving block's params get their own storage back and its state is paged out; an arriving
-block's params are bound into a free slot and its state is paged in (or started fresh).
+"""Which block sits in which slot of FusedLISA's packed state, and the move from one active set to the
+next: a leaving block's state is paged out and its params frozen; an arriving block's params are bound
+to a free slot (they keep their own storage) and its state is paged in (or started fresh).
 
 The packed layout (packing.PackedLayout, one per state-format partition of packing.PackedState) has one
 region for the always-trained params and `n_slots` equal slots for blocks; a block in slot s sits in
 slot s of every partition. Blocks that stay active keep their slot, so a switch touches only the blocks
-that change. Params are bound by binding.ParamBinding, state is paged by paging.MomentStore.
+that change. Params are bound (given their state offsets) by binding.ParamBinding, state is paged by
+paging.MomentStore.
 """
 from __future__ import annotations
 
@@ -95,19 +96,21 @@ class Slots:
         """Unbind `leaving` [(block, slot)], bind `arriving` blocks into `slots`; with `page`, page the
         optimizer state out and in on the copy stream (without: the caller writes the state, as a
         checkpoint load does). Returns the arriving blocks whose state started fresh."""
-        # 1) params: leaving blocks get their own storage back, arriving ones move into their slots.
+        # 1) params: leaving blocks are frozen, drop their grads (a frozen param has none: this step used them,
+        # and the memory goes back) and forget their slot; arriving ones get theirs.
         for b, _ in leaving:
             for i in self.block_params[b]:
                 (self.user_frozen.discard if self.params[i].requires_grad else self.user_frozen.add)(i)
+                self.params[i].grad = None
                 binding.unbind(i)
             del self.slot_of[b]
             self.set_trainable(b, False)
         for b, s in zip(arriving, slots):
-            self.set_trainable(b, True)  # before bind: the grad hook needs requires_grad
+            self.set_trainable(b, True)
             for lay in self.packed.layouts:
                 base = lay.slot_offset(s)
                 for i, off, _ in lay.blocks[b].entries:
-                    binding.bind(i, base + off, write_master=not page)
+                    binding.bind(i, base + off)
             self.slot_of[b] = s
         if not page:
             return []
@@ -116,14 +119,13 @@ class Slots:
 
         def init_fresh(slot, block, _views):
             """A block arriving without saved state: moments, scales and compensation start at zero, the
-            fp32 master (low-precision models) from the params, in every partition."""
+            fp32 masters of bf16/fp16 params from the params, in every partition."""
             for lay, bufs in zip(packed.layouts, packed.bufs):
                 off = lay.slot_offset(slot)
                 for name, v in zip(bufs.paged_names(), bufs.rows(off, lay.blocks[block].length)):
-                    if name == "master":
-                        v.copy_(bufs.lowp[off:off + v.numel()])
-                    else:
+                    if name != "master":
                         v.zero_()
+                binding.write_masters([(i, off + o, n) for i, o, n in lay.blocks[block].entries])
 
         return store.switch(leaving=leaving, arriving=list(zip(arriving, slots)),
                             rows_of=lambda b, slot: packed.block_rows(b, slot), init_fresh=init_fresh)

@@ -204,6 +204,42 @@ def scenario_ddp_adaptive(rank, world, sampler):
             "sampler": plain_state_dict(opt)["lisa"]["sampler"]}
 
 
+FROZEN_BLOCKS = (1, 3)  # frozen by the user on every rank: never drawn
+
+
+def frozen_mlp(seed):
+    model = MLPStack(WIDTH, N_LAYERS, seed=seed)
+    for b in FROZEN_BLOCKS:
+        model.blocks[b].requires_grad_(False)
+    return model
+
+
+def scenario_ddp_frozen_blocks(rank, world):
+    """Blocks the user froze (the same on every rank) are never drawn, and every rank draws the same
+    blocks: uniform, and grad_norm with per-rank seeds and model inits."""
+    out = {}
+    for sampler in ("uniform", "grad_norm"):
+        model = frozen_mlp(seed=rank)
+        ddp = DDP(model, find_unused_parameters=True)
+        opt = make_opt(ddp, rank, sampler=sampler)
+        before = snapshot(model)
+        seq = train(ddp, opt, batches(steps=4 * STEPS), rank, world)
+        out[sampler] = {"seq": seq, "params": flat(model), "changed": changed(model, before)}
+    return out
+
+
+def scenario_frozen_blocks_differ(rank, world):
+    """Rank 1 froze another block than rank 0: the ranks would draw from different blocks, so every rank
+    raises at construction (no hang: the check is one all_gather on every rank)."""
+    model = MLPStack(WIDTH, N_LAYERS, seed=0)
+    model.blocks[1 + rank].requires_grad_(False)
+    try:
+        make_opt(model, rank)
+        return {"message": "no error"}
+    except ValueError as err:
+        return {"message": str(err)}
+
+
 def scenario_fsdp2_grad_norm(rank, world):
     """grad_norm under FSDP2: each rank's kernel sums its shards' squares, all-reduced at the switch, so
     the scores are the full gradients' (the single-process run's)."""
@@ -281,6 +317,8 @@ SCENARIOS = {
     "ddp_grad_norm": lambda r, w: scenario_ddp_adaptive(r, w, "grad_norm"),
     "ddp_loss_feedback": lambda r, w: scenario_ddp_adaptive(r, w, "loss_feedback"),
     "fsdp2_grad_norm": scenario_fsdp2_grad_norm,
+    "ddp_frozen_blocks": scenario_ddp_frozen_blocks,
+    "frozen_blocks_differ": scenario_frozen_blocks_differ,
     "fsdp2_mixed_precision": scenario_fsdp2_mixed_precision,
     "trainer_ddp": scenario_trainer_ddp,
 }

@@ -138,3 +138,63 @@ def test_toolkit_choice(setup_py, tmp_path):
         find({"CUDA_HOME": str(tmp_path / "nope")})
     assert setup_py.find_cuda_toolkit(environ={}, which=lambda name: None, facts=facts, torch_cuda=lambda: None,
                                       search=(str(tmp_path / "none-*"),)) is None
+
+
+# ------------------------------------------------------------------------------ nvcc flags, architectures
+def test_nvcc_flags_forbid_contraction_and_keep_line_info(setup_py):
+    """--fmad=false: no mul+add contracted into an FMA by nvcc, ptxas or the driver's JIT (every FMA of the
+    kernels is an explicit fmaf); -lineinfo for compute-sanitizer. The offline sm_90 count compiles with the
+    same flags (benchmarks/kernel_builds.py reads them from setup.py)."""
+    import sys
+
+    assert "--fmad=false" in setup_py.NVCC_FLAGS and "-lineinfo" in setup_py.NVCC_FLAGS
+    cmd = setup_py.nvcc_command("nvcc", "80;90", Path("csrc/adamw_cuda.cu"), Path("x.o"))
+    assert cmd[1:1 + len(setup_py.NVCC_FLAGS)] == setup_py.NVCC_FLAGS and "--compress-mode=size" not in cmd
+    new = setup_py.nvcc_command("nvcc", "80;90", Path("csrc/adamw_cuda.cu"), Path("x.o"),
+                                "--compress-mode [default,size,speed,balance,none]")
+    assert "--compress-mode=size" in new  # only where nvcc has the option (CUDA >= 12.8)
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import kernel_builds
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    assert kernel_builds.nvcc_flags() == setup_py.NVCC_FLAGS
+
+
+def test_default_architectures_follow_the_toolkit(setup_py):
+    listed = "compute_75\ncompute_80\ncompute_86\ncompute_90\ncompute_100\ncompute_103\ncompute_110\ncompute_120\n"
+
+    def run(cmd, **_):
+        assert cmd[1:] == ["--list-gpu-arch"]
+        return types.SimpleNamespace(stdout=listed, stderr="", returncode=0)
+
+    supported = setup_py.toolkit_archs("nvcc", run=run)
+    assert supported == {"75", "80", "86", "90", "100", "103", "110", "120"}
+    assert setup_py.default_cuda_archs(supported) == "80;90;100;120"  # CUDA >= 12.8
+    assert setup_py.default_cuda_archs({"75", "80", "86", "90"}) == "80;90"  # CUDA 12.4: no Blackwell
+    assert setup_py.default_cuda_archs(None) == "80;90"  # nvcc cannot say
+
+    def failing(cmd, **_):
+        return types.SimpleNamespace(stdout="", stderr="nvcc fatal : Unknown option '--list-gpu-arch'", returncode=1)
+
+    assert setup_py.toolkit_archs("nvcc", run=failing) is None
+    flags = setup_py.gencode_flags("80;90;100;120")
+    assert "-gencode=arch=compute_120,code=compute_120" in flags and "-DLISA_FUSED_PTX_ARCH=120" in flags
+    assert [f for f in flags if "code=sm_" in f] == [f"-gencode=arch=compute_{a},code=sm_{a}" for a in (80, 90, 100, 120)]
+    with pytest.raises(RuntimeError, match="expected a list like '80;90'"):
+        setup_py.gencode_flags("sm80;hopper")
+
+
+def test_built_architectures_are_reported(C):
+    """lisa_fused._C.cuda_archs(): what backend="auto" checks a GPU's compute capability against
+    (kernels/native.py arch_reason); the PTX is the highest architecture's."""
+    if not C.has_cuda():
+        assert C.cuda_archs() is None
+        return
+    archs = C.cuda_archs()
+    assert archs["sass"] and archs["ptx"] == max(archs["sass"]), archs
+    if not os.environ.get("LISA_FUSED_CUDA_ARCHS"):
+        toolkit = build_toolkit()
+        if toolkit is not None:
+            want = load_setup().default_cuda_archs(load_setup().toolkit_archs(str(toolkit.root / "bin" / "nvcc")))
+            assert archs["sass"] == [int(a) for a in want.split(";")], (archs, want)

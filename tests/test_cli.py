@@ -42,14 +42,22 @@ def bench_run(tmp_path_factory):
 @pytest.mark.slow
 def test_bench_writes_table_json_png(bench_run):
     out, proc = bench_run
+    # stdout: one line per method against lisa, the 120-column table (one row per method), its legend
+    assert proc.stdout.startswith("lisa (the reference): eval loss "), proc.stdout
     for method in METHODS:
-        assert f"| {method.rjust(11)} |" in proc.stdout, proc.stdout
+        assert f"| {method.ljust(11)} |" in proc.stdout, proc.stdout
+        if method != "lisa":
+            assert f"\n{method}: " in proc.stdout and "the step time" in proc.stdout
+    assert all(len(line) <= 120 for line in proc.stdout.splitlines()), max(proc.stdout.splitlines(), key=len)
+    assert proc.stdout.count("dev MiB: ") == 1  # the legend, once
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert re.search(r"\|\s+method\s+\|\s+backend\s+\|.*\|\s+eval loss\s+\|\s+load\s+\|\n\|-+\|",
-                     (out / "results.md").read_text())
-    assert re.search(r"\|\s+peak mem MiB\s+\|\s+tensors MiB\s+\|\s+planned MiB\s+\|", proc.stdout)
-    assert "planned MiB: `lisa-fused plan` for the same settings" in proc.stdout
-    assert "lora" in proc.stderr  # the per-method progress bars go to stderr
+    md = (out / "results.md").read_text()
+    assert md.split("\n", 4)[4].startswith(proc.stdout.split("\n")[0])  # results.md leads with the same screen
+    assert re.search(r"\|\s+method\s+\|\s+backend\s+\|.*\|\s+eval loss\s+\|\s+load\s+\|\n\|-+\|", md)
+    assert re.search(r"\|\s+peak mem MiB\s+\|\s+tensors MiB\s+\|\s+planned MiB\s+\|", md)
+    assert "planned MiB: `lisa-fused plan` for the same settings" in md
+    # progress on stderr: captured, so no terminal width: a plain line per phase
+    assert "lora: timed pass 2/2: 3 steps ..." in proc.stderr and "lora: timed pass 2/2: done, 3 steps in" in proc.stderr
 
 
 @pytest.mark.slow
@@ -65,8 +73,15 @@ def test_bench_json_has_every_field_for_every_method(bench_run):
     assert header["config"]["gamma"] == 2 and header["config"]["lora_rank"] == 4
     assert header["planner"]["error"] is None and header["planner"]["weights_bytes"] > 0
     assert {r["method"] for r in header["planner"]["rows"]} == {"full", "lora", "lisa"}
+    assert result["skipped"] == []
     assert [r["method"] for r in rows] == list(METHODS)
     for row in rows:
+        # optimizer bytes on the device: its state after step() + the grads read before it, per step
+        assert row["opt_device_bytes_trace"] == [a + b for a, b in zip(row["opt_state_device_bytes_trace"],
+                                                                         row["grad_bytes_trace"])]
+        assert row["opt_device_bytes"] == max(row["opt_device_bytes_trace"]) >= row["opt_device_end_bytes"] \
+            == row["opt_device_bytes_trace"][-1]
+        assert row["grad_bytes"] == max(row["grad_bytes_trace"]) > 0 and row["opt_state_device_bytes"] > 0
         for key in report.FIELDS:
             assert key in row, f"{row['method']}: {key} is missing"
             if key != "switch_step_ms":  # null for methods that never switch
@@ -244,6 +259,16 @@ def test_preflight_refuses_what_cannot_fit_unless_forced(monkeypatch, capsys):
     args.force = True
     assert preflight.check(args, config) is None
     assert "--force: running although" in capsys.readouterr().out
+
+
+def test_methods_groups_expand_in_place():
+    parse = lambda text: build_parser().parse_args(["bench", "--methods", text]).methods  # noqa: E731
+    from lisa_fused.bench import DEFAULT_METHODS, PEERS
+
+    assert parse("peers") == list(PEERS) and PEERS[0] == "lisa"
+    assert parse("full,peers") == ["full", *PEERS]
+    assert parse("lisa,peers") == list(PEERS)  # lisa once: the group brings it again
+    assert parse("default,badam") == [*DEFAULT_METHODS, "badam"]
 
 
 def test_every_bench_method_has_a_planner_row():

@@ -48,6 +48,7 @@ def _run_cli(argv: list[str], watched=HEAVY) -> tuple[int, list[str], subprocess
     (["bench", "--help"], 0, "--switch-every"),
     (["plan", "--gpu-mem", "banana", "llama-3-8b"], 2, "--gpu-mem: 'banana': not a size"),
     (["bench", "--methods", "full,adam"], 2, "unknown method 'adam'"),
+    (["bench", "--methods", "peers,adam"], 2, "unknown method 'adam'"),
     (["bench", "--samplers", "uniform,nope"], 2, "unknown sampler 'nope'"),
     (["bench", "--preset", "llama-3-70b"], 2, "invalid choice: 'llama-3-70b'"),
     ([], 2, "required: COMMAND"),

@@ -107,18 +107,41 @@ def test_in_place_change_of_the_param_list_is_seen_at_step():
         step(model, opt)
 
 
-def test_state_is_never_empty_so_dcp_takes_no_zero_grad_step():
-    """torch.distributed.checkpoint's _init_optim_state steps an optimizer whose .state is empty."""
+def test_state_is_torchs_and_dcps_init_step_moves_no_schedule():
+    """opt.state as torch's: empty before the first step, an entry per stepped param after. DCP's
+    _init_optim_state (it steps an optimizer whose .state is empty, with zero grads and lr 0) then gives
+    FusedLISA what it gives torch AdamW (step 1, zero moments, params unchanged) without moving the schedule."""
+    import copy
+
     from torch.distributed.checkpoint.state_dict import _init_optim_state
 
+    assert len(FusedLISA(MLPStack(seed=0), n_active_layers=2).state) == 0  # (a temporary optimizer's view works)
     model = MLPStack(seed=0)
+    ref = copy.deepcopy(model)
     opt = make(model)
-    assert len(opt.state) == len(opt._params) and opt.state
+    for i, blk in enumerate(ref.blocks):  # the reference freezes what FusedLISA froze
+        blk.requires_grad_(i in opt.active_layers)
+    ropt = torch.optim.AdamW([p for p in ref.parameters() if p.requires_grad], lr=1e-2)
+    assert not opt.state and not ropt.state and len(opt.state) == 0
+    before = params_of(model)
     _init_optim_state(opt)
-    assert opt._global_step == 0 and opt._steps == [0] * len(opt._params)
+    _init_optim_state(ropt)
+    assert opt._global_step == 0, "DCP's init step counted towards switch_every"
+    assert len(opt.state) == len(ropt.state) == sum(p.requires_grad for p in model.parameters())
+    for (n, p), q in zip(model.named_parameters(), ref.parameters()):
+        assert torch.equal(p, before[n]), n
+        if p.requires_grad:
+            mine, theirs = opt.state[p], ropt.state[q]
+            assert float(mine["step"]) == float(theirs["step"]) == 1.0
+            assert torch.equal(mine["exp_avg"], theirs["exp_avg"]) and not mine["exp_avg_sq"].any()
+        else:
+            assert p not in opt.state
     step(model, opt)
     p = opt._params[0]
-    assert p in opt.state and torch.equal(opt.state[p]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+    assert float(opt.state[p]["step"]) == 2.0 and opt._global_step == 1
+    assert torch.equal(opt.state[p]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+    with pytest.raises(TypeError, match="read-only"):
+        opt.state = {p: {}}
 
 
 @pytest.mark.parametrize("sampler, moments, policy", [("grad_norm", "fp32", "host"), ("weight_norm", "8bit", "host"),
@@ -150,18 +173,38 @@ def test_dcp_layout_round_trip_in_one_process_group(sampler, moments, policy):
         dist.destroy_process_group()
 
 
-def test_plain_layout_through_dcp_without_a_process_group_fails_loudly():
-    """Without torch.distributed, state_dict() is the plain layout, whose "lisa" section DCP's
-    get_optimizer_state_dict drops: loading that raises, it does not resume without the schedule."""
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+def test_dcp_without_a_process_group_keeps_the_schedule(tmp_path):
+    """Without torch.distributed, DCP's get/set_optimizer_state_dict still get the layout DCP keeps whole (it
+    would drop a top-level "lisa" section): dcp.save / dcp.load in one process resume bitwise."""
+    import torch.distributed.checkpoint as dcp_api
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    ref_model = MLPStack(seed=0)
+    ref = make(ref_model)
+    for s in range(6):
+        step(ref_model, ref, seed=s)
 
     model = MLPStack(seed=0)
     opt = make(model)
-    step(model, opt)
+    for s in range(3):
+        step(model, opt, seed=s)
     osd = get_optimizer_state_dict(model, opt)
-    assert "lisa" not in osd and opt._global_step == 1
-    with pytest.raises(ValueError, match="no 'lisa' section"):
-        opt.load_state_dict(osd)
+    assert dcp.is_dcp_layout(osd) and "lisa" not in osd
+    dcp_api.save({"optim": osd, "model": model.state_dict()}, checkpoint_id=str(tmp_path / "ckpt"))
+    assert opt.state_dict().get("lisa") is not None  # (a plain state_dict() call keeps the plain layout)
+
+    model2 = MLPStack(seed=7)
+    opt2 = make(model2)
+    sd = {"optim": get_optimizer_state_dict(model2, opt2), "model": model2.state_dict()}
+    assert opt2._global_step == 0  # (its DCP init step did not count)
+    dcp_api.load(sd, checkpoint_id=str(tmp_path / "ckpt"))
+    model2.load_state_dict(sd["model"])
+    set_optimizer_state_dict(model2, opt2, sd["optim"])
+    assert opt2._global_step == 3 and opt2.active_layers == opt.active_layers
+    for s in range(3, 6):
+        step(model2, opt2, seed=s)
+    for (n, p), q in zip(ref_model.named_parameters(), model2.parameters()):
+        assert torch.equal(p, q), n
 
 
 def test_factory_builds_fused_lisa_on_the_trainers_model():

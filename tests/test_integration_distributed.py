@@ -153,6 +153,28 @@ def test_ddp_adaptive_samplers_draw_the_same_blocks_on_every_rank(results, sampl
         assert r0["seq"] == W.train(model, opt, W.batches(steps=4 * W.STEPS), rank=0, world=1)
 
 
+@pytest.mark.parametrize("sampler", ["uniform", "grad_norm"])
+def test_blocks_the_user_froze_are_never_drawn_on_any_rank(results, sampler):
+    """Issue 30: frozen blocks 1 and 3 are never drawn; both ranks draw the same blocks, and the run equals
+    one process over the whole batches (DDP averages the grads; per-rank seeds and inits differ)."""
+    r0, r1 = scenario(results, "ddp_frozen_blocks")
+    r0, r1 = r0[sampler], r1[sampler]
+    assert r0["seq"] == r1["seq"] and len(set(r0["seq"])) > 1, r0["seq"]
+    assert all(len(a) == W.N_ACTIVE and not set(a) & set(W.FROZEN_BLOCKS) for a in r0["seq"]), r0["seq"]
+    assert torch.equal(r0["params"], r1["params"])
+    assert_trained_changed_frozen_kept(r0)
+    model = W.frozen_mlp(seed=0)
+    seq = W.train(model, W.make_opt(model, rank=0, sampler=sampler), W.batches(steps=4 * W.STEPS), rank=0, world=1)
+    assert r0["seq"] == seq
+    torch.testing.assert_close(r0["params"], W.flat(model), rtol=1e-5, atol=1e-6)
+
+
+def test_blocks_frozen_differently_per_rank_are_refused_on_every_rank(results):
+    r0, r1 = scenario(results, "frozen_blocks_differ")
+    for res in (r0, r1):
+        assert "differ between ranks (rank 0: [0, 2, 3, 4], rank 1: [0, 1, 3, 4])" in res["message"], res["message"]
+
+
 def test_fsdp2_grad_norm_scores_are_the_full_gradients(results):
     """Shards' sums of squares all-reduced at the switch: the scores and draws equal the single-process
     run's (the grads themselves differ by reduction order only)."""

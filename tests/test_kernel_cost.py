@@ -1,8 +1,10 @@
 """Predicted H200 cost of every kernel mode, from the offline sm_90 compile (benchmarks/kernel_cost.py):
 the bytes each mode's main loop moves equal the formats' (a kernel that loads a stream twice fails), no
-main loop touches local memory (spills), each mode's SASS instructions per element stay within 10% of the
-count committed in benchmarks/results/kernel_cost_sm90.md, and each mode is memory-bound (issue time <
-byte time) unless it is a known gap below, so a regression shows without a GPU.
+main loop touches local memory (spills; every CUDA instantiation, not only the table's), each mode's SASS
+instructions per element stay within 10% of the count committed in benchmarks/results/kernel_cost_sm90.md,
+the CUDA aligned loops move 16-byte vectors, no kernel leaves a contractable mul+add pair (--fmad=false),
+and each mode is memory-bound (issue time < byte time) unless it is a known gap below, so a regression
+shows without a GPU.
 
 The count runs once per session in a subprocess (conftest.py sets TRITON_INTERPRET=1, under which Triton
 cannot compile): nvcc on csrc/adamw_cuda.cu and Triton's compiler for every mode, ~1-2 min on 2 cores. It
@@ -63,7 +65,7 @@ def _missing() -> str | None:
 
 
 @pytest.fixture(scope="module")
-def rows():
+def result():
     reason = _missing()
     if reason:
         pytest.skip(reason)
@@ -73,8 +75,18 @@ def rows():
     out = subprocess.run([sys.executable, str(SCRIPT), "--json", *args], capture_output=True, text=True, env=env,
                          cwd=ROOT, timeout=900)
     assert out.returncode == 0, f"benchmarks/kernel_cost.py failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def rows(result):
     return {(r["backend"], r["mode"]): r for r in result["rows"]}
+
+
+@pytest.fixture(scope="module")
+def instantiations(result):
+    """{kernel: {"regs", "spill", "loop_local", "contractable", "pairs"}} of every CUDA instantiation."""
+    return result["meta"]["cuda_kernels"]
 
 
 @pytest.fixture(scope="module")
@@ -109,6 +121,55 @@ def test_no_spills_in_the_main_loop(rows, backend, mode):
     r = rows[(backend, mode)]
     assert r["loop_local"] == 0, (f"{backend} {mode}: {r['loop_local']:g} B of local memory (spills) per element "
                                   f"on the main-loop path of {r['kernel']} ({r['spill']} B of spill stores in all)")
+
+
+def test_no_cuda_instantiation_spills_in_its_main_loop(instantiations):
+    """All 162 template instantiations, not only the table's modes (an fp16 model with a GradScaler runs
+    one the table does not list): no local-memory access on the main-loop path."""
+    assert len(instantiations) >= 162
+    bad = {k: v for k, v in instantiations.items() if v["loop_local"]}
+    assert not bad, f"main-loop spills (B per thread): { {k: (v['loop_local'], v['regs']) for k, v in bad.items()} }"
+
+
+def test_cuda_registers_leave_three_blocks_per_sm(instantiations):
+    """<= 80 registers per thread: 3 resident blocks of 256 threads per SM (65536 registers, allocated 8 at a
+    time), the occupancy the launch bounds ask for (csrc/adamw_cuda.cu kPackedMinBlocks)."""
+    bad = {k: v["regs"] for k, v in instantiations.items() if v["regs"] > 80}
+    assert not bad, bad
+
+
+def test_no_contractable_mul_add_left(rows, instantiations):
+    """--fmad=false (setup.py NVCC_FLAGS): no PTX mul/add pair without a rounding modifier in any CUDA kernel
+    or Triton mode, so neither ptxas nor the driver's PTX JIT (a GPU newer than the SASS) may fuse one into an
+    FMA and round differently from the CPU kernel (offline_loops.contractable_pairs)."""
+    bad = {k: v["pairs"] for k, v in instantiations.items() if v["contractable"]}
+    assert not bad, f"contractable mul+add pairs: {bad}"
+    assert not [(b, m) for (b, m), r in rows.items() if r["contractable"]]
+
+
+def test_contractable_pairs_are_found():
+    """The check above can fail: a PTX mul.f32 feeding an add.f32 (nvcc's default --fmad=true output) is a
+    pair; the same with .rn modifiers, or an explicit fma, is not."""
+    from offline_loops import contractable_pairs
+    from offline_sm90 import ptx_functions
+
+    def ptx(body: str):
+        text = ".visible .entry k(\n.param .u64 k_param_0\n)\n{\n" + body + "\nret;\n}\n"
+        return ptx_functions(text)["k"][0]
+
+    fused = "mul.f32 %f3, %f1, %f2;\nadd.f32 %f4, %f3, %f5;"
+    assert len(contractable_pairs(ptx(fused))) == 1
+    assert len(contractable_pairs(ptx("mul.f32 %f3, %f1, %f2;\nsub.f32 %f4, %f6, %f3;"))) == 1
+    assert not contractable_pairs(ptx(fused.replace("mul.f32", "mul.rn.f32").replace("add.f32", "add.rn.f32")))
+    assert not contractable_pairs(ptx("fma.rn.f32 %f4, %f1, %f2, %f5;\nadd.rn.f32 %f6, %f4, %f1;"))
+
+
+@pytest.mark.parametrize("mode", [m.name for m in kernel_cost.MODES])
+def test_cuda_aligned_loop_moves_16_byte_vectors(rows, mode):
+    """The aligned path of every CUDA mode reads and writes each stream of 2 or more bytes per element
+    (params, grads, fp32/bf16 moments, the bf16 copy, compensation) in 128-bit accesses only."""
+    r = rows[("cuda", mode)]
+    assert not r["narrow"], f"cuda {mode}: narrower accesses on the main loop: {r['narrow']} ({r['kernel']})"
 
 
 @pytest.mark.parametrize("backend,mode", CASES)

@@ -374,13 +374,13 @@ def test_cuda_backend_without_gpu_says_why():
         kernels.resolve_backend("cuda", "cpu")
     p = torch.zeros(64)
     with pytest.raises(RuntimeError, match="backend 'cuda' is not available: .*(without CUDA|no CUDA device)"):
-        native.adamw_packed_cuda_(p, p, p, p, Segments([(0, 64)]), torch.ones(1, 4, dtype=torch.float64),
-                                  beta1=0.9, beta2=0.999, eps=1e-8)
+        native.adamw_segments_cuda_([p], [p], p, p, Segments([(0, 64)]), torch.ones(1, 4, dtype=torch.float64),
+                                    beta1=0.9, beta2=0.999, eps=1e-8)
     # the raw entry point refuses before touching any pointer
     with pytest.raises(RuntimeError, match="without CUDA|no usable CUDA device|no CUDA device present"):
-        native._C.adamw_cuda(param=1, grad=1, exp_avg=1, exp_avg_sq=1, param_lowp=0, grad_scale=0, chunks=1,
-                             n_chunks=1, table=1, grad_dtype=0, lowp_dtype=-1, one_minus_beta1=0.1, beta2=0.999,
-                             one_minus_beta2=0.001, eps=1e-8, device=0, stream=0)
+        native._C.adamw_cuda(segs=1, exp_avg=1, exp_avg_sq=1, grad_scale=0, chunks=1, n_chunks=1, table=1,
+                             grad_dtype=0, lowp_dtype=-1, one_minus_beta1=0.1, beta2=0.999, one_minus_beta2=0.001,
+                             eps=1e-8, device=0, stream=0)
 
 
 def test_auto_fallback_is_logged_once_per_reason(monkeypatch, caplog):
@@ -413,6 +413,46 @@ def test_auto_fallback_is_logged_once_per_reason(monkeypatch, caplog):
     assert "cuda:1" in caplog.records[1].getMessage()
 
 
+@needs_native
+def test_cpu_kernel_refuses_a_bad_segment_table_before_writing():
+    """The C++ side checks every enabled chunk against its segment-table row (pointers present, the chunk
+    inside the segment, a low-precision copy iff lowp_dtype says so) before the first write: a bad row
+    raises ValueError naming the segment and changes nothing, even past the Python checks."""
+    from lisa_fused.kernels import _tables
+
+    segments = pack([300, 70])
+    n = buffer_len(segments)
+    gen = torch.Generator().manual_seed(2)
+    params = [torch.randn(k, generator=gen) for _, k in segments.bounds]
+    grads = [torch.randn(k, generator=gen) for _, k in segments.bounds]
+    m, v = torch.rand(n, generator=gen), torch.rand(n, generator=gen)
+    hp = hparams_table([(1e-3, 0.1, 1), (1e-3, 0.1, 1)], [1, 1], set())
+    chunks = _tables.chunk_table(segments, native.CPU_CHUNK, "cpu")
+    before = [t.clone() for t in params + [m, v]]
+
+    def launch(table, lowp_dtype=-1):
+        native._C.adamw_cpu(segs=table.data_ptr(), exp_avg=m.data_ptr(), exp_avg_sq=v.data_ptr(), grad_scale=0,
+                            chunks=chunks.data_ptr(), n_chunks=chunks.shape[0], table=hp.data_ptr(), grad_dtype=0,
+                            lowp_dtype=lowp_dtype, one_minus_beta1=0.1, beta2=0.999, one_minus_beta2=0.001,
+                            eps=1e-8, num_threads=2)
+
+    good = _tables.pointer_table(segments, params, grads, None, "cpu")
+    low0 = torch.zeros(300, dtype=torch.bfloat16)
+    for col, value, lowp_dtype, match in ((3, 0, -1, "segment 1 is enabled but its grad pointer is null"),
+                                          (2, 0, -1, "segment 1 is enabled but its param pointer is null"),
+                                          (1, 69, -1, r"chunk \[\d+, \d+\) is outside segment 1 \(offset \d+, numel 69\)"),
+                                          (4, 0, 1, "segment 1 has no low-precision copy")):
+        bad = good.clone()
+        bad[1, col] = value
+        if lowp_dtype != -1:  # segment 0 has a copy, segment 1 does not
+            bad[0, 4] = low0.data_ptr()
+        with pytest.raises(ValueError, match=match):
+            launch(bad, lowp_dtype)
+        assert all(torch.equal(a, b) for a, b in zip(before, params + [m, v])), f"written before the raise: {match}"
+    launch(good)  # the same call with a good table runs and moves every segment
+    assert not torch.equal(params[0], before[0]) and not torch.equal(params[1], before[1])
+
+
 def test_missing_build_is_explained(monkeypatch):
     monkeypatch.setattr(native, "_C", None)
     monkeypatch.setattr(native, "_IMPORT_ERROR", "ModuleNotFoundError: No module named 'lisa_fused._C'", raising=False)
@@ -421,8 +461,8 @@ def test_missing_build_is_explained(monkeypatch):
         assert "lisa_fused._C is not built" in reason and "pip install" in reason
     p = torch.zeros(64)
     with pytest.raises(RuntimeError, match="not built.*pip install"):
-        native.adamw_packed_cpu_(p, p, p, p, Segments([(0, 64)]), torch.ones(1, 4, dtype=torch.float64),
-                                 beta1=0.9, beta2=0.999, eps=1e-8)
+        native.adamw_segments_cpu_([p], [p], p, p, Segments([(0, 64)]), torch.ones(1, 4, dtype=torch.float64),
+                                   beta1=0.9, beta2=0.999, eps=1e-8)
 
 
 @needs_native
@@ -451,18 +491,26 @@ def test_survives_torch_compile():
 @needs_native
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_custom_op_opcheck(device):
+    """The torch.compile path (lisa_fused::adamw_segments): schema, mutated tensor lists and fake
+    implementation agree (torch.library.opcheck); params as separate tensors, one of them 2-D, a disabled
+    segment without its grad."""
     from lisa_fused.kernels._tables import chunk_table
 
     if device == "cuda" and native.unavailable_reason("cuda"):
         pytest.skip(native.unavailable_reason("cuda"))
     gen = torch.Generator().manual_seed(5)
-    segments = pack([1000, 77])
+    sizes = [1000, 77, 5]
+    segments = pack(sizes)
     n = buffer_len(segments)
     chunks = chunk_table(segments, native.CPU_CHUNK if device == "cpu" else native.CUDA_CHUNK, device)
-    hp = hparams_table([(1e-3, 0.1, 1), (2e-3, 0.0, 3)], [1, 3], set())  # stays on the host
+    hp = hparams_table([(1e-3, 0.1, 1), (2e-3, 0.0, 3), (1e-3, 0.0, 2)], [1, 3, 2], {2})  # stays on the host
     for lowp, scale in ((None, None), (torch.bfloat16, torch.tensor([4.0]))):
-        p = torch.randn(n, generator=gen)
-        args = (p, torch.randn(n, generator=gen).to(lowp or torch.float32), torch.zeros(n), torch.zeros(n),
-                None if lowp is None else p.to(lowp), scale)
-        args = tuple(None if t is None else t.to(device) for t in args) + (chunks, hp, 0.9, 0.999, 1e-8)
-        torch.library.opcheck(native.adamw_packed_op, args)
+        params = [torch.randn(k, generator=gen).to(device) for k in sizes]
+        params[0] = params[0].view(40, 25)
+        grads = [torch.randn(k, generator=gen).to(lowp or torch.float32).to(device) for k in sizes]
+        grads[0] = grads[0].view(40, 25)
+        grads[2] = None
+        lowps = [] if lowp is None else [q.to(lowp) for q in params]
+        args = (params, grads, torch.zeros(n, device=device), torch.zeros(n, device=device), lowps,
+                None if scale is None else scale.to(device), chunks, segments.tensor(), hp, 0.9, 0.999, 1e-8)
+        torch.library.opcheck(native.adamw_segments_op, args)

@@ -281,6 +281,40 @@ def test_sharing_inside_one_block_is_fine():
     _check_partition(model, layout)
 
 
+class _Shortcut(nn.Module):
+    """A wrapper that also reaches the block stack (and one block's attention) under names of its own."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.layers = model.model.layers  # the same ModuleList under a second path
+        self.first_attn = model.model.layers[0].self_attn  # a module inside block 0, reached from outside
+
+
+def test_a_stack_reached_under_two_paths_is_one_stack():
+    """Blocks are decided by module identity: the shortcut's names do not make block params "outside"
+    (before: "shared between block 0 and the always-trained part ... untie it, or freeze it")."""
+    model = _Shortcut(_hf_model("llama"))
+    by_path = {n: p for n, p in model.named_parameters(remove_duplicate=False)}
+    assert by_path["layers.0.mlp.up_proj.weight"] is by_path["model.model.layers.0.mlp.up_proj.weight"]  # two paths
+    layout = find_layout(model)
+    assert layout.num_blocks == N_LAYERS and layout.stack is model.layers
+    _check_partition(model, layout)
+    for b, blk in enumerate(layout.blocks):
+        assert {id(p) for _, p in blk} == {id(p) for p in model.layers[b].parameters()}
+    assert {n for n, _ in layout.always} == {"model.model.embed_tokens.weight", "model.model.norm.weight",
+                                              "model.lm_head.weight"}
+    explicit = find_layout(model, layers="layers")  # the stack named by its other path: the same blocks
+    assert [[id(p) for _, p in b] for b in explicit.blocks] == [[id(p) for _, p in b] for b in layout.blocks]
+
+
+def test_real_sharing_is_still_refused_when_the_stack_has_two_paths():
+    model = _Shortcut(_hf_model("llama"))
+    model.model.lm_head.weight = model.model.model.layers[1].mlp.down_proj.weight  # a real tie (shapes differ: fine here)
+    with pytest.raises(ValueError, match=r"block 1 and the always-trained part.*down_proj\.weight.*lm_head\.weight"):
+        find_layout(model)
+
+
 # -- block_weight_norms -----------------------------------------------------------------------------------
 
 

@@ -113,6 +113,20 @@ def test_native_bitwise_equal_to_reference(backend, moments, master, pdtype, mon
     """Four steps with fresh bf16 grads, several segments with their own step/lr/wd, one disabled: params,
     codes, scales, compensation and the bf16 copy equal the reference bit for bit (the reference with an
     IEEE sqrt), the disabled segment is untouched, and grad_sumsq matches to fp32 summation order."""
+    bitwise_run(backend, moments, master, pdtype, monkeypatch)
+
+
+def misaligned(t: torch.Tensor) -> torch.Tensor:
+    """A copy of `t` one element into a new buffer: 2 or 4 bytes off 16-byte alignment."""
+    buf = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+    buf[1:].copy_(t)
+    assert buf[1:].data_ptr() % 16
+    return buf[1:]
+
+
+def bitwise_run(backend, moments, master, pdtype, monkeypatch, misalign=False):
+    """test_native_bitwise_equal_to_reference; `misalign`: the kernel's param, grad and param_lowp sit one
+    element off 16-byte alignment (the packed state stays aligned)."""
     if backend == "cpu" and (native._C.cpu_kernel_isa() == "avx2+fma") != torch_fma():
         pytest.skip("torch's CPU kernels and the C++ loop round lerp/addcmul differently on this machine")
     device = "cuda" if backend == "cuda" else "cpu"
@@ -120,6 +134,8 @@ def test_native_bitwise_equal_to_reference(backend, moments, master, pdtype, mon
     gen = torch.Generator().manual_seed(3)
     ref = make_state(n, moments, master, gen, pdtype=pdtype)
     out = {k: v.clone().to(device) for k, v in ref.items()}
+    if misalign:
+        out.update({k: misaligned(out[k]) for k in ("param", "param_lowp") if k in out})
     before = {k: v.clone() for k, v in ref.items()}
     steps = [1, 7, 3, 100]
     for _ in range(2 if backend == "triton" else 4):
@@ -128,7 +144,7 @@ def test_native_bitwise_equal_to_reference(backend, moments, master, pdtype, mon
         with monkeypatch.context() as mp:
             mp.setattr(torch.Tensor, "sqrt", ieee_sqrt)
             step(ref, g, segments, hp, moments, master, "torch")
-        step(out, g.to(device), segments, hp, moments, master, backend)
+        step(out, misaligned(g.to(device)) if misalign else g.to(device), segments, hp, moments, master, backend)
         steps = [s + 1 for s in steps]
     for name, r in ref.items():
         o = out[name].cpu()
@@ -155,9 +171,9 @@ def test_native_bitwise_equal_to_reference(backend, moments, master, pdtype, mon
 def test_triton_gpu_tile_bitwise_equal_to_reference(moments, master, aligned, monkeypatch):
     """The Triton lean kernel with the GPU launch's TILE and num_warps (triton_lean._GPU_CONFIG) and chunks
     of two tiles: the 4097-element segment runs full unmasked tiles (16-bit words of 4-bit codes, the
-    per-warp absmax) over three chunks, the others masked tails; "unaligned" (what a call with unaligned
-    pointers gets) masks every tile. Bit for bit as the reference (the test above, whose interpreter tiles
-    are larger than every segment)."""
+    per-warp absmax) over three chunks, the others masked tails; "unaligned" (param, grad and param_lowp
+    one element off 16-byte alignment, as slices of a shared buffer can be) masks every tile. Bit for bit
+    as the reference (the test above, whose interpreter tiles are larger than every segment)."""
     reason = backend_unavailable_reason("triton", "cpu")
     if reason is not None:
         pytest.skip(reason)
@@ -165,9 +181,7 @@ def test_triton_gpu_tile_bitwise_equal_to_reference(moments, master, aligned, mo
 
     _, tile, warps = triton_lean._GPU_CONFIG
     monkeypatch.setattr(triton_lean, "_INTERPRETER_CONFIG", (2 * tile, tile, warps))
-    if not aligned:
-        monkeypatch.setattr(triton_lean, "offsets_aligned", lambda segments: False)
-    test_native_bitwise_equal_to_reference("triton", moments, master, torch.bfloat16, monkeypatch)
+    bitwise_run("triton", moments, master, torch.bfloat16, monkeypatch, misalign=not aligned)
 
 
 @pytest.mark.parametrize("backend", NATIVE + [backend_param("triton")])
@@ -477,7 +491,7 @@ def test_bad_arguments_name_the_value():
 
 
 def test_custom_op_opcheck_lean():
-    """The torch.compile path (lisa_fused::adamw_packed) with lean arguments: schema, mutated buffers
+    """The torch.compile path (lisa_fused::adamw_segments) with lean arguments: schema, mutated buffers
     and fake implementation agree (torch.library.opcheck)."""
     if backend_unavailable_reason("cpu", "cpu"):
         pytest.skip(backend_unavailable_reason("cpu", "cpu"))
@@ -489,12 +503,13 @@ def test_custom_op_opcheck_lean():
     chunks = chunk_table(segments, native.CPU_CHUNK, "cpu")
     hp = hparams([1, 3], 2)
     hp[1, 3] = 1.0  # both enabled
-    args = (st["param"], torch.randn(n, generator=gen), st["exp_avg"], st["exp_avg_sq"], None, None, chunks, hp,
-            0.9, 0.999, 1e-8)
+    params = [st["param"][off:off + k].clone() for off, k in segments.bounds]  # separate tensors
+    grads = [torch.randn(k, generator=gen) for _, k in segments.bounds]
+    args = (params, grads, st["exp_avg"], st["exp_avg_sq"], [], None, chunks, segments.tensor(), hp, 0.9, 0.999, 1e-8)
     kwargs = dict(moments="4bit", master_weights="kahan", exp_avg_scale=st["exp_avg_scale"],
                   exp_avg_sq_scale=st["exp_avg_sq_scale"], compensation=st["compensation"],
-                  grad_sumsq=st["grad_sumsq"][:2].clone(), bounds=segments.tensor(), seed=3)
-    torch.library.opcheck(native.adamw_packed_op, args, kwargs)
+                  grad_sumsq=st["grad_sumsq"][:2].clone(), seed=3)
+    torch.library.opcheck(native.adamw_segments_op, args, kwargs)
 
 
 @pytest.mark.parametrize("master", ["kahan", "stochastic"])

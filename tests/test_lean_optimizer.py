@@ -306,7 +306,8 @@ def test_master_weights_default_and_fp16_kahan():
                     backend="cpu")
     for t in range(3):
         lm_step(model, opt, t)
-    assert opt._binding.bufs.compensation.dtype == torch.float16 and opt._binding.bufs.master is None
+    bufs = opt._packed_state.bufs[0]
+    assert bufs.compensation.dtype == torch.float16 and bufs.master is None
     assert opt.memory_stats()["master_bytes"] == 0
 
 
@@ -377,8 +378,8 @@ def expected_bytes(model, layout_always, blocks, gamma, moments, master, min_qua
     """The byte formula, from the model's parameter shapes alone: every trained tensor padded to 256
     elements. Under 8bit/4bit, tensors under min_quantized_size elements keep fp32 moments, in buffers of
     their own (a second slot layout). Per layout, T = always-trained elements + gamma * the largest
-    block's; per element: bf16 param 2, grad 2, fp32 master 4 (master_weights="fp32"), compensation 2
-    ("kahan"), moments 8 | 4 | 2 | 1 (fp32 | bf16 | 8bit | 4bit, 4-bit rounded up to whole bytes), scales
+    block's; per element (only what the optimizer adds: the params and grads stay the model's): fp32 master
+    4 (master_weights="fp32"), compensation 2 ("kahan"), moments 8 | 4 | 2 | 1 (fp32 | bf16 | 8bit | 4bit, 4-bit rounded up to whole bytes), scales
     2 * 4 B per 256 | 128 elements."""
     def padded(ps):
         return sum(-(-p.numel() // 256) * 256 for p in ps)
@@ -392,7 +393,7 @@ def expected_bytes(model, layout_always, blocks, gamma, moments, master, min_qua
     T, S = total(lambda p: not small(p)), total(small)
     mom = {"fp32": 8 * T, "bf16": 4 * T, "8bit": 2 * T, "4bit": 2 * -(-T // 2)}[moments] + 8 * S
     scales = 2 * 4 * -(-T // quant.BLOCK[moments]) if quantized else 0
-    return {"param_bytes": 2 * (T + S), "grad_bytes": 2 * (T + S), "master_bytes": 4 * (T + S) if master == "fp32" else 0,
+    return {"master_bytes": 4 * (T + S) if master == "fp32" else 0,
             "compensation_bytes": 2 * (T + S) if master == "kahan" else 0, "moment_bytes": mom, "scale_bytes": scales}
 
 
@@ -416,7 +417,6 @@ def test_memory_stats_match_the_byte_formula_at_real_shapes(name, meta_models):
             st = opt.memory_stats()
             assert {k: st[k] for k in want} == want, (name, moments, master, min_size)
             assert st["device_bytes"] == sum(want.values())
-            assert st["extra_device_bytes"] == st["device_bytes"] - want["param_bytes"]
             opt.release()
 
 
@@ -429,7 +429,8 @@ def test_leanest_setting_meets_lora_budget_at_llama3_8b(meta_models):
     r = 128
     lora = L * r * ((h + h) * 2 + (h + kv) * 2 + (h + i) * 3)  # q, o; k, v; gate, up, down
     opt = FusedLISA(meta_models["llama-3-8b"], n_active_layers=2, moments="4bit", master_weights="stochastic")
-    extra = opt.memory_stats()["extra_device_bytes"]
+    grads = sum(2 * p.numel() for p in opt._params if p.requires_grad)  # the trained params' bf16 grads, as LoRA's
+    extra = opt.memory_stats()["device_bytes"] + grads
     opt.release()
     assert 16 * lora / 2**30 == pytest.approx(5.0, abs=0.05)
     assert extra <= 16 * lora, (extra / 2**30, 16 * lora / 2**30)
@@ -449,7 +450,7 @@ def test_model_conversion_with_lean_moments_and_masters_is_followed():
     before = opt.state_dict()
     model.float()
     lm_step(model, opt, 4)  # follows the move, then steps
-    assert opt.param_dtype == torch.float32 and opt._binding.bufs.exp_avg.dtype == torch.uint8
+    assert opt.param_dtype == torch.float32 and opt._packed_state.bufs[0].exp_avg.dtype == torch.uint8
     after = opt.state_dict()
     moved = [i for i in before["state"] if opt._steps[i] == int(before["state"][i]["step"])]
     assert moved, "some params (parked blocks) did not step after the move"

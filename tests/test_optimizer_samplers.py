@@ -254,7 +254,8 @@ def test_lisa_callback_feeds_logged_losses_within_an_interval_and_logs_probabili
     opt = FusedLISA(model, lr=1e-2, n_active_layers=2, switch_every=4, sampler="loss_feedback", backend="cpu")
     cb = LISACallback(opt)
     state = SimpleNamespace(log_history=[], global_step=0)
-    args = SimpleNamespace(logging_steps=1)
+    args = SimpleNamespace(logging_steps=1, learning_rate=1e-2, weight_decay=0.01, adam_beta1=0.9, adam_beta2=0.999,
+                           adam_epsilon=1e-8)  # (the callback hands TrainingArguments' AdamW values on: the same)
     cb.on_train_begin(args, state, None)
     fed = []
     opt._sampler.observe_loss = lambda loss, active: fed.append((opt._global_step, loss))

@@ -158,8 +158,8 @@ def test_plan_cli_max_gamma_and_batch_respect_the_limit(tmp_path, capsys):
     assert not row["fits"] and row["max_gamma"] == 0 and row["max_batch_size"] == 0
     out = capsys.readouterr().out
     assert "nothing fits 0.0 GiB" in out and "try --gradient-checkpointing" in out
-    line = next(ln for ln in out.splitlines() if "inactive_moments=host " in ln + " ")
-    assert [c.strip() for c in line.split("|")[9:11]] == ["none", "none"], line  # max batch, max gamma
+    line = next(ln for ln in out.splitlines() if ln.startswith("| lisa "))
+    assert [c.strip() for c in line.split("|")[8:10]] == ["none", "none"], line  # max batch, max gamma
 
 
 BAD = [
@@ -271,3 +271,126 @@ def test_lisa_state_is_affine_in_gamma_below_every_block():
             assert planner._lisa_state_affine(dict(kwargs), gamma) == planner._lisa_state(dict(kwargs), gamma), \
                 (kwargs, gamma)
     assert checked >= 3
+
+
+def _golden_rows():
+    """Fixed rows shaped like llama-3-8b's at batch 1 x 1024 (the GiB `lisa-fused plan` printed)."""
+    from lisa_fused.plan.planner import Row, Skipped
+
+    gib = 2**30
+
+    def row(method, setting, w, s, a, h, peak_at, kwargs=None, fits=None, max_batch=None, max_gamma=None):
+        return Row(method, setting, int(w * gib), int(s * gib), int(a * gib), int(h * gib), int((w + s + a) * gib),
+                   fits, max_batch, max_gamma, kwargs or {}, peak_at)
+
+    rows = [row("full", "torch.optim.AdamW, all parameters", 14.96, 44.87, 14.96, 0, "optimizer step", fits=False,
+                max_batch=0),
+            row("lora", "peft r=128, all 7 projections; AdamW", 16.21, 3.75, 9.33, 0, "LM head + loss", fits=False,
+                max_batch=0),
+            row("lisa", "gamma=2 inactive_moments=host", 12.19, 22.16, 5.87, 78.0, "LM head + loss",
+                {"inactive_moments": "host"}, False, 0, 0),
+            row("lisa", "gamma=2 inactive_moments=device", 12.19, 95.28, 5.87, 0, "LM head + loss",
+                {"inactive_moments": "device"}, False, 0, 0),
+            row("lisa", "gamma=2 inactive_moments=host, moments=4bit, master_weights=stochastic", 12.19, 7.01, 5.87,
+                6.91, "LM head + loss", {"inactive_moments": "host", "moments": "4bit", "master_weights": "stochastic"},
+                False, 0, 0),
+            row("badam", "one block at a time (ascending), fp32 master of it, embedding and head frozen; AdamW", 14.96,
+                2.84, 5.37, 0, "LM head + loss", fits=True, max_batch=1)]
+    skipped = [Skipped("lisa", "inactive_moments=host, moments=8bit, master_weights=kahan",
+                       "FusedLISA: master_weights='kahan' needs bf16 params")]
+    return rows, skipped
+
+
+PLAN_TITLE = "llama-3-8b (llama, 32 blocks), bfloat16, batch 1 x seq 1024; predicted for cuda"
+PLAN_GOLDEN = """\
+llama-3-8b (llama, 32 blocks), bfloat16, batch 1 x seq 1024; predicted for cuda
+lisa (the reference): peak 40.22 GiB = weights 12.19 GiB + state 22.16 GiB + act+temp 5.87 GiB, 78.00 GiB paged to host;
+  does not fit 24.0 GiB
+full: 1.9x the peak (74.79 GiB), 2.0x the state; does not fit 24.0 GiB
+lora r=128: 0.73x the peak (29.29 GiB), 0.17x the state; does not fit 24.0 GiB
+lisa-device: 2.8x the peak (113.34 GiB), 4.3x the state; does not fit 24.0 GiB
+lisa-4bit-sr: 0.62x the peak (25.07 GiB), 0.32x the state; does not fit 24.0 GiB
+badam: 0.58x the peak (23.17 GiB), 0.13x the state; fits 24.0 GiB
+
+GiB:
+| row          | weights | state | act+temp |   peak |  host | fits 24.0 | max batch | max gamma |
+|--------------|---------|-------|----------|--------|-------|-----------|-----------|-----------|
+| full         |   14.96 | 44.87 |    14.96 |  74.79 |  0.00 |        NO |      none |         - |
+| lora r=128   |   16.21 |  3.75 |     9.33 |  29.29 |  0.00 |        NO |      none |         - |
+| lisa         |   12.19 | 22.16 |     5.87 |  40.22 | 78.00 |        NO |      none |      none |
+| lisa-device  |   12.19 | 95.28 |     5.87 | 113.34 |  0.00 |        NO |      none |      none |
+| lisa-4bit-sr |   12.19 |  7.01 |     5.87 |  25.07 |  6.91 |        NO |      none |      none |
+| badam        |   14.96 |  2.84 |     5.37 |  23.17 |  0.00 |       yes |         1 |         - |
+
+weights: the model's parameters (LoRA: + adapters; LISA: minus the params it trains, which sit in its packed buffer and
+  count in state)
+state: grads + moments + masters + scales (FusedLISA: memory_stats() after every block was active once; BAdam: its
+  AdamW's moments and the fp32 master of its one block, + that block's grads)
+act+temp: traced peak of forward, backward and optimizer step (logits and loss included; where it peaks: below, per row)
+peak: weights + state + act+temp
+host: LISA's paged state, in pinned host memory
+fits: peak <= --gpu-mem; max batch / max gamma: the largest that fit (none: not even 1; - : no --gpu-mem, or not LISA)
+
+rows:
+full: torch.optim.AdamW, all parameters; act+temp peaks in optimizer step
+lora r=128: peft r=128, all 7 projections; AdamW; act+temp peaks in LM head + loss
+lisa: a leaving block's moments are paged to pinned host memory (FusedLISA's default) [gamma=2 inactive_moments=host];
+  act+temp peaks in LM head + loss
+lisa-device: every block's moments stay on the device: published LISA (the axolotl, ms-swift and LMFlow callbacks under
+  torch AdamW) once every block has been drawn [gamma=2 inactive_moments=device]; act+temp peaks in LM head + loss
+lisa-4bit-sr: paged like lisa, block-wise 4-bit moments (as torchao AdamW4bit), no fp32 master: stochastically rounded
+  bf16 updates [gamma=2 inactive_moments=host, moments=4bit, master_weights=stochastic]; act+temp peaks in LM head +
+  loss
+badam: one block at a time (ascending), fp32 master of it, embedding and head frozen; AdamW; act+temp peaks in LM head +
+  loss
+skipped lisa inactive_moments=host, moments=8bit, master_weights=kahan: FusedLISA: master_weights='kahan' needs bf16
+  params
+"""
+
+
+def test_plan_printout_is_golden_and_fits_120_columns():
+    from lisa_fused.plan.report import WIDTH, format_plan
+
+    rows, skipped = _golden_rows()
+    text = format_plan(PLAN_TITLE, rows, skipped, 24 * 2**30, "cuda")
+    assert text + "\n" == PLAN_GOLDEN
+    assert max(len(line) for line in text.splitlines()) <= WIDTH
+
+
+def test_plan_rows_are_named_like_the_bench_and_say_what_they_match():
+    from lisa_fused.plan.report import reference, row_name, row_note
+
+    rows, _ = _golden_rows()
+    assert [row_name(r) for r in rows] == ["full", "lora r=128", "lisa", "lisa-device", "lisa-4bit-sr", "badam"]
+    assert reference(rows) is rows[2]
+    assert "published LISA (the axolotl, ms-swift and LMFlow callbacks" in row_note(rows[3])
+    assert row_note(rows[4]).endswith("[gamma=2 inactive_moments=host, moments=4bit, master_weights=stochastic]")
+
+
+def test_badam_row_is_its_real_optimizer_and_extrapolates_exactly():
+    pytest.importorskip("badam", reason='BAdam is not installed: pip install "badam==1.4"')
+    from lisa_fused.plan import badam as badam_plan
+    from lisa_fused.plan.kept import storage_bytes
+
+    config = LlamaConfig(**dict(MICRO, num_hidden_layers=5))
+    planner = Planner(config, torch.float32, 2, 8, target="cpu")
+    row = planner.badam()
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = badam_plan.block_optimizer(model)
+    x = torch.randint(0, MICRO["vocab_size"], (2, 8))
+    model(input_ids=x, labels=x).loss.backward()
+    opt.step()
+    block0 = {n: p for n, p in model.named_parameters() if n.startswith("model.layers.0.")}
+    numel = sum(p.numel() for p in block0.values())
+    changed = {n for n, p in model.named_parameters() if not torch.equal(before[n], p)}
+    assert changed == set(block0), "BAdam trains block 0 only: embedding, head and the other blocks stay"
+    # an fp32 master + exp_avg + exp_avg_sq per element, a 4-byte step per tensor; plus the block's grads
+    kept = sum(storage_bytes(badam_plan.kept_tensors(opt)).values())
+    assert kept == 12 * numel + 4 * len(block0)
+    assert row.state_bytes == kept + 4 * numel
+    assert row.weights_bytes == 4 * sum(p.numel() for p in model.parameters())
+    # traced at 2 and 3 blocks and extrapolated: the same as a trace of all 5
+    whole, _ = badam_plan._trace(planner, 5)
+    assert row.activation_bytes == max(whole.values()) - 4 * numel

@@ -252,6 +252,30 @@ def test_keyword_tables_match_the_constructor():
     assert not errors, "\n".join(errors)
 
 
+def test_the_adamw_defaults_are_torchs():
+    """Issue 30: FusedLISA(model, lr=...) in place of torch.optim.AdamW(model.parameters(), lr=...) keeps the
+    other defaults (before: lr 1e-5 and weight_decay 0.0, silently dropping weight decay)."""
+    import torch
+
+    from helpers import MLPStack
+    from lisa_fused import FusedLISA
+
+    ours, torchs = (inspect.signature(c.__init__).parameters for c in (FusedLISA, torch.optim.AdamW))
+    for key in ("lr", "betas", "eps", "weight_decay"):
+        assert ours[key].default == torchs[key].default, (key, ours[key].default, torchs[key].default)
+    model, ref = MLPStack(n_layers=3), MLPStack(n_layers=3)
+    opt, ropt = FusedLISA(model, n_active_layers=3, backend="torch"), torch.optim.AdamW(ref.parameters())
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        x, y = torch.randn(8, 3, generator=g), torch.randn(8, 1, generator=g)
+        for m, o in ((model, opt), (ref, ropt)):
+            torch.nn.functional.mse_loss(m(x), y).backward()
+            o.step()
+            o.zero_grad()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), ref.parameters()))
+    opt.release()
+
+
 def test_sampler_options_table_matches_the_dataclass():
     from lisa_fused.sampling import SamplerOptions
 

@@ -16,13 +16,16 @@ PACKAGE = ROOT / "lisa_fused" / "sampling"
 MAX_LINES = 300
 
 # What lisa_fused/sampling.py offered before it became a package and what the repo reads from it
-# (optimizer.py, validation.py, cli.py, tests/, docs/usage.md), with the module that now defines each.
+# (optimizer.py, validation.py, cli.py, tests/, docs/usage.md), with the module that now defines each; and
+# what was added since (draw_active, trainable.py: blocks with nothing to train, issue 30).
 PUBLIC = {
     "SAMPLERS": "registry", "ADAPTIVE_SAMPLERS": "registry", "SAMPLER_NAMES": "registry",
     "build_sampler": "registry",
     "SamplerOptions": "options",
     "Sampler": "base", "SamplerFn": "base", "checked_draw": "base", "uniform": "base",
     "UniformSampler": "base", "CallableSampler": "base", "sync_generator_from_rank0": "base",
+    "draw_active": "base",
+    "trainable_blocks": "trainable", "announce": "trainable", "check_saved_active": "trainable",
     "WeightNormSampler": "weight_norm", "weight_norm_sampler": "weight_norm",
     "GradNormSampler": "grad_norm", "GradNormMeter": "grad_norm",
     "OutlierSampler": "outlier", "block_outlier_ratios": "outlier",

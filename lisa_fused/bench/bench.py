@@ -3,6 +3,7 @@ identical data, order and seeds, then write the table, JSON and PNG."""
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -17,7 +18,8 @@ import torch
 
 import lisa_fused
 
-from . import data, preflight, report, this_package_code
+from . import (DETERMINISTIC, FUSED_LISA_METHODS, PEER_PACKAGES, data, install_line, preflight, report, summary,
+               this_package_code)
 from .models import DTYPES, build_model, load_tokenizer, model_config
 from .run import evaluate, train
 
@@ -137,14 +139,40 @@ def versions() -> dict:
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset")}
 
 
+def missing_package(method: str) -> dict | None:
+    """{"method", "reason", "install"} when a peer's package is not installed (found without importing it)."""
+    if method not in PEER_PACKAGES:
+        return None
+    module, _ = PEER_PACKAGES[method]
+    if importlib.util.find_spec(module) is not None:
+        return None
+    return {"method": method, "reason": f"{module} is not installed", "install": install_line(method)}
+
+
+def peer_versions(methods: list[str]) -> dict:
+    """Installed versions of the peers' packages among `methods` (distribution metadata, no import)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for m in methods:
+        if m in PEER_PACKAGES:
+            dist = PEER_PACKAGES[m][1].split("==")[0]
+            try:
+                out[dist] = version(dist)
+            except PackageNotFoundError:
+                out[dist] = "not installed"
+    return out
+
+
 def run_specs(args, common: dict) -> list[dict]:
-    """One spec per row: each method; the FusedLISA ones once per --samplers entry; every method but
-    full (deterministic on fixed data) once per seed of --seeds (run_seed = seed + k, data and base
-    weights fixed). Repeats of a method skip the CPU memory pass (their memory is the first's)."""
+    """One spec per row: each method; the FusedLISA ones once per --samplers entry; every method but the
+    DETERMINISTIC ones (full AdamW, BAdam, GaLore, 8-bit AdamW: no draws, no random init, fixed data)
+    once per seed of --seeds (run_seed = seed + k, data and base weights fixed). Repeats of a method skip
+    the CPU memory pass (their memory is the first's)."""
     specs, seen = [], set()
     for method in args.methods:
-        samplers = args.samplers if method.startswith("lisa") else [None]
-        seeds = 1 if method == "full" else args.seeds
+        samplers = args.samplers if method in FUSED_LISA_METHODS else [None]
+        seeds = 1 if method in DETERMINISTIC else args.seeds
         for sampler in samplers:
             for k in range(seeds):
                 label = method
@@ -159,6 +187,36 @@ def run_specs(args, common: dict) -> list[dict]:
                 specs.append(spec)
                 seen.add(method)
     return specs
+
+
+def run_all(specs: list[dict], cache: Path, planned: dict | None, device_type: str) -> tuple[list, list, list]:
+    """Run every spec in its own process: (rows, failures, skipped). A peer whose package is missing is
+    skipped without a process (`missing_package`), one that finds it cannot run (bitsandbytes without a
+    CPU path) is skipped by its process; either way its other seeds are not tried."""
+    rows, failures, skipped = [], [], []
+    for spec in specs:
+        label, method = spec["label"], spec["method"]
+        if any(s["method"] == method for s in skipped):
+            continue  # its other seeds
+        missing = missing_package(method)
+        if missing:
+            skipped.append(missing)
+            print(f"lisa-fused bench: skipped {method}: {missing['reason']}; {missing['install']}", file=sys.stderr)
+            continue
+        print(f"== {label} ==", file=sys.stderr, flush=True)
+        row, err = run_one(spec, cache)
+        if err is None and "skipped" in row:
+            skipped.append(dict(row["skipped"], method=method))
+            print(f"lisa-fused bench: skipped {method}: {row['skipped']['reason']}", file=sys.stderr)
+        elif err is None:
+            row["busy"] = report.busy_reason(row, os.cpu_count() or 1)
+            if planned:
+                row.update(preflight.planned_above_baseline(row, planned, device_type))
+            rows.append(row)
+        else:
+            failures.append({"method": label, "error": err})
+            print(f"lisa-fused bench: method {label} failed: {err}", file=sys.stderr)
+    return rows, failures, skipped
 
 
 def run_bench(args, argv: list[str]) -> int:
@@ -195,23 +253,12 @@ def run_bench(args, argv: list[str]) -> int:
               "pass (glibc returns freed memory, so the RSS peak is the method's) and a timed pass (glibc's "
               "fast reuse, so times are not inflated by page faults); their losses must agree",
               file=sys.stderr, flush=True)
-    rows, failures = [], []
-    for spec in run_specs(args, common):
-        label = spec["label"]
-        print(f"== {label} ==", file=sys.stderr, flush=True)
-        row, err = run_one(spec, cache)
-        if err is None:
-            row["busy"] = report.busy_reason(row, os.cpu_count() or 1)
-            if planned:
-                row.update(preflight.planned_above_baseline(row, planned, torch.device(args.device).type))
-            rows.append(row)
-        else:
-            failures.append({"method": label, "error": err})
-            print(f"lisa-fused bench: method {label} failed: {err}", file=sys.stderr)
+    rows, failures, skipped = run_all(run_specs(args, common), cache, planned, torch.device(args.device).type)
 
     header = {
         "device": device_name(torch.device(args.device)),
         **versions(),
+        "peer_versions": peer_versions(args.methods),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(["lisa-fused", *map(shlex.quote, argv)]),
         "load_avg": [load_start, os.getloadavg()[0]],
@@ -224,8 +271,9 @@ def run_bench(args, argv: list[str]) -> int:
         "fields": {**report.FIELDS, **report.OPTIONAL_FIELDS},
         "planner": report.planner_header(planned, plan_error, args),
     }
-    paths = report.write_all(out, header, rows, failures)
+    paths = report.write_all(out, header, rows, failures, skipped)
     for p in paths:
         print(f"wrote {p}", file=sys.stderr)
-    print(report.format_markdown(header, rows, failures), end="")
+    print(summary.format_summary(rows, skipped, failures), end="")
+    print(f"\nDetails (every run, what exactly each method ran, memory probes, planner):\n  {paths[1]}\n  {paths[0]}")
     return 1 if failures else 0

@@ -10,6 +10,7 @@
     lisa-4bit    FusedLISA, "host", moments="4bit" (block-wise 4-bit moments; fp32 masters for bf16 models)
     lisa-4bit-sr FusedLISA, "host", moments="4bit", master_weights="stochastic" (the leanest; --dtype
                  bfloat16 only). The lean methods run only when --methods names them.
+    lisa-published, badam, galore, adamw-8bit, adamw-8bit-bnb: the peers (peers.py, `--methods peers`).
 
 The FusedLISA methods take cfg["sampler"] (default "uniform"); `run_seed` (default `seed`) seeds what a
 repeat with another seed changes: the LISA draws and the LoRA init (the data order and the base weights
@@ -17,13 +18,13 @@ stay those of `seed`, so every repeat sees the same data).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from . import DEFAULT_METHODS, METHODS  # noqa: F401  (defined torch-free for the CLI's parser)
+from . import DEFAULT_METHODS, FUSED_LISA_METHODS, METHODS, PEER_PACKAGES, PEERS  # noqa: F401  (torch-free, for the CLI)
+from . import peers
+from .setups import Setup  # noqa: F401  (importable from here, as before)
 
-# FusedLISA keywords of each LISA method (README, "Lean optimizer state")
+# FusedLISA keywords of each LISA method (README, "Lean optimizer state"); keys = FUSED_LISA_METHODS
 LISA_KWARGS = {"lisa": dict(inactive_moments="host"), "lisa-device": dict(inactive_moments="device"),
                "lisa-8bit": dict(inactive_moments="host", moments="8bit"),
                "lisa-4bit": dict(inactive_moments="host", moments="4bit"),
@@ -31,41 +32,17 @@ LISA_KWARGS = {"lisa": dict(inactive_moments="host"), "lisa-device": dict(inacti
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-@dataclass
-class Setup:
-    model: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    lr: float
-    describe: str                       # one line for the report: what exactly this method runs
-    backend: str = "torch"              # the kernel that ran; "<name> FALLBACK (<why>)" when not the best one
-
-    def trainable_params(self) -> int:
-        """Parameters trained at one time (for LISA: gamma blocks plus the always-trained ones)."""
-        return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-
-    def optimizer_bytes(self) -> tuple[int, int]:
-        """(bytes on the model's device, bytes on the host) the optimizer holds right now.
-
-        FusedLISA reports its own memory_stats() (packed masters, grads, moments; paged-out state).
-        For torch.optim.AdamW this is the same sum: its state tensors plus the .grad of trained params.
-        """
-        opt = self.optimizer
-        if hasattr(opt, "memory_stats"):
-            stats = opt.memory_stats()
-            return int(stats["device_bytes"]), int(stats["host_bytes"])
-        n = sum(t.numel() * t.element_size() for st in opt.state.values() for t in st.values()
-                if torch.is_tensor(t))
-        n += sum(p.grad.numel() * p.grad.element_size() for g in opt.param_groups for p in g["params"]
-                 if p.grad is not None)
-        return n, 0
-
-
 def import_libraries(method: str) -> None:
     """Import what `build(method, ...)` needs, so a memory baseline taken afterwards excludes imports."""
     if method.startswith("lora"):
         import peft  # noqa: F401
-    elif method.startswith("lisa"):
+    elif method in LISA_KWARGS:
         fused_lisa_class()
+    elif method in PEER_PACKAGES:
+        try:
+            peers.import_package(method)
+        except peers.Unavailable:
+            pass  # build() raises it again, and the bench reports the row as skipped
 
 
 def lisa_backend(opt) -> str:
@@ -117,5 +94,8 @@ def build(method: str, model: torch.nn.Module, cfg: dict) -> Setup:
         state = " ".join(f"{k}={v!r}" for k, v in kwargs.items())
         return Setup(model, opt, cfg["lr"],
                      f"FusedLISA gamma={cfg['gamma']} K={cfg['switch_every']} {state} "
-                     f"sampler={sampler!r} seed={seed} lr={cfg['lr']:g}", backend=lisa_backend(opt))
+                     f"sampler={sampler!r} seed={seed} lr={cfg['lr']:g}", backend=lisa_backend(opt),
+                     switch_every=cfg["switch_every"])
+    if method in peers.BUILDERS:
+        return peers.BUILDERS[method](model, cfg)
     raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")

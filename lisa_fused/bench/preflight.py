@@ -16,13 +16,19 @@ import torch
 
 SMALL_PARAMS = 100_000_000
 REFUSE_SECONDS = 3600
-# Every bench method maps to a planner row; LoRA-FA (A frozen) is planned as LoRA, an upper bound.
+# Every bench method maps to a planner row or to None (no planner row: its planned columns stay empty);
+# LoRA-FA (A frozen) is planned as LoRA, an upper bound.
 BENCH_TO_PLAN = {"full": ("full", None), "lora": ("lora", None), "lora-fa": ("lora", None),
                  "lisa": ("lisa", {"inactive_moments": "host"}),
                  "lisa-device": ("lisa", {"inactive_moments": "device"}),
                  "lisa-8bit": ("lisa", {"inactive_moments": "host", "moments": "8bit"}),
                  "lisa-4bit": ("lisa", {"inactive_moments": "host", "moments": "4bit"}),
-                 "lisa-4bit-sr": ("lisa", {"inactive_moments": "host", "moments": "4bit", "master_weights": "stochastic"})}
+                 "lisa-4bit-sr": ("lisa", {"inactive_moments": "host", "moments": "4bit", "master_weights": "stochastic"}),
+                 "badam": ("badam", None),
+                 # the planner has no row for these (yet): GaLore's projections, the 8-bit optimizers' codes,
+                 # and the published callbacks' state, which grows with the blocks drawn so far
+                 "lisa-published": None, "galore": None, "adamw-8bit": None, "adamw-8bit-bnb": None}
+PLANNED_KINDS = ("full", "lora", "lisa", "badam")  # planner methods, in the planner's order
 
 
 def _available_bytes(device: torch.device) -> int:
@@ -56,20 +62,24 @@ def plan_bench(args, config) -> dict:
     model = meta_model(config, dtype)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())  # parameters(): tied ones once
     n_params = sum(p.numel() for p in model.parameters())
-    wanted = {BENCH_TO_PLAN[m][0] for m in args.methods}
+    mapped = [BENCH_TO_PLAN[m] for m in args.methods if BENCH_TO_PLAN[m] is not None]
+    wanted = {kind for kind, _ in mapped}
     settings = []
-    for m in args.methods:
-        if BENCH_TO_PLAN[m][1] and BENCH_TO_PLAN[m][1] not in settings:
-            settings.append(BENCH_TO_PLAN[m][1])
+    for _, kwargs in mapped:
+        if kwargs and kwargs not in settings:
+            settings.append(kwargs)
     rows, skipped, _ = plan(config, dtype=dtype, batch_size=args.batch_size, seq_len=args.seq_len,
                             target=torch.device(args.device).type,
-                            methods=[m for m in ("full", "lora", "lisa") if m in wanted],
+                            methods=[m for m in PLANNED_KINDS if m in wanted],
                             lora_rank=args.lora_rank, gamma=args.gamma, lisa_settings=tuple(settings))
     return {"rows": rows, "skipped": skipped, "weights_bytes": weights, "n_params": n_params}
 
 
 def planner_row(method: str, planned: dict):
-    """The planner Row of bench method `method` (BENCH_TO_PLAN), or None (a setting the planner skipped)."""
+    """The planner Row of bench method `method` (BENCH_TO_PLAN), or None (no planner row for the method, or
+    a setting the planner skipped)."""
+    if BENCH_TO_PLAN[method] is None:
+        return None
     kind, kwargs = BENCH_TO_PLAN[method]
     for r in planned["rows"]:
         if r.method == kind and (kwargs is None or r.kwargs == kwargs):
@@ -87,7 +97,8 @@ def planned_above_baseline(row: dict, planned: dict, device_type: str) -> dict:
     state: every block has been active and has left once.
     planned_tensor_bytes: what to hold against peak_tensor_bytes. A short run has paged fewer blocks:
     under inactive_moments="device" the resident moments are allocated as blocks leave, so for LISA
-    rows the planner's device state is replaced by the run's (opt_device_bytes, max over steps). The
+    rows the planner's device state is replaced by the run's (opt_state_device_bytes: memory_stats' device
+    bytes, max over steps, the same quantity as the planner's state). The
     "host" store is reserved (torch.empty) up front for every block, so the tensor count sees all of it
     and the planner's steady host bytes stay.
     planned_mem_bytes: what to hold against peak_mem_bytes. On a CPU the RSS holds only the host pages
@@ -100,7 +111,7 @@ def planned_above_baseline(row: dict, planned: dict, device_type: str) -> dict:
     steady = r.peak_bytes - planned["weights_bytes"]
     tensor = steady
     if r.method == "lisa":
-        tensor += row["opt_device_bytes"] - r.state_bytes
+        tensor += row["opt_state_device_bytes"] - r.state_bytes
     mem = tensor
     if r.method == "lisa" and device_type == "cpu":
         mem += row["opt_host_bytes"] - r.host_bytes

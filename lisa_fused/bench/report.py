@@ -1,16 +1,21 @@
-"""Table, JSON and PNG for `lisa-fused bench`."""
+"""results.md (the first screen of summary.py, then the details: every run's wide table, the planner, the
+seeds), results.json and bench.png for `lisa-fused bench`."""
 from __future__ import annotations
 
 import json
 import sys
 from pathlib import Path
 
+from . import summary
+from .plot import plot
+
 # Row fields every method fills; written into the JSON header so the file explains itself.
 FIELDS = {
-    "method": "the row's label: full | lora | lora-fa | lisa | lisa-device, with ':sampler' when --samplers "
-              "was given and ' sN' (run seed) with --seeds > 1",
-    "base_method": "full | lora | lora-fa | lisa | lisa-device",
-    "run_seed": "seed of the LISA draws and the LoRA init (data order and base weights use --seed)",
+    "method": "the row's label: the --methods name (full, lora, lisa, lisa-published, badam, ...), with ':sampler' "
+              "when --samplers was given and ' sN' (run seed) with --seeds > 1",
+    "base_method": "the --methods name (lisa_fused/bench/__init__.py METHODS)",
+    "run_seed": "seed of the LISA draws (FusedLISA's and the published callbacks') and the LoRA init (data order "
+                "and base weights use --seed)",
     "describe": "what exactly ran: optimizer, rank/targets or gamma/K/policy, lr",
     "backend": "kernel that ran the update (torch for torch.optim); 'X FALLBACK (why)' when FusedLISA could not "
                "use the first choice for the device",
@@ -35,9 +40,18 @@ FIELDS = {
     "baseline_bytes": "memory at the baseline (CPU: VmRSS)",
     "memory_how": "how peak_mem_bytes was measured",
     "tensor_how": "how peak_tensor_bytes was measured",
-    "opt_device_bytes": "max over steps of optimizer-owned bytes on the model's device (FusedLISA: "
-                        "memory_stats; AdamW: state tensors + grads of trained params)",
-    "opt_host_bytes": "max over steps of optimizer-owned bytes paged to the host",
+    "opt_device_bytes": "optimizer bytes on the model's device, max over steps: opt_state_device_bytes + "
+                        "grad_bytes of the same step",
+    "opt_device_end_bytes": "the same after the last step",
+    "opt_state_device_bytes": "max over steps of what the optimizer keeps on the device, read after step(): "
+                              "FusedLISA: memory_stats()['device_bytes']; every other optimizer: the distinct "
+                              "storages of the tensors in its state (moments, step counts, quantization codes and "
+                              "scales, GaLore's projections, BAdam's fp32 masters; lisa_fused.plan.kept)",
+    "grad_bytes": "max over steps of the .grad storages of the model's parameters, read after backward and before "
+                  "step() (the same walk for every method)",
+    "opt_host_bytes": "max over steps of what the optimizer keeps off the device (FusedLISA: "
+                      "memory_stats()['host_bytes'], its paged state)",
+    "opt_host_end_bytes": "the same after the last step",
     "opt_step_ms": "median optimizer.step() time, first step excluded (CUDA: events on the compute stream)",
     "step_ms": "median time from one step's forward to the next's, first step excluded; no device sync in "
                "the loop, so paging copies overlap as in training",
@@ -51,13 +65,16 @@ FIELDS = {
     "eval_loss_start": "held-out eval loss before fine-tuning (equal for all methods: same weights)",
     "steps": "optimizer steps", "wall_s": "training wall time",
     "loss_curve": "train loss per step", "opt_step_ms_trace": "per step", "step_ms_trace": "per step",
-    "opt_device_bytes_trace": "per step", "opt_host_bytes_trace": "per step",
+    "opt_device_bytes_trace": "per step", "opt_host_bytes_trace": "per step", "grad_bytes_trace": "per step",
+    "opt_state_device_bytes_trace": "per step",
     "mem_trace": "memory above baseline after each step (anonymous RSS on CPU, allocated on CUDA)",
 }
 # Filled only where they apply (null otherwise).
 OPTIONAL_FIELDS = {
     "sampler": "FusedLISA's sampler (lisa methods)",
     "sampler_probabilities": "FusedLISA's first-pick probability per block after the last step",
+    "optimizer_memory_stats": "FusedLISA rows: its memory_stats() after the last step, every key as it reports "
+                              "them (a record; the byte columns read only device_bytes and host_bytes)",
     "peak_rss_bytes": "CPU: raw peak RSS above the baseline (VmHWM minus VmRSS at the baseline), file-backed "
                       "pages included; null on CUDA",
     "file_pages_added_bytes": "CPU: file-backed and shared pages (RssFile + RssShmem) added during the memory "
@@ -86,6 +103,9 @@ COLUMNS = (
     ("planned MiB", "planned_tensor_bytes", lambda r: _vs(r["planned_tensor_bytes"], r.get("peak_tensor_bytes"),
                                                           r["planned_tensor_bytes"] != r.get("planned_peak_bytes"))),
     ("opt dev MiB", "opt_device_bytes", "{:.2f}", MIB),
+    ("opt dev end MiB", "opt_device_end_bytes", "{:.2f}", MIB),
+    ("state MiB", "opt_state_device_bytes", "{:.2f}", MIB),
+    ("grads MiB", "grad_bytes", "{:.2f}", MIB),
     ("opt host MiB", "opt_host_bytes", "{:.2f}", MIB),
     ("opt step ms", "opt_step_ms", "{:.2f}"),
     ("step ms", "step_ms", "{:.1f}"),
@@ -211,113 +231,57 @@ def planner_note(planner: dict | None, rows: list[dict]) -> str:
     return text
 
 
-def format_markdown(header: dict, rows: list[dict], failures: list[dict]) -> str:
+def format_markdown(header: dict, rows: list[dict], failures: list[dict], skipped: list[dict] = ()) -> str:
+    """results.md: the first screen (summary.format_summary), then the details of every run."""
     cfg = header["config"]
     lines = [f"# lisa-fused bench, {header['date']}", "",
-             f"- command: `{header['command']}`",
+             f"`{header['command']}` on {header['device']}, load average {header['load_avg'][0]:.2f} / "
+             f"{header['load_avg'][1]:.2f} (start / end) on {header['cpu_count']} CPUs", "",
+             summary.format_summary(rows, skipped, failures).rstrip(), "", "## Details", "",
              f"- device: {header['device']}; python {header['python']}, torch {header['torch']}, "
              f"transformers {header['transformers']}, peft {header['peft']}, lisa_fused {header['lisa_fused']}; "
-             f"OMP_WAIT_POLICY={header.get('omp_wait_policy', 'unset')}",
+             f"OMP_WAIT_POLICY={header.get('omp_wait_policy', 'unset')}"
+             + "".join(f", {k} {v}" for k, v in header.get("peer_versions", {}).items()),
              f"- model: {cfg['model'] or cfg['preset']} {cfg['model_config']}, dtype {cfg['dtype']}",
              f"- data: fine-tune on {cfg['finetune_text']} ({cfg['ft_train_tokens']:,} train / "
              f"{cfg['ft_eval_tokens']:,} held-out tokens, {cfg['tokens']})"]
     if cfg.get("base_steps"):
         lines.append(f"- base model: {cfg['base_steps']} steps of full AdamW on {cfg['base_text']}")
-    lines += [f"- {cfg['steps']} steps x batch {cfg['batch_size']} x seq {cfg['seq_len']}, seed {cfg['seed']}",
-              f"- load average (1 min) at start / end: {header['load_avg'][0]:.2f} / {header['load_avg'][1]:.2f} "
-              f"on {header['cpu_count']} CPUs", ""]
+    lines += [f"- {cfg['steps']} steps x batch {cfg['batch_size']} x seq {cfg['seq_len']}, seed {cfg['seed']}", ""]
     if rows:
         lines += [f"- peak mem: {rows[0]['memory_how']}"]
         if rows[0].get("tensor_how"):
             lines.append(f"- tensors: {rows[0]['tensor_how']}")
         lines += [f"- eval loss before fine-tuning: {rows[0]['eval_loss_start']:.4f}", ""]
         lines += [f"- {r['method']}: {r['describe']}" for r in rows]
-        lines += ["", format_table(rows)]
+        lines += ["", "Every run (columns: results.json's \"fields\"):", "", format_table(rows)]
     note = planner_note(header.get("planner"), rows)
     if note:
         lines += ["", note]
-    summary = format_seed_summary(rows)
-    if summary:
-        lines += ["", summary]
+    seeds = format_seed_summary(rows)
+    if seeds:
+        lines += ["", seeds]
     if any(r.get("busy", "ok") != "ok" for r in rows):
         lines += ["", "Rows marked BUSY ran while other processes used the CPUs: their times are not the "
                       "method's own (memory and losses are unaffected)."]
     if any("FALLBACK" in r.get("backend", "") for r in rows):
         lines += ["", "**A FusedLISA row ran a FALLBACK backend: its times are not those of the native kernel.**"]
-    lines += [f"- FAILED {f['method']}: {f['error']}" for f in failures]
     return "\n".join(lines) + "\n"
-
-
-def plot(path: Path, rows: list[dict], title: str) -> None:
-    """Four panels: loss, memory, speed, optimizer bytes per step. Identical curves (lisa and
-    lisa-device are the same math) are drawn with distinct markers and said to coincide."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_loss, ax_mem, ax_speed, ax_opt) = plt.subplots(1, 4, figsize=(20, 4.8))
-    markers = ("o", "s", "^", "x", "v", "D")
-    curves = {}
-    for j, r in enumerate(rows):
-        curve = r["loss_curve"]
-        k = max(1, len(curve) // 10)
-        smooth = [sum(curve[max(0, i - k + 1):i + 1]) / len(curve[max(0, i - k + 1):i + 1]) for i in range(len(curve))]
-        same = [m for m, c in curves.items() if c == curve]
-        label = f"{r['method']} (lr {r['lr']:g})" + (f", coincides with {same[0]}" if same else "")
-        (ln,) = ax_loss.plot(range(1, len(curve) + 1), smooth, marker=markers[j % len(markers)],
-                             markevery=(len(curves) % 4, max(4, len(curve) // 8)),  # offset: both marker sets show
-                             fillstyle="none" if same else "full",
-                             linestyle="--" if same else "-", label=label)
-        ax_loss.scatter([len(curve)], [r["eval_loss"]], color=ln.get_color(), marker="*", s=80, zorder=3)
-        curves[r["method"]] = curve
-    ax_loss.set(xlabel="step", ylabel="train loss (running mean); * held-out eval", title="loss")
-    ax_loss.legend(fontsize=7, loc="upper right", framealpha=0.6)
-
-    names = [r["method"] for r in rows]
-    x = range(len(rows))
-    bars = (("peak_mem_bytes", "peak mem above baseline (CPU: anonymous RSS)"), ("peak_tensor_bytes", "live tensors"),
-            ("planned_tensor_bytes", "planner"), ("opt_device_bytes", "optimizer on device"),
-            ("opt_host_bytes", "optimizer paged to host"))
-    w = 0.8 / len(bars)
-    for j, (key, label) in enumerate(bars):
-        ax_mem.bar([i + (j - (len(bars) - 1) / 2) * w for i in x], [(r.get(key) or 0) / MIB for r in rows], w,
-                   label=label)
-    ax_mem.set_xticks(list(x), names)
-    ax_mem.set(ylabel="MiB", title="memory (MiB)")
-    ax_mem.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2)
-
-    ax_speed.bar([i - 0.2 for i in x], [r["step_ms"] for r in rows], 0.4, label="step (median)")
-    ax_speed.bar([i + 0.2 for i in x], [r["opt_step_ms"] for r in rows], 0.4, label="optimizer.step (median)")
-    for i, r in enumerate(rows):
-        if r.get("busy", "ok") != "ok":
-            ax_speed.annotate("BUSY", (i, r["step_ms"]), ha="center", va="bottom", color="red", fontsize=8)
-    ax_speed.set_xticks(list(x), [f"{n}\n{r['tokens_per_s']:,.0f} tok/s" for n, r in zip(names, rows)])
-    ax_speed.set(ylabel="ms", title="speed (median step; tokens/s from the same median)")
-    ax_speed.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)
-
-    for j, r in enumerate(rows):
-        ax_opt.plot(range(1, len(r["opt_device_bytes_trace"]) + 1), [b / MIB for b in r["opt_device_bytes_trace"]],
-                    marker=markers[j % len(markers)], markevery=max(1, len(r["opt_device_bytes_trace"]) // 8),
-                    label=r["method"])
-    ax_opt.set(xlabel="step", ylabel="MiB", title="optimizer bytes on device, per step")
-    ax_opt.set_ylim(bottom=0)
-    ax_opt.legend(fontsize=7, loc="lower right", framealpha=0.6)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def plot_title(header: dict) -> str:
     return f"{header['command']}  |  {header['device']}  |  {header['date']}"
 
 
-def write_all(out: Path, header: dict, rows: list[dict], failures: list[dict]) -> list[Path]:
-    """results.json, results.md and, where matplotlib is installed, bench.png (else said on stderr)."""
+def write_all(out: Path, header: dict, rows: list[dict], failures: list[dict], skipped: list[dict] = ()) -> list[Path]:
+    """results.json, results.md and, where matplotlib is installed and a row ran, bench.png (else said on
+    stderr)."""
     paths = [out / "results.json", out / "results.md"]
-    paths[0].write_text(json.dumps({"header": header, "rows": rows, "failures": failures}, indent=1))
-    paths[1].write_text(format_markdown(header, rows, failures))
+    paths[0].write_text(json.dumps({"header": header, "rows": rows, "failures": failures, "skipped": list(skipped)},
+                                   indent=1))
+    paths[1].write_text(format_markdown(header, rows, failures, skipped))
+    if not rows:
+        return paths
     try:
         import matplotlib  # noqa: F401
     except ImportError:

@@ -17,12 +17,13 @@ import statistics
 import sys
 import time
 
+import contextlib
+
 import torch
-from tqdm import tqdm
 
 import lisa_fused
 
-from . import methods
+from . import FUSED_LISA_METHODS, methods, peers, progress
 from .data import batch_starts, eval_starts, windows
 from .memory import EXACT_MMAP_THRESHOLD, TIMED_MMAP_THRESHOLD, TensorMeter, meter_for, set_mmap_threshold
 from .models import DTYPES, build_model, model_config
@@ -56,25 +57,31 @@ class _Clock:
         return [(b - a) * 1e3 for a, b in zip(self.marks, self.marks[1:])]
 
 
-def train(model, optimizer, tokens, starts, seq_len, device, *, desc, scheduler=None, on_step=None) -> dict:
-    """Plain loop: forward, backward, optimizer.step(), zero_grad(). Per step: the whole step's time
-    (from one forward's start to the next's) and optimizer.step()'s, with no device sync inside the
+def train(model, optimizer, tokens, starts, seq_len, device, *, desc, scheduler=None, on_step_begin=None,
+          before_step=None, on_step=None) -> dict:
+    """Plain loop: [on_step_begin(i)], forward, backward, [before_step()], optimizer.step(), [on_step()],
+    zero_grad(). Per step: the whole step's time (from one forward's start to the next's, on_step_begin
+    included: the published LISA switch runs there) and optimizer.step()'s, with no device sync inside the
     loop except the loss's .item() (which waits for the compute stream only)."""
     step_clock, opt_clock = _Clock(device), _Clock(device)
     model.train()
     losses = []
-    for batch_starts_i in tqdm(starts, desc=desc, file=sys.stderr, mininterval=0.5, unit="step"):
+    for i, batch_starts_i in enumerate(progress.steps(starts, desc)):
         x = windows(tokens, batch_starts_i, seq_len).to(device)
         step_clock.mark()
+        if on_step_begin is not None:
+            on_step_begin(i)
         loss = model(input_ids=x, labels=x).loss
         loss.backward()
         if hasattr(optimizer, "observe_loss"):
             optimizer.observe_loss(loss.detach())  # FusedLISA's loss_feedback sampler (a no-op for the others)
+        if before_step is not None:
+            before_step()       # reads the grads before step() (BAdam frees them inside it; host-side only)
         opt_clock.mark()
         optimizer.step()
         opt_clock.mark()
         if on_step is not None:
-            on_step()           # reads optimizer memory while the grads are still there (host-side only)
+            on_step()           # reads the optimizer's state after its update (host-side only)
         optimizer.zero_grad()
         if scheduler is not None:
             scheduler.step()
@@ -140,13 +147,16 @@ class Run:
         meter.start()
         if tensors is not None:
             tensors.start(model, *self.tokens.values())
-        opt_dev, opt_host, mem_now, tensor_now = [], [], [], []
+        grads, state_dev, opt_host, mem_now, tensor_now = [], [], [], [], []
         try:
             setup = methods.build(self.spec["method"], model, self.spec)
 
+            def before_step():
+                grads.append(setup.grad_bytes())
+
             def on_step():
-                d, h = setup.optimizer_bytes()
-                opt_dev.append(d)
+                d, h = setup.state_bytes()
+                state_dev.append(d)
                 opt_host.append(h)
                 mem_now.append(meter.current())
                 if tensors is not None:
@@ -154,14 +164,16 @@ class Run:
 
             cpu0, wall0 = time.process_time(), time.perf_counter()
             trace = train(setup.model, setup.optimizer, self.tokens["ft_train"], self.starts,
-                          self.spec["seq_len"], self.device, desc=desc, on_step=on_step)
+                          self.spec["seq_len"], self.device, desc=desc, on_step_begin=setup.on_step_begin,
+                          before_step=before_step, on_step=on_step)
         finally:
             if tensors is not None:
                 tensors.stop()
         # Share of the CPUs this process got while training: other processes' load shows as a drop.
         trace["cpu_share"] = (time.process_time() - cpu0) / ((time.perf_counter() - wall0) * torch.get_num_threads())
         cuda = self.device.type == "cuda"
-        trace.update(opt_dev=opt_dev, opt_host=opt_host, mem=mem_now, peak=meter.peak(),
+        trace.update(opt_dev=[s + g for s, g in zip(state_dev, grads)], state_dev=state_dev, grads=grads,
+                     opt_host=opt_host, mem=mem_now, peak=meter.peak(),
                      peak_total=meter.peak_total(), baseline=meter.baseline, memory_how=meter.how,
                      peak_rss=None if cuda else meter.peak_rss(), file_added=None if cuda else meter.file_added(),
                      tensor_mem=tensor_now if tensors is not None else None,
@@ -181,8 +193,11 @@ def run_method(spec: dict) -> dict:
     meter = meter_for(run.device)
     load_start = os.getloadavg()[0]
     if cpu and memory_pass:
+        untraceable = peers.UNTRACEABLE.get(spec["method"])
         mem = run.fine_tune(model, meter, desc=f"{spec.get('label', spec['method'])}: memory pass 1/2",
-                            tensors=TensorMeter())[1]
+                            tensors=None if untraceable else TensorMeter())[1]
+        if untraceable:
+            mem["tensor_how"] = f"not measured: {untraceable}"
         mem["memory_how"] += ("; glibc M_MMAP_THRESHOLD fixed at 64 KiB in this pass, so freed tensors leave "
                               "the RSS" if exact else "; default allocator (RSS includes freed memory it keeps)")
         model = None
@@ -206,18 +221,20 @@ def run_method(spec: dict) -> dict:
     elif mem["loss"] != trace["loss"]:
         mem["memory_how"] += "; WARNING: the memory pass's losses differ from the timed pass's"
     describe, lr, trainable = setup.describe, setup.lr, setup.trainable_params()
+    own_stats = setup.optimizer.memory_stats() if hasattr(setup.optimizer, "memory_stats") else None
 
     timed = slice(1, None) if spec["steps"] > 1 else slice(None)  # step 1 allocates state lazily
     tokens_per_step = spec["batch_size"] * spec["seq_len"]
-    steps = split_switch_steps(trace["step_ms"], getattr(setup.optimizer, "switch_every", None))
+    steps = split_switch_steps(trace["step_ms"], setup.switch_every)
     step_ms = statistics.median(trace["step_ms"][timed])
     probs = getattr(setup.optimizer, "sampler_probabilities", lambda: None)()
     return {
         "method": label,
         "base_method": spec["method"],
-        "sampler": spec.get("sampler") if spec["method"].startswith("lisa") else None,
+        "sampler": spec.get("sampler") if spec["method"] in FUSED_LISA_METHODS else None,
         "run_seed": spec.get("run_seed", spec["seed"]),
         "sampler_probabilities": probs,
+        "optimizer_memory_stats": own_stats,
         "describe": describe,
         "backend": setup.backend,
         "lisa_fused_file": lisa_fused.__file__,
@@ -235,7 +252,11 @@ def run_method(spec: dict) -> dict:
         "memory_how": mem["memory_how"],
         "tensor_how": mem["tensor_how"],
         "opt_device_bytes": max(trace["opt_dev"]),
+        "opt_device_end_bytes": trace["opt_dev"][-1],
+        "opt_state_device_bytes": max(trace["state_dev"]),
+        "grad_bytes": max(trace["grads"]),
         "opt_host_bytes": max(trace["opt_host"]),
+        "opt_host_end_bytes": trace["opt_host"][-1],
         "opt_step_ms": statistics.median(trace["opt_ms"][timed]),
         "step_ms": step_ms,
         "tokens_per_s": tokens_per_step / (step_ms / 1e3),
@@ -250,6 +271,8 @@ def run_method(spec: dict) -> dict:
         "step_ms_trace": trace["step_ms"],
         "opt_device_bytes_trace": trace["opt_dev"],
         "opt_host_bytes_trace": trace["opt_host"],
+        "opt_state_device_bytes_trace": trace["state_dev"],
+        "grad_bytes_trace": trace["grads"],
         "mem_trace": mem["mem"],
         "tensor_mem_trace": mem["tensor_mem"],
     }
@@ -265,7 +288,11 @@ def main(argv=None) -> int:
               f"{spec['lisa_fused_file']}", file=sys.stderr)
         return 3
     try:
-        row = run_method(spec)
+        # stdout is the parent's report; what the optimizers print (BAdam announces every block) goes to stderr
+        with contextlib.redirect_stdout(sys.stderr):
+            row = run_method(spec)
+    except peers.Unavailable as exc:
+        row = {"skipped": {"method": spec.get("label", spec["method"]), "reason": exc.reason, "install": exc.install}}
     except KeyboardInterrupt:
         return 130  # the parent says it once
     with open(result_path, "w") as f:

@@ -1,10 +1,18 @@
-"""One entry point for the packed AdamW update; the only place that knows which backend runs.
+"""One entry point for the AdamW update over segments; the only place that knows which backend runs.
 
-    adamw_packed_(param, grad, exp_avg, exp_avg_sq, segments, hparams,
-                  beta1=..., beta2=..., eps=..., param_lowp=None, grad_scale=None, backend="cpu")
+    adamw_segments_(params, grads, exp_avg, exp_avg_sq, segments, hparams,
+                    beta1=..., beta2=..., eps=..., lowps=None, grad_scale=None, backend="cpu", ...)
+
+params / grads / lowps are the segments' own tensors (the model's params and grads, or fp32 masters);
+the optimizer state is packed, at each segment's offset (contract.py). `adamw_packed_` is the same update
+with one flat param / grad buffer (params[s] = param[offset:offset + numel]), as the kernel tests use it.
 
 Backends: "triton" (GPU, or CPU under TRITON_INTERPRET=1), "cuda" (CUDA C++ in lisa_fused._C), "cpu"
-(C++ in lisa_fused._C), "torch" (kernels/reference.py, always available). See contract.py for the math.
+(C++ in lisa_fused._C), "torch" (kernels/reference.py, always available). Each implements
+`adamw_segments_<backend>_(params, grads, exp_avg, exp_avg_sq, segments, hparams, *, beta1, beta2, eps,
+lowps, grad_scale, moments, master_weights, exp_avg_scale, exp_avg_sq_scale, compensation, seed,
+grad_sumsq)` on contiguous tensors; this module validates (contract.check_segments) and takes the slow
+path for non-contiguous ones first. See contract.py for the math.
 """
 from __future__ import annotations
 
@@ -13,8 +21,8 @@ import os
 
 import torch
 
-from .contract import ALIGN, N_COLS, Segments, host_scalars  # noqa: F401  (re-exported)
-from .reference import adamw_packed_reference_
+from .contract import ALIGN, COL_ENABLED, N_COLS, Segments, host_scalars  # noqa: F401  (re-exported)
+from .reference import adamw_segments_reference_
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +41,7 @@ def backend_unavailable_reason(backend: str, device: torch.device) -> str | None
             return f"backend '{backend}' runs on {backend} tensors, but the parameters are on {device}"
         from . import native
 
-        return native.unavailable_reason(backend)
+        return native.unavailable_reason(backend, device)
     if backend == "triton":
         from . import triton_adamw
 
@@ -118,22 +126,79 @@ def check_buffers(param, grad, exp_avg, exp_avg_sq, segments, hparams, param_low
             raise ValueError(f"segment (offset={off}, numel={cnt}) runs past the buffer end ({n})")
 
 
-def _impl(backend: str):
+def _impl(backend: str, lean: bool):
     if backend == "torch":
-        return adamw_packed_reference_
+        return adamw_segments_reference_
     if backend == "cpu":
-        from .native import adamw_packed_cpu_
+        from .native import adamw_segments_cpu_
 
-        return adamw_packed_cpu_
+        return adamw_segments_cpu_
     if backend == "cuda":
-        from .native import adamw_packed_cuda_
+        from .native import adamw_segments_cuda_
 
-        return adamw_packed_cuda_
+        return adamw_segments_cuda_
     if backend == "triton":
-        from .triton_adamw import adamw_packed_triton_
+        if lean:  # lean state has its own Triton kernel; the fp32 one stays as it is
+            from .triton_lean import adamw_segments_lean_triton_
 
-        return adamw_packed_triton_
+            return adamw_segments_lean_triton_
+        from .triton_adamw import adamw_segments_triton_
+
+        return adamw_segments_triton_
     raise ValueError(f"Invalid backend: {backend!r}; choose one of {BACKENDS}")
+
+
+def _contiguous(tensors):
+    """(tensors with every non-contiguous entry replaced by a contiguous copy, [(index, original)])."""
+    if tensors is None:
+        return None, []
+    out, copied = list(tensors), []
+    for s, t in enumerate(out):
+        if t is not None and not t.is_contiguous():
+            copied.append((s, t))
+            out[s] = t.contiguous()
+    return out, copied
+
+
+def adamw_segments_(
+    params, grads, exp_avg, exp_avg_sq, segments: Segments, hparams, *,
+    beta1: float, beta2: float, eps: float, lowps=None, grad_scale=None, backend: str = "torch",
+    check: bool = True, moments: str = "fp32", master_weights: str = "fp32", exp_avg_scale=None,
+    exp_avg_sq_scale=None, compensation=None, seed: int = 0, grad_sumsq=None,
+) -> None:
+    """AdamW over every enabled segment, in place, with `backend` (contract.py).
+
+    params, grads, lowps: one tensor per segment (grads[s] None where the segment is disabled), on the
+    packed state's device; updated where they live. exp_avg ... compensation: the packed state; hparams:
+    the float64 [S, 4 or 6] host table. A non-contiguous param, grad or lowp is updated through a
+    contiguous copy (written back after the launch). ValueError (check=True) naming the bad segment or
+    buffer before any kernel runs."""
+    if check:
+        from .contract import check_segments
+
+        check_segments(params, grads, lowps, exp_avg, exp_avg_sq, segments, hparams, moments=moments,
+                       master_weights=master_weights, exp_avg_scale=exp_avg_scale, exp_avg_sq_scale=exp_avg_sq_scale,
+                       compensation=compensation, seed=seed, grad_sumsq=grad_sumsq, grad_scale=grad_scale)
+    if len(segments) == 0:
+        return
+    lean = moments != "fp32" or master_weights != "fp32" or grad_sumsq is not None
+    if lean and hparams.shape[1] < 6 and (moments == "bf16" or master_weights == "stochastic"):
+        # checked even with check=False: without the ids the SR bits would silently repeat every step
+        raise ValueError(f"stochastic rounding (moments={moments!r}, master_weights={master_weights!r}) needs "
+                         f"the 6-column hparams table (contract.COL_PARAM_ID, COL_STEP), got {tuple(hparams.shape)}")
+    params, written_p = _contiguous(params)
+    lowps, written_l = _contiguous(lowps)
+    grads, _ = _contiguous(grads)
+    extra = dict(moments=moments, master_weights=master_weights, exp_avg_scale=exp_avg_scale,
+                 exp_avg_sq_scale=exp_avg_sq_scale, compensation=compensation, seed=seed, grad_sumsq=grad_sumsq)
+    if not lean:
+        hparams = hparams[:, :N_COLS].contiguous()  # the fp32 kernels read [S, N_COLS] tables
+    _impl(backend, lean)(params, grads, exp_avg, exp_avg_sq, segments, hparams, beta1=beta1, beta2=beta2, eps=eps,
+                         lowps=lowps, grad_scale=grad_scale, **extra)
+    for s, orig in written_p:
+        orig.copy_(params[s])
+    for s, orig in written_l:
+        orig.copy_(lowps[s])
 
 
 def adamw_packed_(
@@ -142,9 +207,10 @@ def adamw_packed_(
     check: bool = True, moments: str = "fp32", master_weights: str = "fp32", exp_avg_scale=None,
     exp_avg_sq_scale=None, compensation=None, seed: int = 0, grad_sumsq=None,
 ) -> None:
-    """AdamW over every enabled segment of the packed buffers, in place, with `backend`.
-
-    Lean state (moments, master_weights, their buffers, seed) and the grad_sumsq output: contract.py."""
+    """AdamW over every enabled segment of packed buffers, in place, with `backend`: the special case of
+    adamw_segments_ where segment s's param, grad and param_lowp are [offset, offset + numel) of the flat
+    `param`, `grad` and `param_lowp` (contract.py). Validated as packed buffers (check_buffers /
+    contract.check_lean) when `check`."""
     lean = moments != "fp32" or master_weights != "fp32" or grad_sumsq is not None
     if check and lean:
         from .contract import check_lean
@@ -154,25 +220,14 @@ def adamw_packed_(
                    param_lowp=param_lowp, seed=seed, grad_sumsq=grad_sumsq, grad=grad, grad_scale=grad_scale)
     elif check:
         check_buffers(param, grad, exp_avg, exp_avg_sq, segments, hparams[:, :N_COLS], param_lowp, grad_scale)
-    if len(segments) == 0:
-        return
-    extra = {}
-    impl = _impl(backend)
-    if lean and hparams.shape[1] < 6 and (moments == "bf16" or master_weights == "stochastic"):
-        # checked even with check=False: without the ids the SR bits would silently repeat every step
-        raise ValueError(f"stochastic rounding (moments={moments!r}, master_weights={master_weights!r}) needs "
-                         f"the 6-column hparams table (contract.COL_PARAM_ID, COL_STEP), got {tuple(hparams.shape)}")
-    if lean:
-        if backend == "triton":  # lean state has its own Triton kernel; the fp32 one stays as it is
-            from .triton_lean import adamw_lean_triton_ as impl
-        extra = dict(moments=moments, master_weights=master_weights, exp_avg_scale=exp_avg_scale,
-                     exp_avg_sq_scale=exp_avg_sq_scale, compensation=compensation, seed=seed, grad_sumsq=grad_sumsq)
-    else:
-        hparams = hparams[:, :N_COLS].contiguous()  # the fp32 kernels read [S, N_COLS] tables
-    impl(
-        param, grad, exp_avg, exp_avg_sq, segments, hparams,
-        beta1=beta1, beta2=beta2, eps=eps, param_lowp=param_lowp, grad_scale=grad_scale, **extra,
-    )
+
+    def cut(buf):
+        return None if buf is None else [buf[off:off + n] for off, n in segments.bounds]
+
+    adamw_segments_(cut(param), cut(grad), exp_avg, exp_avg_sq, segments, hparams, beta1=beta1, beta2=beta2,
+                    eps=eps, lowps=cut(param_lowp), grad_scale=grad_scale, backend=backend, check=False,
+                    moments=moments, master_weights=master_weights, exp_avg_scale=exp_avg_scale,
+                    exp_avg_sq_scale=exp_avg_sq_scale, compensation=compensation, seed=seed, grad_sumsq=grad_sumsq)
 
 
 def triton_interpreted() -> bool:

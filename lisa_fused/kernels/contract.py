@@ -1,6 +1,29 @@
 """The data contract every AdamW backend implements.
 
-A packed buffer is a flat 1-D tensor; a *segment* is one parameter tensor inside it (offset, numel).
+A launch updates S *segments*, one parameter tensor each. A segment's parameter and gradient stay where
+the model and autograd put them: the launch gets, per segment, the tensors themselves (`params[s]`,
+`grads[s]`, optionally `lowps[s]`, any shape, contiguous; the backends read their data pointers), and
+an offset into the optimizer's own *packed state* buffers (moments, scales, Kahan compensation; the fp32
+masters of bf16/fp16 models are packed state too, and are then the `params[s]` of the launch):
+
+    Segments.bounds[s] = (offset, numel)   offset: element index into the packed state (the fp32 / bf16
+                                           moments, the 4-bit codes at offset / 2, the scales at
+                                           offset / BLOCK); numel: the parameter's elements
+    params[s]    the tensor the update reads and writes as `p`: an fp32 param itself or its fp32 master
+                 (master_weights="fp32"), or the model's bf16/fp16 param ("kahan", "stochastic")
+    grads[s]     its gradient (fp32, bf16 or fp16; one dtype per launch), or None for a segment that is
+                 disabled in this launch (COL_ENABLED 0)
+    lowps[s]     optional (master_weights="fp32" only): the model's bf16/fp16 param, written as
+                 round_to_nearest_even(p) after the update
+
+The native backends turn the lists into an int64 pointer table [S, N_SEG_COLS] on the device
+(_tables.pointer_table: SEG_OFFSET, SEG_NUMEL, SEG_PARAM, SEG_GRAD, SEG_LOWP; addresses as integers, 0 for
+an absent tensor), the way torch's fused AdamW and apex's multi_tensor_apply address tensor lists, but one
+launch for every segment. Params and grads may sit at any address (a slice of a flat buffer, an FSDP2
+shard, a DDP bucket view): the backends take vector loads only where a segment's addresses are 16-byte
+aligned and a masked loop elsewhere. A non-contiguous tensor is updated through a contiguous copy by
+kernels.adamw_segments_ (the slow path, correct for every backend).
+
 Per step the optimizer hands over a host table `hparams`, float64, one row per segment, of shape
 [S, N_COLS] (fp32 state, master weights "fp32") or [S, N_COLS_LEAN] (required whenever stochastic
 rounding is used: master_weights="stochastic" or moments="bf16"):
@@ -34,7 +57,8 @@ roundings otherwise; p is updated as p + ((-step_size * m) / denom). The native 
 take a correctly rounded sqrt, where torch's CPU sqrt is off by one ulp on some inputs: with that one
 exception they match the reference bit for bit (tests/test_kernels.py, tests/test_lean_kernels.py).
 
-Moment formats (`moments=`, the same for exp_avg and exp_avg_sq; formats and maps in quant.py):
+Moment formats (`moments=`, the same for exp_avg and exp_avg_sq; formats and maps in quant.py), over the
+packed state index space of N elements:
     "fp32"  exp_avg, exp_avg_sq: float32 [N]. Today's exact AdamW (the default).
     "bf16"  bfloat16 [N], stored with stochastic rounding (lanes 1 and 2 of quant.sr_bits). Round to
             nearest stalls v: with beta2 = 0.999 an update (1 - beta2) * g^2 below half a bf16 ulp of v
@@ -49,13 +73,13 @@ Moment formats (`moments=`, the same for exp_avg and exp_avg_sq; formats and map
     a NaN or inf gradient in a quantized block leaves that block's codes and scale unspecified.
 
 Master weights (`master_weights=`):
-    "fp32"        param: float32 [N] master; optional param_lowp (bf16/fp16 [N]) gets
-                  round_to_nearest_even(p). Today's behaviour (the default).
-    "kahan"       param: bf16 or fp16 [N] (no fp32 master), compensation: same dtype [N]. The fp32 value
-                  is p + c (optimi's Kahan-compensated update): load p = f32(param) + f32(comp);
-                  store param = rne(p), comp = rne(p - f32(param)). param_lowp must be None.
-    "stochastic"  param: bf16 [N] (no master, no compensation): param = SR(p) with lane 0 of
-                  quant.sr_bits. param_lowp must be None.
+    "fp32"        params[s]: float32 (the fp32 param itself, or the packed fp32 master of a bf16/fp16
+                  param); optional lowps[s] (bf16/fp16) gets round_to_nearest_even(p).
+    "kahan"       params[s]: the bf16 or fp16 param (no fp32 master), compensation: same dtype [N] packed
+                  state. The fp32 value is p + c (optimi's Kahan-compensated update): load
+                  p = f32(param) + f32(comp); store param = rne(p), comp = rne(p - f32(param)). No lowps.
+    "stochastic"  params[s]: the bf16 param (no master, no compensation): param = SR(p) with lane 0 of
+                  quant.sr_bits. No lowps.
 
 Stochastic rounding bits (quant.sr_bits, csrc/adamw_math.h sr_bits, the Triton kernel: one definition):
 the 32-bit word mix32(key + index * 0x9E3779B9), key = quant.segment_key(seed, COL_PARAM_ID, COL_STEP,
@@ -67,13 +91,16 @@ Exactness across backends (tests/test_lean_kernels.py): every lean mode of the C
 CUDA and Triton kernels equals the reference bit for bit (params, codes, scales, compensation, bf16
 moments) given a correctly rounded sqrt; the reference's one deviation is torch's CPU sqrt (1 ulp on
 some inputs), which can move a code by one. The C++ baseline copy (no FMA) rounds lerp/addcmul twice,
-as torch does on such CPUs. Buffers are never read past a segment's end except the 4-bit byte holding
-an odd segment's last element, whose high nibble is written as 0.
+as torch does on such CPUs. Buffers are never read or written past a segment's end, except the 4-bit
+state byte holding an odd segment's last element, whose high nibble is written as 0.
 
 grad_sumsq (issue 13): fp32 [S] on the buffers' device; each enabled segment's sum of g*g is ADDED
 (the caller zeroes it when it starts a window). Summation order is backend specific: the CPU kernel
 sums each block in 8 interleaved lanes and adds block and chunk partials in order (deterministic); the GPU
 kernels add per-block partials with atomics. Compare with a relative tolerance (~1e-5), not bitwise.
+
+The packed form (`kernels.adamw_packed_`: one flat param and grad buffer, segments at their offsets) is
+the special case params[s] = param[offset:offset + numel]; the kernel tests use it.
 """
 from __future__ import annotations
 
@@ -84,8 +111,11 @@ import torch
 COL_STEP_SIZE, COL_DECAY, COL_BC2_SQRT, COL_ENABLED, COL_PARAM_ID, COL_STEP = range(6)
 N_COLS = 4  # the columns every table has
 N_COLS_LEAN = 6  # with COL_PARAM_ID and COL_STEP (needed for stochastic rounding)
+# Columns of the int64 pointer table the native backends read (_tables.pointer_table), one row per segment.
+SEG_OFFSET, SEG_NUMEL, SEG_PARAM, SEG_GRAD, SEG_LOWP = range(5)
+N_SEG_COLS = 5
 
-# Segment offsets in packed buffers are multiples of this many elements: 16-byte vector loads work for
+# Segment offsets in the packed state are multiples of this many elements: 16-byte vector loads work for
 # fp32 (4 elements) and bf16 (8), and 256 is a multiple of every quantization block (quant.BLOCK: 256
 # for 8-bit, 128 for 4-bit), so no block of codes holds two parameters.
 ALIGN = 256
@@ -93,7 +123,7 @@ ALIGN = 256
 
 @dataclass
 class Segments:
-    """Host-side segment layout: where each parameter lives in the packed buffers.
+    """Host-side segment layout: where each parameter's state lives in the packed state buffers.
 
     `bounds` is a list of (offset, numel) pairs. Backends may cache device-side tables (chunk lists) in
     `cache`, keyed by whatever they need; the optimizer builds a new Segments whenever the layout
@@ -123,41 +153,34 @@ def host_scalars(beta1: float, beta2: float, eps: float) -> tuple[float, float, 
     return 1.0 - beta1, beta2, 1.0 - beta2, eps
 
 
-def check_lean(param, exp_avg, exp_avg_sq, segments: Segments, hparams, *, moments: str, master_weights: str,
-               exp_avg_scale=None, exp_avg_sq_scale=None, compensation=None, param_lowp=None, seed: int = 0,
-               grad_sumsq=None, grad=None, grad_scale=None) -> None:
-    """Validate every buffer of a lean-state call (kernels.check_buffers does it for the fp32 defaults):
-    formats, dtypes, shapes, devices, the SR columns. Raises ValueError naming the bad value and the fix
-    before any kernel sees a pointer."""
+def _check_mode(moments: str, master_weights: str) -> None:
     from . import quant
 
     if moments not in quant.FORMATS:
         raise ValueError(f"Invalid moments format {moments!r}; choose one of {quant.FORMATS}")
     if master_weights not in quant.MASTER_WEIGHTS:
         raise ValueError(f"Invalid master_weights {master_weights!r}; choose one of {quant.MASTER_WEIGHTS}")
-    n, dev = param.numel(), param.device
-    want_param = {"fp32": (torch.float32,), "kahan": (torch.bfloat16, torch.float16),
-                  "stochastic": (torch.bfloat16,)}[master_weights]
-    if param.dtype not in want_param:
-        raise ValueError(f"master_weights={master_weights!r} needs param of dtype {want_param}, got {param.dtype}")
-    if master_weights != "fp32" and param_lowp is not None:
-        raise ValueError(f"master_weights={master_weights!r} updates param in place; pass param_lowp=None")
-    if param.dim() != 1 or not param.is_contiguous():
-        raise ValueError(f"param must be a contiguous 1-D tensor, got shape {tuple(param.shape)}")
-    if grad is not None:
-        if grad.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            raise ValueError(f"grad must be float32, bfloat16 or float16, got {grad.dtype}")
-        if grad.device != dev or grad.dim() != 1 or grad.numel() != n or not grad.is_contiguous():
-            raise ValueError(f"grad must be a contiguous 1-D tensor of {n} elements on {dev}, "
-                             f"got {tuple(grad.shape)} on {grad.device}")
-    if param_lowp is not None and (param_lowp.dtype not in (torch.bfloat16, torch.float16) or param_lowp.device != dev
-                                   or param_lowp.shape != param.shape or not param_lowp.is_contiguous()):
-        raise ValueError(f"param_lowp must be a contiguous bfloat16/float16 [{n}] tensor on {dev}, "
-                         f"got {param_lowp.dtype} {tuple(param_lowp.shape)} on {param_lowp.device}")
+
+
+def _param_dtypes(master_weights: str) -> tuple[torch.dtype, ...]:
+    return {"fp32": (torch.float32,), "kahan": (torch.bfloat16, torch.float16),
+            "stochastic": (torch.bfloat16,)}[master_weights]
+
+
+def _check_grad_scale(grad_scale, dev) -> None:
     if grad_scale is not None and (grad_scale.numel() != 1 or grad_scale.device != dev
                                    or grad_scale.dtype != torch.float32):
         raise ValueError(f"grad_scale must be a 1-element float32 tensor on {dev}, "
                          f"got {grad_scale.dtype} {tuple(grad_scale.shape)} on {grad_scale.device}")
+
+
+def _check_state(n: int, dev, param_dtype, exp_avg, exp_avg_sq, segments: Segments, hparams, *, moments: str,
+                 master_weights: str, exp_avg_scale, exp_avg_sq_scale, compensation, seed: int, grad_sumsq,
+                 lean: bool) -> None:
+    """The packed state of `n` elements on `dev` (moments, scales, compensation), the hparams table and the
+    segment bounds; `lean`: the lean formats' rules (ALIGN offsets, 32-bit element indices)."""
+    from . import quant
+
     if (hparams.device.type != "cpu" or hparams.dtype != torch.float64 or hparams.dim() != 2
             or hparams.shape[0] != len(segments) or hparams.shape[1] not in (N_COLS, N_COLS_LEAN)):
         raise ValueError(f"hparams must be a float64 CPU tensor of shape ({len(segments)}, {N_COLS} or "
@@ -175,7 +198,7 @@ def check_lean(param, exp_avg, exp_avg_sq, segments: Segments, hparams, *, momen
             raise ValueError(f"{name} must be None {why}")
 
     if master_weights == "kahan":
-        need("compensation", compensation, param.dtype, n)
+        need("compensation", compensation, param_dtype, n)
     else:
         forbid("compensation", compensation, f"with master_weights={master_weights!r}")
     if moments in quant.BLOCK:
@@ -194,9 +217,9 @@ def check_lean(param, exp_avg, exp_avg_sq, segments: Segments, hparams, *, momen
     for off, cnt in segments.bounds:
         if off + cnt > n:
             raise ValueError(f"segment (offset={off}, numel={cnt}) runs past the buffer end ({n})")
-        if off % ALIGN:
+        if lean and off % ALIGN:
             raise ValueError(f"segment offset {off} is not a multiple of ALIGN={ALIGN} (lean formats need it)")
-        if cnt >= 1 << 32:
+        if lean and cnt >= 1 << 32:
             raise ValueError(f"segment of {cnt} elements: lean formats index elements with 32 bits")
     if uses_sr(moments, master_weights):
         if not 0 <= int(seed) < 1 << 32:
@@ -210,6 +233,96 @@ def check_lean(param, exp_avg, exp_avg_sq, segments: Segments, hparams, *, momen
         if bool(bad.any()):
             raise ValueError("hparams COL_PARAM_ID / COL_STEP must be integers in [0, 2**24), got "
                              f"{ids[bad.any(dim=1)][:3].tolist()}")
+
+
+def check_lean(param, exp_avg, exp_avg_sq, segments: Segments, hparams, *, moments: str, master_weights: str,
+               exp_avg_scale=None, exp_avg_sq_scale=None, compensation=None, param_lowp=None, seed: int = 0,
+               grad_sumsq=None, grad=None, grad_scale=None) -> None:
+    """Validate every buffer of a packed lean-state call (kernels.check_buffers does it for the fp32
+    defaults): formats, dtypes, shapes, devices, the SR columns. Raises ValueError naming the bad value and
+    the fix before any kernel sees a pointer."""
+    _check_mode(moments, master_weights)
+    n, dev = param.numel(), param.device
+    want_param = _param_dtypes(master_weights)
+    if param.dtype not in want_param:
+        raise ValueError(f"master_weights={master_weights!r} needs param of dtype {want_param}, got {param.dtype}")
+    if master_weights != "fp32" and param_lowp is not None:
+        raise ValueError(f"master_weights={master_weights!r} updates param in place; pass param_lowp=None")
+    if param.dim() != 1 or not param.is_contiguous():
+        raise ValueError(f"param must be a contiguous 1-D tensor, got shape {tuple(param.shape)}")
+    if grad is not None:
+        if grad.dtype not in GRAD_DTYPES:
+            raise ValueError(f"grad must be float32, bfloat16 or float16, got {grad.dtype}")
+        if grad.device != dev or grad.dim() != 1 or grad.numel() != n or not grad.is_contiguous():
+            raise ValueError(f"grad must be a contiguous 1-D tensor of {n} elements on {dev}, "
+                             f"got {tuple(grad.shape)} on {grad.device}")
+    if param_lowp is not None and (param_lowp.dtype not in LOWP_DTYPES or param_lowp.device != dev
+                                   or param_lowp.shape != param.shape or not param_lowp.is_contiguous()):
+        raise ValueError(f"param_lowp must be a contiguous bfloat16/float16 [{n}] tensor on {dev}, "
+                         f"got {param_lowp.dtype} {tuple(param_lowp.shape)} on {param_lowp.device}")
+    _check_grad_scale(grad_scale, dev)
+    _check_state(n, dev, param.dtype, exp_avg, exp_avg_sq, segments, hparams, moments=moments,
+                 master_weights=master_weights, exp_avg_scale=exp_avg_scale, exp_avg_sq_scale=exp_avg_sq_scale,
+                 compensation=compensation, seed=seed, grad_sumsq=grad_sumsq, lean=True)
+
+
+GRAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+LOWP_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def state_numel(exp_avg: torch.Tensor, moments: str) -> int:
+    """Elements N of the packed state index space that buffers in format `moments` cover (4-bit: 2 codes
+    per byte)."""
+    return 2 * exp_avg.numel() if moments == "4bit" else exp_avg.numel()
+
+
+def check_segments(params, grads, lowps, exp_avg, exp_avg_sq, segments: Segments, hparams, *, moments: str,
+                   master_weights: str, exp_avg_scale=None, exp_avg_sq_scale=None, compensation=None, seed: int = 0,
+                   grad_sumsq=None, grad_scale=None) -> None:
+    """Validate a segment-list call (kernels.adamw_segments_) before any kernel sees a pointer: one entry
+    per segment in `params`, `grads` (None only where the segment is disabled) and `lowps` (None, or one
+    per segment), each of the segment's numel, on the state's device, one dtype per list; then the packed
+    state as _check_state. Non-contiguous tensors are accepted (adamw_segments_ takes the slow path).
+    Raises ValueError naming the segment and the bad value."""
+    _check_mode(moments, master_weights)
+    s_count = len(segments)
+    dev = exp_avg.device
+    for name, lst in (("params", params), ("grads", grads)) + ((("lowps", lowps),) if lowps is not None else ()):
+        if len(lst) != s_count:
+            raise ValueError(f"{name} has {len(lst)} entries for {s_count} segments: pass one per segment")
+    if lowps is not None and master_weights != "fp32":
+        raise ValueError(f"master_weights={master_weights!r} updates the params in place; pass lowps=None")
+    enabled = hparams[:, COL_ENABLED].tolist() if hparams.dim() == 2 and hparams.shape[0] == s_count else None
+    want_param = _param_dtypes(master_weights)
+    kinds = {"params": set(), "grads": set(), "lowps": set()}
+    for s, (off, n) in enumerate(segments.bounds):
+        p, g = params[s], grads[s]
+        for name, t, allowed in (("params", p, want_param), ("grads", g, GRAD_DTYPES),
+                                 ("lowps", None if lowps is None else lowps[s], LOWP_DTYPES)):
+            if t is None:
+                if name == "params" or (name == "grads" and enabled is not None and enabled[s]):
+                    raise ValueError(f"{name}[{s}] is None but segment {s} is enabled (COL_ENABLED 1): pass its "
+                                     "tensor, or disable the segment")
+                continue
+            if t.dtype not in allowed:
+                raise ValueError(f"{name}[{s}] is {t.dtype}; {name} must be one of {allowed}"
+                                 + (f" with master_weights={master_weights!r}" if name == "params" else ""))
+            if t.device != dev:
+                raise ValueError(f"{name}[{s}] is on {t.device}, the packed state on {dev}: move it to {dev}")
+            if t.numel() != n:
+                raise ValueError(f"{name}[{s}] has {t.numel()} elements, segment {s} has {n}")
+            kinds[name].add(t.dtype)
+    for name, dtypes in kinds.items():
+        if len(dtypes) > 1:
+            raise ValueError(f"{name} mix dtypes {sorted(map(str, dtypes))}: one launch takes one dtype per list; "
+                             "convert them, or launch each dtype separately")
+    _check_grad_scale(grad_scale, dev)
+    param_dtype = next(iter(kinds["params"]), want_param[0])
+    lean = moments != "fp32" or master_weights != "fp32" or grad_sumsq is not None
+    _check_state(state_numel(exp_avg, moments), dev, param_dtype, exp_avg, exp_avg_sq, segments, hparams,
+                 moments=moments, master_weights=master_weights, exp_avg_scale=exp_avg_scale,
+                 exp_avg_sq_scale=exp_avg_sq_scale, compensation=compensation, seed=seed, grad_sumsq=grad_sumsq,
+                 lean=lean)
 
 
 def uses_sr(moments: str, master_weights: str) -> bool:

@@ -37,6 +37,8 @@ import functools
 
 import torch
 
+from ._tables import to_device
+
 FORMATS = ("fp32", "bf16", "8bit", "4bit")
 MASTER_WEIGHTS = ("fp32", "kahan", "stochastic")
 BLOCK = {"8bit": 256, "4bit": 128}
@@ -123,7 +125,13 @@ def kernel_table(fmt: str, device) -> torch.Tensor:
 
 @functools.cache
 def _kernel_table(fmt: str, device: str) -> torch.Tensor:
-    return _tables_cpu(fmt).to(device)
+    return to_device(_tables_cpu(fmt), torch.device(device))
+
+
+@functools.cache
+def _map_on(fmt: str, which: str, device: str) -> torch.Tensor:
+    """The map of (fmt, which) on `device`, cached: quantize / dequantize copy it there once, not per call."""
+    return to_device(_maps()[(fmt, which)], torch.device(device))
 
 
 def n_blocks(numel: int, fmt: str) -> int:
@@ -179,14 +187,14 @@ def quantize(x: torch.Tensor, fmt: str, which: str) -> tuple[torch.Tensor, torch
     scale = xb.abs().amax(dim=1)
     safe = torch.where(scale == 0, torch.ones_like(scale), scale)
     xn = torch.where(scale[:, None] == 0, torch.zeros_like(xb), xb / safe[:, None])
-    q = _maps()[(fmt, which)].to(x.device)
+    q = _map_on(fmt, which, str(x.device))
     codes = torch.searchsorted(midpoints(q), xn.reshape(-1).contiguous(), right=False).to(torch.uint8)
     return pack(codes, fmt), scale
 
 
 def dequantize(codes: torch.Tensor, scales: torch.Tensor, fmt: str, which: str, numel: int) -> torch.Tensor:
     """fp32 [numel] values map[code] * scale[block] of the first `numel` elements."""
-    q = _maps()[(fmt, which)].to(codes.device)
+    q = _map_on(fmt, which, str(codes.device))
     c = unpack(codes, fmt)[:numel].long()
     blk = torch.arange(numel, device=codes.device) // BLOCK[fmt]
     return q[c] * scales[blk]

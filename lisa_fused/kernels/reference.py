@@ -1,4 +1,4 @@
-"""Pure-torch AdamW over a packed buffer: the test oracle and the fallback backend.
+"""Pure-torch AdamW over a segment list (contract.py): the test oracle and the fallback backend.
 
 The operation order is exactly torch.optim.AdamW's single-tensor path (decoupled decay, lerp for the
 first moment, addcmul for the second, sqrt(v)/sqrt(bc2) + eps), so FusedLISA on this backend reproduces
@@ -16,9 +16,9 @@ from . import quant
 from .contract import COL_BC2_SQRT, COL_DECAY, COL_ENABLED, COL_PARAM_ID, COL_STEP, COL_STEP_SIZE, Segments
 
 
-def adamw_packed_reference_(
-    param: torch.Tensor,
-    grad: torch.Tensor,
+def adamw_segments_reference_(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor | None],
     exp_avg: torch.Tensor,
     exp_avg_sq: torch.Tensor,
     segments: Segments,
@@ -27,7 +27,7 @@ def adamw_packed_reference_(
     beta1: float,
     beta2: float,
     eps: float,
-    param_lowp: torch.Tensor | None = None,
+    lowps: list[torch.Tensor] | None = None,
     grad_scale: torch.Tensor | None = None,
     moments: str = "fp32",
     master_weights: str = "fp32",
@@ -37,41 +37,36 @@ def adamw_packed_reference_(
     seed: int = 0,
     grad_sumsq: torch.Tensor | None = None,
 ) -> None:
-    """AdamW over every enabled segment, in place. Buffers, shapes and dtypes per mode: contract.py
-    (validated by kernels.adamw_packed_ before this runs); the fp32 default takes the fast path below."""
+    """AdamW over every enabled segment, in place: params[s], grads[s] (and lowps[s]) are the segment's
+    contiguous tensors, the state sits at segments.bounds[s] of the packed buffers. Buffers, shapes and
+    dtypes per mode: contract.py (validated by kernels.adamw_segments_ before this runs); the fp32
+    default takes the fast path below."""
     if moments != "fp32" or master_weights != "fp32" or grad_sumsq is not None:
-        _lean(param, grad, exp_avg, exp_avg_sq, segments, hparams, beta1=beta1, beta2=beta2, eps=eps,
-              param_lowp=param_lowp, grad_scale=grad_scale, moments=moments, master_weights=master_weights,
+        _lean(params, grads, exp_avg, exp_avg_sq, segments, hparams, beta1=beta1, beta2=beta2, eps=eps,
+              lowps=lowps, grad_scale=grad_scale, moments=moments, master_weights=master_weights,
               exp_avg_scale=exp_avg_scale, exp_avg_sq_scale=exp_avg_sq_scale, compensation=compensation,
               seed=seed, grad_sumsq=grad_sumsq)
         return
-    rows = hparams.tolist()
-    ps, gs, ms, vs, lows = [], [], [], [], []
-    step_sizes, decays, bc2s = [], [], []
-    for (off, n), row in zip(segments.bounds, rows):
-        if not row[COL_ENABLED]:
+    for s, ((off, n), row) in enumerate(zip(segments.bounds, hparams.tolist())):
+        if not row[COL_ENABLED] or n == 0:
             continue
-        sl = slice(off, off + n)
-        ps.append(param[sl])
-        g = grad[sl].float()
+        p = params[s].view(-1)
+        g = grads[s].view(-1).float()
         if grad_scale is not None:
             g = g / grad_scale
-        gs.append(g)
-        ms.append(exp_avg[sl])
-        vs.append(exp_avg_sq[sl])
-        if param_lowp is not None:
-            lows.append(param_lowp[sl])
-        step_sizes.append(row[COL_STEP_SIZE])
-        decays.append(row[COL_DECAY])
-        bc2s.append(row[COL_BC2_SQRT])
-    for p, g, m, v, step_size, decay, bc2_sqrt in zip(ps, gs, ms, vs, step_sizes, decays, bc2s):
-        p.mul_(decay)
-        m.lerp_(g, 1 - beta1)
-        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        denom = (v.sqrt() / bc2_sqrt).add_(eps)
-        p.addcdiv_(m, denom, value=-step_size)
-    for low, p in zip(lows, ps):
-        low.copy_(p)  # round to nearest even, as every backend must
+        _update(p, g, exp_avg[off:off + n], exp_avg_sq[off:off + n], row, beta1, beta2, eps)
+        if lowps is not None:
+            lowps[s].view(-1).copy_(p)  # round to nearest even, as every backend must
+
+
+def adamw_packed_reference_(param, grad, exp_avg, exp_avg_sq, segments: Segments, hparams, *, param_lowp=None,
+                            **kw) -> None:
+    """The packed form (contract.py): one flat param / grad (/ param_lowp) buffer, segment s at its offset."""
+    def cut(buf):
+        return None if buf is None else [buf[off:off + n] for off, n in segments.bounds]
+
+    adamw_segments_reference_(cut(param), cut(grad), exp_avg, exp_avg_sq, segments, hparams, lowps=cut(param_lowp),
+                              **kw)
 
 
 def _update(p, g, m, v, row, beta1, beta2, eps):
@@ -112,14 +107,15 @@ def _store_moment(x, buf, scale, fmt, which, off, n, sr):
     scale[off // blk:off // blk + nb] = s
 
 
-def _lean(param, grad, exp_avg, exp_avg_sq, segments, hparams, *, beta1, beta2, eps, param_lowp, grad_scale,
+def _lean(params, grads, exp_avg, exp_avg_sq, segments, hparams, *, beta1, beta2, eps, lowps, grad_scale,
           moments, master_weights, exp_avg_scale, exp_avg_sq_scale, compensation, seed, grad_sumsq):
     """Every lean mode, one segment at a time (the oracle; speed is the native kernels' job)."""
     for s, ((off, n), row) in enumerate(zip(segments.bounds, hparams.tolist())):
         if not row[COL_ENABLED] or n == 0:
             continue
         sl = slice(off, off + n)
-        g = grad[sl].float()
+        param = params[s].view(-1)
+        g = grads[s].view(-1).float()
         if grad_scale is not None:
             g = g / grad_scale
         if grad_sumsq is not None:
@@ -131,22 +127,22 @@ def _lean(param, grad, exp_avg, exp_avg_sq, segments, hparams, *, beta1, beta2, 
             return lambda: quant.sr_bits(seed, pid, step, idx, lane)
 
         if master_weights == "fp32":
-            p = param[sl]
+            p = param
         elif master_weights == "kahan":
-            p = param[sl].float() + compensation[sl].float()
+            p = param.float() + compensation[sl].float()
         else:
-            p = param[sl].float()
+            p = param.float()
         m = _load_moment(exp_avg, exp_avg_scale, moments, "exp_avg", off, n)
         v = _load_moment(exp_avg_sq, exp_avg_sq_scale, moments, "exp_avg_sq", off, n)
         _update(p, g, m, v, row, beta1, beta2, eps)
         _store_moment(m, exp_avg, exp_avg_scale, moments, "exp_avg", off, n, sr(quant.LANE_EXP_AVG))
         _store_moment(v, exp_avg_sq, exp_avg_sq_scale, moments, "exp_avg_sq", off, n, sr(quant.LANE_EXP_AVG_SQ))
         if master_weights == "fp32":
-            if param_lowp is not None:
-                param_lowp[sl].copy_(p)
+            if lowps is not None:
+                lowps[s].view(-1).copy_(p)
         elif master_weights == "kahan":
             hi = p.to(param.dtype)  # round to nearest even
-            param[sl] = hi
+            param.copy_(hi)
             compensation[sl] = (p - hi.float()).to(param.dtype)
         else:
-            param[sl] = quant.round_bf16_stochastic(p, sr(quant.LANE_PARAM)())
+            param.copy_(quant.round_bf16_stochastic(p, sr(quant.LANE_PARAM)()))

@@ -11,6 +11,7 @@ import functools
 import torch
 
 from . import quant
+from . import _tables
 from .triton_adamw import triton
 
 if triton is not None:
@@ -62,7 +63,7 @@ def code_tables(fmt: str, device) -> torch.Tensor:
 
 @functools.cache
 def _code_tables(fmt: str, device: str) -> torch.Tensor:
-    return _code_tables_cpu(fmt).to(device)
+    return _tables.to_device(_code_tables_cpu(fmt), torch.device(device))
 
 
 if triton is not None:

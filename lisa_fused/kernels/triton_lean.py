@@ -1,39 +1,45 @@
 """Backend "triton", lean state (kernels/contract.py): bf16 / 8-bit / 4-bit moments, Kahan or stochastic
-bf16 updates, grad_sumsq. The fp32 default stays on triton_adamw.py's kernel.
+bf16 updates, grad_sumsq, over segments whose param / grad / lowp tensors sit at their own addresses (the
+int64 pointer table, as triton_adamw.py's kernel reads it). The fp32 default stays on triton_adamw.py's
+kernel.
 
 One program per chunk of the chunk table walks it in tiles of TILE = 8 x 32 x num_warps elements, held
 as [2, TILE / 8, 4]: thread t owns elements 8t..8t+7 as two runs of 4. Runs of 4, never more, are
 contiguous in tensor order, so every stream, whatever its width, gets the same layout (fp32 as 128-bit
 accesses, 16-bit as 64-bit, 8-bit codes as 32-bit, 4-bit as one 16-bit word per run) and nothing goes
 through shared memory; a warp holds one 8-bit quantization block, half a warp a 4-bit one, so a block's
-absmax is a max within threads and lanes. Full tiles run unmasked when offsets and pointers are aligned
-(chunk starts are multiples of contract.ALIGN), the rest masked. The element math is
-triton_adamw.adamw_element (one Triton definition, shared with the fp32 kernel); the stochastic-rounding
-hash is csrc/adamw_math.h's. Codes as csrc/adamw_math.h code_of: one gather from a bucket table
-(code_tables) and one comparison, or the closed form of the 4-bit v map; equal to the binary search over
-the midpoints (tests/test_lean_kernels.py).
+absmax is a max within threads and lanes. The packed state (moments, codes, scales, compensation) is
+addressed by the state index (chunk starts are multiples of contract.ALIGN), the param / grad / lowp by
+the segment's addresses + (start - offset) elements. Full tiles run unmasked where every address of the
+chunk is 16-byte aligned (decided per program at run time, as in triton_adamw.py), the rest masked, in
+tiles of TILE / 4 (fewer registers for the whole kernel; see the kernel). TILE is a multiple of 1024. The
+element math is triton_adamw.adamw_element (one Triton definition, shared with the fp32 kernel); the
+stochastic-rounding hash is csrc/adamw_math.h's. Codes as csrc/adamw_math.h code_of: one gather from a
+bucket table (code_tables) and one comparison, or the closed form of the 4-bit v map; equal to the binary
+search over the midpoints (tests/test_lean_kernels.py).
 """
 from __future__ import annotations
-
-import contextlib
 
 import torch
 
 from . import quant
-from ._tables import chunk_table, offsets_aligned, segment_table
+from ._tables import chunk_table, offsets_aligned, pointer_table, segment_table
 from .contract import ALIGN, Segments, host_scalars
-from .triton_adamw import _f32, _interpreted, triton, unavailable_reason
+from .triton_adamw import (GRAD_KIND, LOWP_KIND, _f32, _interpreted, launch_device, list_dtype, triton,
+                           unavailable_reason)
 from .triton_codes import BUCKETS, _bucket_table, code_tables  # noqa: F401  (tests read them from here)
 
 if triton is not None:
     import triton.language as tl
 
-    from .triton_adamw import _load, _store, adamw_element
+    from .triton_adamw import (_N_SEG_COLS, _SEG_GRAD, _SEG_LOWP, _SEG_OFFSET, _SEG_PARAM, _load, _store, adamw_element,
+                               segment_address, typed_pointer)
     from .triton_codes import (_M4, _M8, _M8_ENTRIES, _V8, _bf16_from_bits, _block_absmax, _block_scale, _codes,
                                _key, _load_codes, _load_half, _rne_bf16_bits, _runs, _sr_bf16_bits, _store_codes)
 
 # (elements per chunk, TILE, num_warps): TILE = 8 x 32 x num_warps on a GPU (module docstring); the
-# interpreter wants few, big programs (TILE any multiple of 256).
+# interpreter wants few, big programs (TILE any multiple of 1024: masked tiles of TILE / 4 start on
+# multiples of 256, as the block scales and 4-bit words need).
 _GPU_CONFIG = (1 << 16, 1024, 4)
 _INTERPRETER_CONFIG = (1 << 20, 1 << 14, 4)
 
@@ -41,13 +47,15 @@ if triton is not None:
 
     @triton.jit
     def _tile(p_ptr, g_ptr, m_ptr, v_ptr, low_ptr, comp_ptr, ms_ptr, vs_ptr, qt_ptr, codes_ptr, start, end, scale,
-              seg_off, key_p, key_m, key_v, step_size, decay, bc2_sqrt, lerp_small, lerp_w, lerp_w_minus_1,
+              rel, key_p, key_m, key_v, step_size, decay, bc2_sqrt, lerp_small, lerp_w, lerp_w_minus_1,
               beta2, one_minus_beta2, eps,
               MOM: tl.constexpr, MASTER: tl.constexpr, PARAM_BF16: tl.constexpr, GRAD_KIND: tl.constexpr,
               LOWP: tl.constexpr, HAS_SCALE: tl.constexpr, QB: tl.constexpr, BITS: tl.constexpr,
               TILE: tl.constexpr, MASKED: tl.constexpr):
-        """The tile's elements (MASKED: those < end): load, update, store; returns g * g per element (0 where
-        masked), which the kernel sums once per chunk."""
+        """The tile's elements [start, start + TILE) of the chunk (MASKED: those < end): load, update, store;
+        returns g * g per element (0 where masked), which the kernel sums once per chunk. Every pointer is
+        the chunk's first element (code byte, block scale) of its stream; `rel`: the chunk's first element
+        within its segment (the stochastic-rounding index)."""
         local = _runs(TILE)[:, :, None] + tl.arange(0, 4)[None, None, :]  # [2, TILE / 8, 4], within the tile
         offs = start + local
         if GRAD_KIND == 0:
@@ -82,7 +90,7 @@ if triton is not None:
                 v = tl.where(offs < end, v, 0.0)
         p, m, v = adamw_element(p, m, v, g, step_size, decay, bc2_sqrt, lerp_small, lerp_w, lerp_w_minus_1, beta2,
                                 one_minus_beta2, eps)
-        idx = (start - seg_off).to(tl.uint32) + local  # within the segment (< 2^32)
+        idx = (rel + start).to(tl.uint32) + local  # within the segment (< 2^32)
         if MOM == 0:
             _store(m_ptr, offs, m, end, MASKED)
             _store(v_ptr, offs, v, end, MASKED)
@@ -127,66 +135,83 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=["seed", "n_cols"])
     def _adamw_lean_kernel(
-        p_ptr, g_ptr, m_ptr, v_ptr, low_ptr, comp_ptr, ms_ptr, vs_ptr, qt_ptr, codes_ptr, gscale_ptr, sumsq_ptr,
-        chunks_ptr, table_ptr, bounds_ptr, seed, n_cols,
+        segs_ptr, m_ptr, v_ptr, comp_ptr, ms_ptr, vs_ptr, qt_ptr, codes_ptr, gscale_ptr, sumsq_ptr,
+        chunks_ptr, table_ptr, seed, n_cols,
         lerp_small, lerp_w, lerp_w_minus_1, beta2, one_minus_beta2, eps,
         MOM: tl.constexpr, MASTER: tl.constexpr, PARAM_BF16: tl.constexpr, GRAD_KIND: tl.constexpr,
         LOWP: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SUMSQ: tl.constexpr, SR: tl.constexpr,
-        QB: tl.constexpr, BITS: tl.constexpr, TILE: tl.constexpr, ALIGNMENT: tl.constexpr = 1,
+        QB: tl.constexpr, BITS: tl.constexpr, TILE: tl.constexpr,
     ):
         c = tl.program_id(0).to(tl.int64)
         seg = tl.load(chunks_ptr + 3 * c)
-        begin = tl.load(chunks_ptr + 3 * c + 1)
+        begin = tl.multiple_of(tl.load(chunks_ptr + 3 * c + 1), 256)  # contract.ALIGN (the launcher checks)
         end = tl.load(chunks_ptr + 3 * c + 2)
-        if ALIGNMENT > 1:
-            begin = tl.multiple_of(begin, ALIGNMENT)  # chunk starts on a segment-offset boundary
-        row = table_ptr + n_cols * seg
-        step_size = tl.load(row)
-        decay = tl.load(row + 1)
-        bc2_sqrt = tl.load(row + 2)
-        enabled = tl.load(row + 3)
-        seg_off = tl.load(bounds_ptr + 2 * seg)
+        row = segs_ptr + _N_SEG_COLS * seg
+        rel = begin - tl.load(row + _SEG_OFFSET)  # the chunk's first element within its segment
+        n = (end - begin).to(tl.int32)  # a chunk has at most _GPU_CONFIG[0] elements
+        # the segment's own tensors (param: fp32, bf16 bits or fp16 as triton_adamw.typed_pointer's kinds)
+        P_KIND: tl.constexpr = 0 if MASTER == 0 else (1 if PARAM_BF16 else 2)
+        p_addr = segment_address(row, _SEG_PARAM, rel, P_KIND)
+        g_addr = segment_address(row, _SEG_GRAD, rel, GRAD_KIND)
+        low_addr = p_addr
+        if LOWP != 0:
+            low_addr = segment_address(row, _SEG_LOWP, rel, LOWP)
+        # the packed state at the chunk's state index
+        if MOM == 3:
+            m_c, v_c = m_ptr + begin // 2, v_ptr + begin // 2
+        else:
+            m_c, v_c = m_ptr + begin, v_ptr + begin
+        comp_c, ms_c, vs_c = comp_ptr + begin, ms_ptr + begin // QB, vs_ptr + begin // QB
+        state_addr = m_c.to(tl.int64) | v_c.to(tl.int64) | comp_c.to(tl.int64)
+        row_hp = table_ptr + n_cols * seg
+        step_size = tl.load(row_hp)
+        decay = tl.load(row_hp + 1)
+        bc2_sqrt = tl.load(row_hp + 2)
+        enabled = tl.load(row_hp + 3)
         seed_u = seed.to(tl.uint32)
         pid = seed_u * 0
         stp = seed_u * 0
         if SR:
-            pid = tl.load(row + 4).to(tl.uint32)
-            stp = tl.load(row + 5).to(tl.uint32)
+            pid = tl.load(row_hp + 4).to(tl.uint32)
+            stp = tl.load(row_hp + 5).to(tl.uint32)
         key_p = _key(seed_u, pid, stp, 0)
         key_m = _key(seed_u, pid, stp, 1)
         key_v = _key(seed_u, pid, stp, 2)
         scale = 1.0
         if HAS_SCALE:
             scale = tl.load(gscale_ptr)
-        if enabled != 0.0:
-            # Full tiles unmasked where offsets and pointers are aligned (ALIGNMENT > 1), `start` recomputed
-            # from `begin` so that its divisibility stays known (as in triton_adamw.py); masked tiles for
-            # the rest (a chunk's last tile, or every tile of an unaligned call).
+        if enabled != 0.0:  # a disabled segment runs no tile (its grad address may be 0)
+            # Full tiles unmasked where every address of the chunk is 16-byte aligned, on pointers rebuilt as
+            # aligned (triton_adamw.typed_pointer), at offsets i * TILE (not carried, so their divisibility
+            # stays known); masked tiles for the rest (a chunk's last tile, or every tile of another chunk).
+            # Masked tiles are MTILE = TILE / 4 elements: their accesses of unknown alignment get a layout
+            # of one element per thread, converted through shared memory, and at a quarter of the tile those
+            # conversions need far fewer registers than at the full one (which set the whole kernel's count:
+            # 86-154 per thread instead of 63-80 for the unmasked loop alone, Triton 3.9, sm_90).
+            MTILE: tl.constexpr = TILE // 4
             sumsq = tl.zeros((2, TILE // 8, 4), dtype=tl.float32)  # per element, summed once at the end
+            sumsq_m = tl.zeros((2, MTILE // 8, 4), dtype=tl.float32)
             i = 0
-            if ALIGNMENT > 1:
-                while begin + (i + 1) * TILE <= end:
-                    sumsq += _tile(p_ptr, g_ptr, m_ptr, v_ptr, low_ptr, comp_ptr, ms_ptr, vs_ptr, qt_ptr, codes_ptr,
-                                   begin + i * TILE, end, scale, seg_off, key_p, key_m, key_v, step_size, decay, bc2_sqrt,
+            if ((p_addr | g_addr | low_addr | state_addr) & 15) == 0:
+                p_a, g_a = typed_pointer(p_addr, P_KIND, True), typed_pointer(g_addr, GRAD_KIND, True)
+                low_a = typed_pointer(low_addr, LOWP, True)
+                while (i + 1) * TILE <= n:
+                    sumsq += _tile(p_a, g_a, m_c, v_c, low_a, comp_c, ms_c, vs_c, qt_ptr, codes_ptr,
+                                   i * TILE, n, scale, rel, key_p, key_m, key_v, step_size, decay, bc2_sqrt,
                                    lerp_small, lerp_w, lerp_w_minus_1, beta2, one_minus_beta2, eps, MOM, MASTER,
                                    PARAM_BF16, GRAD_KIND, LOWP, HAS_SCALE, QB, BITS, TILE, False)
                     i += 1
-            start = begin + i * TILE
-            if ALIGNMENT > 1:  # at most one partial tile is left
-                if start < end:
-                    sumsq += _tile(p_ptr, g_ptr, m_ptr, v_ptr, low_ptr, comp_ptr, ms_ptr, vs_ptr, qt_ptr, codes_ptr,
-                                   start, end, scale, seg_off, key_p, key_m, key_v, step_size, decay, bc2_sqrt,
-                                   lerp_small, lerp_w, lerp_w_minus_1, beta2, one_minus_beta2, eps, MOM, MASTER,
-                                   PARAM_BF16, GRAD_KIND, LOWP, HAS_SCALE, QB, BITS, TILE, True)
-            else:
-                while start < end:
-                    sumsq += _tile(p_ptr, g_ptr, m_ptr, v_ptr, low_ptr, comp_ptr, ms_ptr, vs_ptr, qt_ptr, codes_ptr,
-                                   start, end, scale, seg_off, key_p, key_m, key_v, step_size, decay, bc2_sqrt,
-                                   lerp_small, lerp_w, lerp_w_minus_1, beta2, one_minus_beta2, eps, MOM, MASTER,
-                                   PARAM_BF16, GRAD_KIND, LOWP, HAS_SCALE, QB, BITS, TILE, True)
-                    start += TILE
+            start = i * TILE
+            p_u, g_u = typed_pointer(p_addr, P_KIND, False), typed_pointer(g_addr, GRAD_KIND, False)
+            low_u = typed_pointer(low_addr, LOWP, False)
+            while start < n:
+                sumsq_m += _tile(p_u, g_u, m_c, v_c, low_u, comp_c, ms_c, vs_c, qt_ptr, codes_ptr,
+                               start, n, scale, rel, key_p, key_m, key_v, step_size, decay, bc2_sqrt,
+                               lerp_small, lerp_w, lerp_w_minus_1, beta2, one_minus_beta2, eps, MOM, MASTER,
+                               PARAM_BF16, GRAD_KIND, LOWP, HAS_SCALE, QB, BITS, MTILE, True)
+                start += MTILE
             if HAS_SUMSQ:
-                tl.atomic_add(sumsq_ptr + seg, tl.sum(sumsq))
+                tl.atomic_add(sumsq_ptr + seg, tl.sum(sumsq) + tl.sum(sumsq_m))
 
 
 def _bits16(t):
@@ -194,50 +219,53 @@ def _bits16(t):
     return None if t is None else (t.view(torch.int16) if t.dtype == torch.bfloat16 else t)
 
 
-def adamw_lean_triton_(
-    param, grad, exp_avg, exp_avg_sq, segments: Segments, hparams, *, beta1, beta2, eps, param_lowp=None,
+def adamw_segments_lean_triton_(
+    params, grads, exp_avg, exp_avg_sq, segments: Segments, hparams, *, beta1, beta2, eps, lowps=None,
     grad_scale=None, moments="fp32", master_weights="fp32", exp_avg_scale=None, exp_avg_sq_scale=None,
     compensation=None, seed=0, grad_sumsq=None,
 ) -> None:
-    """The lean-state Triton kernel, one launch; same contract as adamw_packed_reference_."""
-    reason = unavailable_reason(param.device)
+    """The lean-state Triton kernel, one launch; same contract as adamw_segments_reference_ (contract.py):
+    params[s] / grads[s] / lowps[s] the segments' contiguous tensors (grads[s] None where disabled), the
+    packed state in `moments`' format with segment offsets multiples of contract.ALIGN (ValueError
+    otherwise), hparams float64 [S, 4 or 6] on the host. RuntimeError when Triton cannot run on the
+    state's device."""
+    device = exp_avg.device
+    reason = unavailable_reason(device)
     if reason is not None:
         raise RuntimeError(f"backend 'triton' is not available: {reason}")
+    if not offsets_aligned(segments):
+        bad = next(off for off, _ in segments.bounds if off % ALIGN)
+        raise ValueError(f"segment offset {bad} is not a multiple of ALIGN={ALIGN} (lean formats need it)")
+    grad_dtype = list_dtype(grads)
+    if grad_dtype is None:  # every segment disabled (an enabled one has its grad: contract.check_segments)
+        return
     chunk, tile, num_warps = _INTERPRETER_CONFIG if _interpreted() else _GPU_CONFIG
-    chunks = chunk_table(segments, chunk, param.device)
+    chunks = chunk_table(segments, chunk, device)
     if chunks.shape[0] == 0:
         return
-    table = segment_table(hparams, param.device)
-    key = ("bounds", str(param.device))
-    if key not in segments.cache:
-        segments.cache[key] = segments.tensor().to(param.device)
+    table = segment_table(hparams, device)
+    pointers = pointer_table(segments, params, grads, lowps, device)
     one_minus_beta1, beta2_, one_minus_beta2, eps_ = host_scalars(beta1, beta2, eps)
     w = _f32(one_minus_beta1)
     quantized = moments in quant.BLOCK
-    qt = quant.kernel_table(moments if quantized else "8bit", param.device)
-    codes = code_tables(moments if quantized else "8bit", param.device)
-    any_ = param  # a placeholder pointer for absent buffers (never dereferenced: constexpr flags)
-    streams = (param, grad, exp_avg, exp_avg_sq, param_lowp, compensation)
-    aligned = offsets_aligned(segments) and all(t.data_ptr() % 16 == 0 for t in streams if t is not None)
-    on_device = torch.cuda.device(param.device) if param.device.type == "cuda" else contextlib.nullcontext()
-    with on_device:
+    qt = quant.kernel_table(moments if quantized else "8bit", device)
+    codes = code_tables(moments if quantized else "8bit", device)
+    any_ = exp_avg  # a placeholder pointer for absent buffers (never dereferenced: constexpr flags)
+    param_dtype = list_dtype(params)
+    with launch_device(device):
         _adamw_lean_kernel[(chunks.shape[0],)](
-            _bits16(param), _bits16(grad), _bits16(exp_avg), _bits16(exp_avg_sq),
-            _bits16(param_lowp) if param_lowp is not None else any_,
+            pointers, _bits16(exp_avg), _bits16(exp_avg_sq),
             _bits16(compensation) if compensation is not None else any_,
             exp_avg_scale if exp_avg_scale is not None else any_,
             exp_avg_sq_scale if exp_avg_sq_scale is not None else any_,
             qt, codes, grad_scale if grad_scale is not None else any_,
             grad_sumsq if grad_sumsq is not None else any_,
-            chunks, table, segments.cache[key], int(seed), hparams.shape[1],
+            chunks, table, int(seed), hparams.shape[1],
             int(w < 0.5), w, _f32(w - 1.0), beta2_, one_minus_beta2, eps_,
             MOM=quant.FORMAT_CODE[moments], MASTER=quant.MASTER_CODE[master_weights],
-            PARAM_BF16=param.dtype == torch.bfloat16,
-            GRAD_KIND={torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}[grad.dtype],
-            LOWP=0 if param_lowp is None else (1 if param_lowp.dtype == torch.bfloat16 else 2),
-            HAS_SCALE=grad_scale is not None, HAS_SUMSQ=grad_sumsq is not None,
+            PARAM_BF16=param_dtype == torch.bfloat16, GRAD_KIND=GRAD_KIND[grad_dtype],
+            LOWP=LOWP_KIND[list_dtype(lowps)], HAS_SCALE=grad_scale is not None, HAS_SUMSQ=grad_sumsq is not None,
             SR=hparams.shape[1] >= 6,
             QB=quant.BLOCK.get(moments, 256), BITS=quant.BITS.get(moments, 8), TILE=tile,
-            ALIGNMENT=ALIGN if aligned else 1,
             num_warps=num_warps, enable_fp_fusion=False,
         )

@@ -54,5 +54,10 @@ def meta_model(config, dtype: torch.dtype, gradient_checkpointing: bool = False)
         raise ValueError(f"model_type {getattr(config, 'model_type', None)!r}: no causal LM to build: "
                          f"{str(exc).splitlines()[0]}") from None
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers 5 renamed it (gradient_checkpointing_enable warns: removed in v6); older ones lack the new name
+        enable = getattr(model, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model.train()

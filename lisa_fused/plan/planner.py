@@ -1,15 +1,17 @@
 """One row per method and state setting: weights, trainable state, activations, peak; what fits.
 
 Where each number comes from:
-- weights: the model's parameter storages in the chosen dtype (LoRA: plus its adapters). For LISA, the
-  parameters FusedLISA binds into its packed buffers are counted there, in state, not twice.
+- weights: the model's parameter storages in the chosen dtype (LoRA: plus its adapters); FusedLISA keeps
+  params and grads where they are, so its weights are the model's, as for the other methods.
 - state, full and LoRA: `torch.optim.AdamW` (foreach on CUDA, as torch picks by default) run for real
   on fake parameters with fake grads in the traced step below: its exp_avg/exp_avg_sq/step tensors as
   created by torch, plus the grads of trained parameters, on 1- and 2-block copies extrapolated (a sum
   over parameters, every block's alike: exact; tests/test_plan.py compares a full-depth meta model).
-- state, LISA: `FusedLISA(model_on_meta, **kwargs).memory_stats()["device_bytes"]` after every block
-  has been active and has left once (a round-robin sampler and `_switch()` on meta tensors, so the host
-  store and a "device" policy's resident moments reach their steady size); host bytes from the same call.
+- state, LISA: `FusedLISA(model_on_meta, **kwargs).memory_stats()["device_bytes"]` (masters, moments,
+  scales, compensation) after every block has been active and has left once (a round-robin sampler and
+  `_switch()` on meta tensors, so the host store and a "device" policy's resident moments reach their
+  steady size), plus the grads of the params trained in one interval (always-trained + gamma blocks, in
+  the param dtype), as for full and LoRA; host bytes from the same call.
 - activations (and temporaries) of one step: `trace.trace_events` on fake 1- and 2-block copies of the
   model (same widths and vocabulary) with the method's trainable set: forward with logits and loss,
   backward, and the torch optimizer's step, peak per event (each block's forward and backward, head,
@@ -31,6 +33,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from ..layers import find_layout
+from . import badam
 from .models import meta_model
 from .trace import extrapolate, fakeify, peak_role, roles, trace_events
 
@@ -70,7 +73,7 @@ def describe_setting(kwargs: dict) -> str:
 
 @dataclass
 class Row:
-    method: str                 # full | lora | lisa
+    method: str                 # full | lora | lisa | badam
     setting: str                # what distinguishes the row: rank, or the FusedLISA keywords
     weights_bytes: int
     state_bytes: int            # grads, moments, masters, scales on the device
@@ -102,7 +105,7 @@ def _bytes(tensors) -> int:
 
 
 def _own_weight_bytes(model) -> int:
-    """Storages of parameters that are their own (not views into a larger packed buffer)."""
+    """Bytes of the parameters' storages, each storage once (tied weights share one)."""
     by_storage: dict[int, list] = {}
     for p in model.parameters():
         by_storage.setdefault(p.untyped_storage()._cdata, []).append(p)
@@ -167,14 +170,11 @@ class Planner:
     def _trace(self, model, stack, optimizer_fn) -> tuple[dict, tuple[int, int, int]]:
         """Roles of one traced step of `model` (meta, made fake in place) and, from the same fake tensors,
         (optimizer state, grads, weights) bytes: a torch optimizer's state as its step created it, a grad
-        like each trained param (FusedLISA: None, its bytes come from memory_stats)."""
+        like each trained param (FusedLISA, optimizer_fn None: no step is traced; its state comes from
+        memory_stats, and its grads, autograd's, are created by the traced backward as for the others)."""
         with FakeTensorMode():
             fakeify(model, self.trace_device)
             opt = optimizer_fn(model) if optimizer_fn is not None else None
-            if opt is None:  # FusedLISA: grads live in its packed buffer, before the step
-                for p in model.parameters():
-                    if p.requires_grad:
-                        p.grad = torch.empty_like(p)
             events = trace_events(model, self.batch_size, self.seq_len, self.vocab_size, opt, layers=stack)
             state = 0 if opt is None else _bytes(t for st in opt.state.values() for t in st.values()
                                                  if torch.is_tensor(t))
@@ -252,9 +252,16 @@ class Planner:
         row.peak_at = where
         return row
 
+    def badam(self) -> Row:
+        """BAdam's row (plan/badam.py says how it is traced). ImportError when badam is not installed."""
+        peak, kept, grads, weights, where = badam.plan_badam(self)
+        row = self._row("badam", badam.SETTING, weights, kept + grads, peak - grads, 0, {})
+        row.peak_at = where
+        return row
+
     def _lisa_trace(self, n_frozen: int, n_active: int) -> dict:
         """Roles of a trace with `n_frozen` frozen blocks under `n_active` active ones, as FusedLISA
-        leaves the flags (its packed grads exist before the step, like the other state)."""
+        leaves the flags (backward creates the active params' grads, counted while they live)."""
         from lisa_fused import FusedLISA
 
         key = (n_frozen, n_active)
@@ -282,21 +289,25 @@ class Planner:
             self._act_cache[gamma] = extrapolate(*self._lisa_deltas(gamma))
         return self._act_cache[gamma]
 
-    def _lisa_state(self, kwargs: dict, gamma: int) -> tuple[int, int, int]:
-        """(weights, device, host) bytes of FusedLISA(**kwargs) at `gamma` on the full-depth meta model."""
+    def _lisa_state(self, kwargs: dict, gamma: int) -> tuple[int, int, int, int]:
+        """(weights, device, host, grads) bytes of FusedLISA(**kwargs) at `gamma` on the full-depth meta model:
+        device = its memory_stats()["device_bytes"] + grads, the grads of one interval's trained params."""
         key = (repr(sorted(kwargs.items())), gamma)  # (param_groups is a list of dicts)
         if key not in self._stats_cache:
             model, opt = self._lisa_meta(kwargs, gamma)
             stats = opt.memory_stats()
-            self._stats_cache[key] = (_own_weight_bytes(model), int(stats["device_bytes"]), int(stats["host_bytes"]))
+            grads = sum(p.numel() * p.element_size() for p in opt._params if p.requires_grad)  # one interval's
+            self._stats_cache[key] = (_own_weight_bytes(model), int(stats["device_bytes"]) + grads,
+                                      int(stats["host_bytes"]), grads)
             opt.release()
         return self._stats_cache[key]
 
     def lisa(self, kwargs: dict) -> Row:
-        weights, device, host = self._lisa_state(kwargs, self.gamma)
+        weights, device, host, grads = self._lisa_state(kwargs, self.gamma)
         setting = describe_setting(kwargs)
+        # the traced peak counts the grads as backward creates them; the state column holds them (as full's)
         row = self._row("lisa", f"gamma={self.gamma} {setting}", weights, device,
-                        self.lisa_activations(self.gamma), host, dict(kwargs))
+                        self.lisa_activations(self.gamma) - grads, host, dict(kwargs))
         row.peak_at = peak_role(*self._lisa_deltas(self.gamma))
         return row
 
@@ -331,8 +342,8 @@ class Planner:
         return tuple(x + (gamma - lo) * (y - x) for x, y in zip(a, b))
 
     def _lisa_peak(self, kwargs, gamma) -> int:
-        weights, device, host = self._lisa_state_affine(kwargs, gamma)
-        return self._row("lisa", "", weights, device, self.lisa_activations(gamma), host, {}).peak_bytes
+        weights, device, host, grads = self._lisa_state_affine(kwargs, gamma)
+        return self._row("lisa", "", weights, device, self.lisa_activations(gamma) - grads, host, {}).peak_bytes
 
     def _max_gamma(self, row: Row, gpu_mem: int) -> int:
         """Largest gamma whose peak fits; 0 when none. The peak grows with gamma, except at gamma = n
@@ -370,8 +381,13 @@ def plan(config, *, dtype=torch.bfloat16, batch_size=1, seq_len=1024, target="cu
                 except (TypeError, ValueError, NotImplementedError) as exc:
                     setting = describe_setting(kwargs)
                     skipped.append(Skipped("lisa", setting, str(exc).splitlines()[0]))
+        elif method == "badam":
+            try:
+                rows.append(planner.badam())
+            except ImportError as exc:
+                skipped.append(Skipped("badam", badam.SETTING, f"{exc}; {badam.INSTALL}"))
         else:
-            raise ValueError(f"unknown method {method!r}; choose from full, lora, lisa")
+            raise ValueError(f"unknown method {method!r}; choose from full, lora, lisa, badam")
     for row in rows:
         planner.fit(row, gpu_mem)
     return rows, skipped, planner

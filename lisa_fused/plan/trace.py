@@ -17,6 +17,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from .kept import state_tensors
+
 
 def _key(t: torch.Tensor) -> int:
     return t.untyped_storage()._cdata  # the C++ StorageImpl: one per allocation, shared by views
@@ -140,7 +142,7 @@ def _mark_blocks(model: torch.nn.Module, tracker: AllocationTracker, layers) -> 
 
 
 def trace_events(model: torch.nn.Module, batch_size: int, seq_len: int, vocab_size: int,
-                 optimizer: torch.optim.Optimizer | None = None, layers=None) -> dict:
+                 optimizer: torch.optim.Optimizer | None = None, layers=None, kept=None) -> dict:
     """Peak bytes allocated above what exists at the start, per event of one forward (logits and loss
     included), backward and, when given, `optimizer.step()` + `zero_grad()` of a fake model.
 
@@ -152,7 +154,9 @@ def trace_events(model: torch.nn.Module, batch_size: int, seq_len: int, vocab_si
     backward creates (torch optimizers after zero_grad(set_to_none=True)) are counted while they live.
     A torch optimizer's lazily created state is created before the trace by one step on fake grads, so
     the traced step is a steady-state step (its state is counted by the caller, from `optimizer.state`).
-    `layers`: the block stack as FusedLISA's `layers=` takes it (None: detected).
+    `layers`: the block stack as FusedLISA's `layers=` takes it (None: detected). `kept`: a callable
+    returning the tensors the optimizer keeps, for an optimizer that keeps them outside `.state` (BAdam's
+    masters and its wrapped AdamW's state); default the tensors in `optimizer.state`.
     """
     params = list(model.parameters())
     device = params[0].device
@@ -168,7 +172,7 @@ def trace_events(model: torch.nn.Module, batch_size: int, seq_len: int, vocab_si
     tracker.preexisting(p.grad for p in params if p.grad is not None)
     tracker.preexisting(model.buffers())
     if optimizer is not None:
-        tracker.preexisting(t for st in optimizer.state.values() for t in st.values())
+        tracker.preexisting(kept() if kept is not None else state_tensors(optimizer))
     handles = _mark_blocks(model, tracker, layers)
     tracker.forward = True
     try:

@@ -19,33 +19,40 @@ exact sequence. A sampler returns `n_active` distinct block indices in [0, n_lay
                      the smoothed loss falls faster than average
     a callable       fn(n_blocks, n_active, generator) -> indices, checked              base.py
 
-The three adaptive ones (ADAPTIVE_SAMPLERS) keep every block's first-pick probability at least `floor`,
-and under torch.distributed every rank draws from rank 0's state (base.py says how).
+Blocks without a trainable parameter (peft `layers_to_transform`, frozen blocks) are never drawn by any
+of them (trainable.py). The three adaptive ones (ADAPTIVE_SAMPLERS) keep every block's first-pick
+probability at least `floor`, and under torch.distributed every rank draws from rank 0's state (base.py says how).
 
 Modules (each imports only the ones listed above it; this file re-exports their public names):
     options.py        SamplerOptions: the adaptive samplers' knobs and their checks
-    base.py           Sampler (draw, probabilities, floor, state_dict, rank-0 broadcast), checked_draw,
-                      uniform / UniformSampler, CallableSampler, checks shared by the samplers
+    base.py           Sampler (draw, probabilities, floor, restrict, state_dict, rank-0 broadcast),
+                      checked_draw, draw_active, uniform / UniformSampler, CallableSampler, shared checks
     weight_norm.py    WeightNormSampler, weight_norm_sampler
     grad_norm.py      GradNormSampler, GradNormMeter (the device-side grad sums of squares of an interval)
     outlier.py        OutlierSampler, block_outlier_ratios
     loss_feedback.py  LossFeedbackSampler
+    trainable.py      blocks with nothing to train: trainable_blocks, announce (the constructor's log),
+                      check_saved_active (a resumed active set), the same blocks on every rank
     registry.py       the names (SAMPLERS, ADAPTIVE_SAMPLERS, SAMPLER_NAMES) and build_sampler
 """
 from __future__ import annotations
 
-from .base import CallableSampler, Sampler, SamplerFn, UniformSampler, checked_draw, sync_generator_from_rank0, uniform
+from .base import (CallableSampler, Sampler, SamplerFn, UniformSampler, checked_draw, draw_active,
+                   sync_generator_from_rank0, uniform)
 from .grad_norm import GradNormMeter, GradNormSampler
 from .loss_feedback import LossFeedbackSampler
 from .options import SamplerOptions
 from .outlier import OutlierSampler, block_outlier_ratios
 from .registry import ADAPTIVE_SAMPLERS, SAMPLER_NAMES, SAMPLERS, build_sampler
+from .trainable import announce, check_saved_active, trainable_blocks
 from .weight_norm import WeightNormSampler, weight_norm_sampler
 
 __all__ = [
     "ADAPTIVE_SAMPLERS", "SAMPLERS", "SAMPLER_NAMES", "build_sampler",
     "SamplerOptions",
-    "Sampler", "SamplerFn", "checked_draw", "uniform", "UniformSampler", "CallableSampler", "sync_generator_from_rank0",
+    "Sampler", "SamplerFn", "checked_draw", "draw_active", "uniform", "UniformSampler", "CallableSampler",
+    "sync_generator_from_rank0",
+    "trainable_blocks", "announce", "check_saved_active",
     "WeightNormSampler", "weight_norm_sampler",
     "GradNormSampler", "GradNormMeter",
     "OutlierSampler", "block_outlier_ratios",

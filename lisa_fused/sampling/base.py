@@ -15,6 +15,14 @@ looks useless can still be re-measured. `probabilities()` are the weights of the
 `n_active` blocks are drawn without replacement (torch.multinomial with the explicit generator), so later
 picks renormalise over the blocks not yet taken.
 
+Blocks without a trainable parameter (peft `layers_to_transform`, blocks the user froze) are never drawn:
+`Sampler.restrict(blocks)` limits every sampler to the blocks that have one (`drawable`); the weights of
+the others are 0, the floor is spread over the drawable blocks only (p_i = floor + (1 - M*floor) * q_i
+over the M drawable blocks, floor default 0.1/M), and a callable is asked for indices among the drawable
+blocks (`CallableSampler`). `draw_active` trains every drawable block, without a draw, when there are no
+more of them than `n_active`. The restriction is derived from the model, not saved: the learned state
+stays per block of the stack, so a state_dict loads whatever the restriction.
+
 Every rank must draw the same blocks: `Sampler.draw` broadcasts rank 0's learned state before it picks
 when torch.distributed is initialised (one small collective per switch, only for samplers that learn),
 so float differences between ranks (per-rank losses, reduction order) cannot make ranks diverge.
@@ -66,6 +74,18 @@ class Sampler:
             raise ValueError(f"n_blocks must be an integer >= 1, got {n_blocks!r}")
         self.n_blocks = n_blocks
         self.options = options or SamplerOptions()
+        self.drawable: tuple[int, ...] = tuple(range(n_blocks))  # the blocks a draw may pick (restrict())
+
+    def restrict(self, blocks: Sequence[int]) -> None:
+        """Draw only from `blocks` (the blocks that have a trainable parameter), ascending distinct indices in
+        [0, n_blocks); the others get probability 0. ValueError for a bad list or a floor above 1/len(blocks)."""
+        idx = sorted(int(b) for b in blocks)
+        if len(set(idx)) != len(idx) or any(not 0 <= b < self.n_blocks for b in idx):
+            raise ValueError(f"{self.name} sampler: drawable blocks {list(blocks)} are not distinct blocks in "
+                             f"[0, {self.n_blocks})")
+        if idx and "floor" in SamplerOptions.APPLIES.get(self.name, ()):
+            self.options.floor_for(len(idx))
+        self.drawable = tuple(idx)
 
     # hooks (no-ops unless the sampler uses them)
     def observe_grad_norms(self, active_blocks: Sequence[int], norms: Sequence[float]) -> None:
@@ -85,8 +105,9 @@ class Sampler:
         """`n_active` distinct blocks, ascending. Call at every switch, on every rank (it may broadcast)."""
         if n_blocks != self.n_blocks:
             raise ValueError(f"{self.name} sampler was built for {self.n_blocks} blocks, asked to draw from {n_blocks}")
-        if not 1 <= n_active <= n_blocks:
-            raise ValueError(f"n_active={n_active} must be in 1..{n_blocks}")
+        if not 1 <= n_active <= len(self.drawable):
+            raise ValueError(f"n_active={n_active} must be in 1..{len(self.drawable)}, the blocks with a trainable "
+                             f"parameter ({list(self.drawable)}); draw_active trains them all when there are fewer")
         # The draw is host work on the CPU generator: a caller's `with torch.device("meta")` (or "cuda")
         # around the optimizer must not move its factory calls.
         with torch.device("cpu"):
@@ -94,9 +115,18 @@ class Sampler:
         if self.shares_state:
             self.broadcast_state()
         with torch.device("cpu"):
-            return tuple(sorted(self._pick(self._weights(), n_active, generator)))
+            return tuple(sorted(self._pick(self._drawable_weights(), n_active, generator)))
 
     __call__ = draw
+
+    def _drawable_weights(self) -> torch.Tensor:
+        """`_weights()` with 0 for the blocks a draw may not pick."""
+        w = self._weights()
+        if len(self.drawable) == self.n_blocks:
+            return w
+        mask = torch.zeros_like(w)
+        mask[list(self.drawable)] = 1.0
+        return w * mask
 
     def _pick(self, weights: torch.Tensor, n_active: int, generator: torch.Generator) -> list[int]:
         positive = int((weights > 0).sum())
@@ -106,9 +136,11 @@ class Sampler:
         return torch.multinomial(weights, n_active, replacement=False, generator=generator).tolist()
 
     def probabilities(self) -> list[float] | None:
-        """First-pick probability of each block for the next draw (sums to 1), or None if unknown."""
-        w = self._weights()
-        return (w / w.sum()).tolist()
+        """First-pick probability of each block for the next draw (sums to 1; 0 for a block that is not drawable;
+        all 0 when none is), or None if unknown."""
+        w = self._drawable_weights()
+        total = w.sum()
+        return (w / total).tolist() if total > 0 else [0.0] * self.n_blocks
 
     def describe(self) -> str:
         """One line for repr(opt) and logs: name, key options, probabilities."""
@@ -149,8 +181,18 @@ class Sampler:
         self.load_state_dict(box[0])
 
     def _with_floor(self, q: torch.Tensor) -> torch.Tensor:
-        """p = floor + (1 - N*floor) * q/sum(q); all-zero q counts as uniform."""
-        n = self.n_blocks
+        """Over the M drawable blocks, p = floor + (1 - M*floor) * q/sum(q) (all-zero q counts as uniform);
+        0 for the others. M = N unless restricted (restrict())."""
+        if len(self.drawable) == self.n_blocks:
+            return self._floored(q)
+        out = torch.zeros_like(q)
+        if self.drawable:
+            idx = list(self.drawable)
+            out[idx] = self._floored(q[idx])
+        return out
+
+    def _floored(self, q: torch.Tensor) -> torch.Tensor:
+        n = q.numel()
         floor = self.options.floor_for(n)
         total = q.sum()
         q = q / total if total > 0 else torch.full_like(q, 1.0 / n)
@@ -166,11 +208,17 @@ class UniformSampler(Sampler):
         return torch.ones(self.n_blocks, dtype=torch.float64)
 
     def _pick(self, weights, n_active, generator):
-        return uniform(self.n_blocks, n_active, generator)
+        if len(self.drawable) == self.n_blocks:
+            return uniform(self.n_blocks, n_active, generator)
+        return [self.drawable[i] for i in uniform(len(self.drawable), n_active, generator)]
 
 
 class CallableSampler(Sampler):
-    """A user function fn(n_blocks, n_active, generator) -> indices; its probabilities are unknown."""
+    """A user function fn(n_blocks, n_active, generator) -> indices; its probabilities are unknown.
+
+    Restricted to M < N drawable blocks (restrict()), fn is called as fn(M, n_active, generator) and its
+    indices count among the drawable blocks, in stack order: index j means block drawable[j]. So a
+    function that picks from range(n_blocks) never draws a block without a trainable parameter."""
 
     def __init__(self, n_blocks, fn: SamplerFn):
         super().__init__(n_blocks)
@@ -178,7 +226,11 @@ class CallableSampler(Sampler):
         self.name = getattr(fn, "__name__", "callable")
 
     def draw(self, n_blocks, n_active, generator):
-        return checked_draw(self.fn, n_blocks, n_active, generator)
+        if n_blocks != self.n_blocks:
+            raise ValueError(f"{self.name} sampler was built for {self.n_blocks} blocks, asked to draw from {n_blocks}")
+        if len(self.drawable) == n_blocks:
+            return checked_draw(self.fn, n_blocks, n_active, generator)
+        return tuple(self.drawable[j] for j in checked_draw(self.fn, len(self.drawable), n_active, generator))
 
     __call__ = draw
 
@@ -212,6 +264,14 @@ def _blocks(n_blocks: int, active_blocks: Sequence[int], what: str) -> list[int]
     if len(set(idx)) != len(idx) or any(not 0 <= b < n_blocks for b in idx):
         raise ValueError(f"{what}: active_blocks {list(active_blocks)} are not distinct blocks in [0, {n_blocks})")
     return idx
+
+
+def draw_active(sampler: Sampler, n_active: int, generator: torch.Generator) -> tuple[int, ...]:
+    """The next active set: every drawable block when there are no more than `n_active` of them (no draw,
+    the generator untouched: LISA with gamma >= N is plain AdamW), else `sampler.draw` of `n_active`."""
+    if n_active >= len(sampler.drawable):
+        return sampler.drawable
+    return sampler.draw(sampler.n_blocks, n_active, generator)
 
 
 def sync_generator_from_rank0(generator: torch.Generator) -> None:

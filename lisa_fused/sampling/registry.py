@@ -10,6 +10,7 @@ from .base import CallableSampler, Sampler, SamplerFn, UniformSampler
 from .grad_norm import GradNormSampler
 from .loss_feedback import LossFeedbackSampler
 from .options import SamplerOptions
+from .trainable import trainable_blocks
 from .outlier import OutlierSampler, block_outlier_ratios
 from .weight_norm import WeightNormSampler
 
@@ -21,8 +22,17 @@ SAMPLER_NAMES = SAMPLERS + ADAPTIVE_SAMPLERS
 def build_sampler(sampler: str | SamplerFn, layout, options: SamplerOptions | Mapping[str, Any] | None = None) -> Sampler:
     """The Sampler for FusedLISA's `sampler=` / `sampler_options=` over `layout` (a layers.ModelLayout).
 
+    Blocks of `layout` without a trainable parameter are never drawn (`Sampler.restrict`, trainable.py).
     Raises ValueError for an unknown name or bad options (naming the value and the valid range).
     """
+    made = _build(sampler, layout, options)
+    blocks = trainable_blocks(layout)
+    if len(blocks) < layout.num_blocks:
+        made.restrict(blocks)  # blocks without a trainable parameter are never drawn (trainable.py)
+    return made
+
+
+def _build(sampler, layout, options) -> Sampler:
     n = layout.num_blocks
     if callable(sampler):
         SamplerOptions.for_sampler("callable", options)

@@ -107,6 +107,8 @@ def follow_params(opt, index: int, frame, final: bool = False) -> None:
     param any more, FusedLISA rebinds to the new ones (rebuild.rebind). Anything else (DeepSpeed's flat
     partitions, other tensors) raises RuntimeError naming who did it and what works.
     """
+    if getattr(opt, "_zero", None) is not None:
+        return  # (under ZeRO 1-3 the groups are ZeRO's to fill: its steps, rebuilds and checkpoints)
     olds = _old_groups(opt)
     new, old = list(opt.param_groups[index]["params"]), olds[index]
     if len(new) == len(old) and all(a is b for a, b in zip(new, old)):
@@ -133,6 +135,12 @@ def follow_params(opt, index: int, frame, final: bool = False) -> None:
     owner = frame.f_locals.get("self") if frame is not None else None
     describe = _DEEPSPEED_WRAPPERS.get(type(owner).__name__) if owner is not None else None
     if describe is not None and type(owner).__module__.startswith("deepspeed"):
+        from . import zero, zero_client
+
+        session = zero.ZeroSession.attach(frame)  # (None: no ZeRO 1-3 construction; raises for untested ones)
+        if session is not None:
+            zero_client.enter(opt, session)
+            return
         raise RuntimeError(
             f"FusedLISA cannot run under {describe(owner)}: {type(owner).__name__} replaces the optimizer's "
             f"{len(old)} parameters with {len(new)} fp32 tensor(s) of its own (flat partitions or copies) of the parameters "

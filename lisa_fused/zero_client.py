@@ -293,8 +293,15 @@ class ZeroClient:
             self.switch(saved["slot_of"], slot_of=dict(saved["slot_of"]), carry=False)
 
     def memory_stats(self) -> dict[str, int]:
-        dev = sum(t.numel() * t.element_size() for ts in self.live.values() for t in ts)
-        paged = sum(t.numel() * t.element_size() for pieces in self.paged.values() for ts in pieces.values() for t in ts)
-        host = paged if self.opt.inactive_moments == "host" else 0
-        return {"device_bytes": dev + paged - host, "host_bytes": host, "moment_bytes": dev + paged,
-                "master_bytes": 0, "scale_bytes": 0, "compensation_bytes": 0}
+        """Bytes this rank's client holds (ints): the live moments of its ZeRO partitions and the paged
+        pieces of inactive blocks (moments; fp32 masters of a DeepSpeed-bf16 model). ZeRO's own fp32
+        partitions and gradients are not counted (they are ZeRO's, as with any client optimizer)."""
+        def nbytes(ts):
+            return sum(t.numel() * t.element_size() for t in ts)
+
+        live = sum(nbytes(ts) for ts in self.live.values())
+        paged = [ts for pieces in self.paged.values() for ts in pieces.values()]
+        moments, masters = sum(nbytes(ts[:2]) for ts in paged), sum(nbytes(ts[2:]) for ts in paged)
+        host = moments + masters if self.opt.inactive_moments == "host" else 0
+        return {"device_bytes": live + moments + masters - host, "host_bytes": host, "moment_bytes": live + moments,
+                "master_bytes": masters, "scale_bytes": 0, "compensation_bytes": 0}

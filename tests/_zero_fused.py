@@ -49,6 +49,35 @@ class Schedule:
         return list(SCHEDULE[min(step // SWITCH_EVERY, len(SCHEDULE) - 1)])
 
 
+def watch_masters(opt):
+    """At every switch: the whole fp32 master (gathered over the ranks) of each param trained after it
+    equals the one it had when last trained before (params trained across the switch, and blocks that
+    come back: their pages). Returns the list of per-switch results it appends to."""
+    from lisa_fused.zero import ZeroSession, gather_slice
+
+    z, last, ok = opt._zero, {}, []
+
+    def gather_all():
+        owned, out = z.session.owned(), {}
+        for j, p in enumerate(opt._params):
+            if p.requires_grad:
+                numel = ZeroSession.numel(p)
+                pieces = {owned[id(p)][0].range: owned[id(p)][1]} if id(p) in owned else {}
+                out[opt._names[j]] = gather_slice(numel, pieces, (0, numel), like=z.session.flats()[0])
+        return out
+
+    original = z.switch
+
+    def switch(*args, **kwargs):
+        last.update(gather_all())
+        original(*args, **kwargs)
+        now = gather_all()
+        ok.append(sorted(n for n in now if n in last and not torch.equal(now[n], last[n])))
+
+    z.switch = switch
+    return ok
+
+
 def build(stage, rank, world, dtype, inactive_moments="host"):
     import deepspeed
 
@@ -91,6 +120,7 @@ def train(engine, opt, data, rank, world, dtype, save=None):
 def scenario(stage, rank, world, dtype, out_dir, name, inactive_moments="host"):
     model, opt, engine = build(stage, rank, world, dtype, inactive_moments)
     zero_id = id(engine.optimizer)
+    masters = watch_masters(opt)
     before = full_params(model)
     data = list(enumerate(batches()))
     seq, losses = train(engine, opt, data, rank, world, dtype, save=f"{out_dir}/{name}")
@@ -98,7 +128,7 @@ def scenario(stage, rank, world, dtype, out_dir, name, inactive_moments="host"):
            "same_zero_object": id(engine.optimizer) == zero_id, "stage": opt._zero.session.stage,
            "steps": dict(zip(opt._names, opt._steps)), "memory": opt.memory_stats(),
            "partition_elements": sum(f.numel() for f in opt._zero.session.flats()), "moved": list(opt._zero.moved),
-           "backend": opt.backend}
+           "backend": opt.backend, "masters_lost": masters}
     engine.destroy()
     model, opt, engine = build(stage, rank, world, dtype, inactive_moments)
     engine.load_checkpoint(f"{out_dir}/{name}", tag="mid")
@@ -117,7 +147,9 @@ def main(out_dir):
     results = {}
     only = os.environ.get("ZERO_FUSED_ONLY")  # (a scenario name, to run one by hand)
     for name, stage, dtype, policy in [("zero1", 1, torch.float32, "host"), ("zero2", 2, torch.float32, "host"),
-                                       ("zero3", 3, torch.float32, "host"), ("zero2_drop", 2, torch.float32, "drop")]:
+                                       ("zero3", 3, torch.float32, "host"), ("zero2_drop", 2, torch.float32, "drop"),
+                                       ("zero1_bf16", 1, torch.bfloat16, "host"), ("zero2_bf16", 2, torch.bfloat16, "host"),
+                                       ("zero3_bf16", 3, torch.bfloat16, "host")]:
         if only and name != only:
             continue
         try:

@@ -139,6 +139,71 @@ def scenario(stage, rank, world, dtype, out_dir, name, inactive_moments="host"):
     return res
 
 
+LLAMA_SCHEDULE = [(1, 2), (0, 1), (0, 2), (1, 2)]  # 4 layers: 3 never active
+
+
+class LlamaSchedule(Schedule):
+    __name__ = "llama_schedule"
+
+    def __call__(self, n_blocks, n_active, generator):
+        step = 0 if self.opt is None else self.opt._global_step
+        return list(LLAMA_SCHEDULE[min(step // SWITCH_EVERY, len(LLAMA_SCHEDULE) - 1)])
+
+
+def scenario_trainer(rank, world, out_dir, stage=3):
+    """TrainingArguments(deepspeed=ZeRO-3 + bf16, gradient_checkpointing=True) with FusedLISAFactory through
+    optimizer_cls_and_kwargs (LlamaFactory PR #3103's combination); a DeepSpeed checkpoint at step 3,
+    resumed by a fresh Trainer (resume_from_checkpoint) to step 8."""
+    import transformers
+    from accelerate.state import AcceleratorState
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    from helpers import lm_batch, tiny_llama
+    from lisa_fused.hf import FusedLISAFactory, unwrap_optimizer
+
+    transformers.logging.set_verbosity_error()
+    data = [{"input_ids": x, "labels": x} for x in torch.cat([lm_batch(s, batch=4) for s in range(8)])]
+
+    def run(max_steps, resume=None):
+        sampler, seq = LlamaSchedule(), []
+
+        class Record(TrainerCallback):
+            def on_step_begin(self, args, state, control, optimizer=None, **kw):
+                sampler.opt = unwrap_optimizer(optimizer)
+                seq.append(sampler.opt.active_layers)
+
+        args = TrainingArguments(
+            output_dir=f"{out_dir}/trainer_z{stage}", report_to=[], max_steps=max_steps,
+            per_device_train_batch_size=2, learning_rate=1e-3, logging_steps=1, disable_tqdm=True, seed=0,
+            save_strategy="steps", save_steps=SAVE_AT, lr_scheduler_type="constant",
+            gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": True}, max_grad_norm=0.0,
+            deepspeed={"zero_optimization": {"stage": stage}, "bf16": {"enabled": "auto"},
+                       "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+                       "gradient_clipping": "auto", "steps_per_print": 10 ** 9})
+        # (CPU only: TrainingArguments refuses bf16=True without use_cpu, and use_cpu turns DeepSpeed off;
+        # so bf16 is switched on after the checks, in the args and in the DeepSpeed config they filled)
+        args.bf16 = True
+        args.hf_deepspeed_config.config["bf16"]["enabled"] = True
+        args.hf_deepspeed_config._dtype = torch.bfloat16
+        model = tiny_llama(4, seed=rank, dtype=torch.bfloat16)
+        lisa = {"n_active_layers": 2, "switch_every": SWITCH_EVERY, "sampler": sampler}
+        trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[Record()],
+                          optimizer_cls_and_kwargs=(FusedLISAFactory, lisa))
+        trainer.train(resume_from_checkpoint=resume)
+        opt = unwrap_optimizer(trainer.optimizer)
+        out = {"params": full_params(trainer.model_wrapped.module), "active": opt.active_layers, "seq": seq,
+               "global_step": opt._global_step, "stage": opt._zero.session.stage,
+               "losses": [e["loss"] for e in trainer.state.log_history if "loss" in e]}
+        trainer.model_wrapped.destroy()
+        AcceleratorState._reset_state(True)
+        return out
+
+    before = full_params(tiny_llama(4, seed=0, dtype=torch.bfloat16))
+    full = run(8)
+    resumed = run(8, resume=f"{out_dir}/trainer_z{stage}/checkpoint-{SAVE_AT}")
+    return {"full": full, "resumed": resumed, "before": before}
+
+
 def main(out_dir):
     import deepspeed
 
@@ -158,6 +223,12 @@ def main(out_dir):
             results[name] = {"error": traceback.format_exc()}
             print(f"rank {rank} {name}:\n{results[name]['error']}", flush=True)
         dist.barrier()
+    if not only or only == "trainer_zero3":
+        try:
+            results["trainer_zero3"] = scenario_trainer(rank, world, out_dir)
+        except Exception:
+            results["trainer_zero3"] = {"error": traceback.format_exc()}
+            print(f"rank {rank} trainer_zero3:\n{results['trainer_zero3']['error']}", flush=True)
     torch.save(results, f"{out_dir}/rank{rank}.pt")
     dist.destroy_process_group()
 

@@ -3,15 +3,16 @@
     torchrun --nproc_per_node=2 examples/train_deepspeed.py                    # deepspeed.initialize, ZeRO 0
     torchrun --nproc_per_node=2 examples/train_deepspeed.py --engine trainer   # TrainingArguments(deepspeed=...)
     torchrun --nproc_per_node=2 examples/train_deepspeed.py --dtype bf16       # bf16 model, fp32 masters in FusedLISA
-    torchrun --nproc_per_node=2 examples/train_deepspeed.py --zero-stage 3     # ZeRO 1, 2 or 3, fp32 model
+    torchrun --nproc_per_node=2 examples/train_deepspeed.py --zero-stage 3     # ZeRO 1, 2 or 3
 
 ZeRO stage 0 keeps FusedLISA as the engine's optimizer: DeepSpeed all-reduces the gradients of the
 blocks trainable at each backward and calls FusedLISA.step(). Under ZeRO 1-3 FusedLISA is ZeRO's client:
 ZeRO's partitions are rebuilt for the trainable set at every switch and FusedLISA steps ZeRO's fp32
-partition slices (docs/integration.md, DeepSpeed). There, fp32 models only (DeepSpeed bf16 is not
-tested yet); ZeRO 0 with DeepSpeed's fp16/bf16 is refused (give FusedLISA a bf16 model and leave
-DeepSpeed's bf16 off). On CPU DeepSpeed uses its CPU accelerator over
-gloo (and JIT-builds a small shared-memory op once, ~1 min, cached in ~/.cache/torch_extensions).
+partition slices (docs/integration.md, DeepSpeed); this script runs ZeRO 1-3 with an fp32 model (a bf16
+model there needs DeepSpeed's bf16: {enabled: true}: tests/test_zero_fused.py). ZeRO 0 with DeepSpeed's
+fp16/bf16 is refused (give FusedLISA a bf16 model and leave DeepSpeed's bf16 off). On CPU DeepSpeed uses
+its CPU accelerator over gloo (and JIT-builds a small shared-memory op once, ~1 min, cached in
+~/.cache/torch_extensions).
 """
 from __future__ import annotations
 

@@ -46,7 +46,8 @@ def _refusals(opt, session) -> list[str]:
     if getattr(opt._sampler, "name", None) == "grad_norm":
         out.append("sampler='grad_norm' (use 'uniform', 'weighted' or 'loss_feedback')")
     if opt._global_step or any(opt._steps):
-        out.append(f"a FusedLISA that already took {opt._global_step} steps (build it fresh before deepspeed.initialize)")
+        out.append(f"a FusedLISA that already took {opt._global_step} steps (build it fresh before "
+                   "deepspeed.initialize)")
     engine = session.engine
     if engine is not None and engine.fp16_enabled():
         out.append("DeepSpeed fp16 (use bf16: {enabled: true} with a bf16 model, or fp32)")
@@ -251,8 +252,11 @@ class ZeroClient:
     # ------------------------------------------------------------------ checkpoints (ZeRO's files)
     def state_dict(self) -> dict:
         opt = self.opt
-        state = {j: {r: tuple(t.clone() for t in ts[:2]) for r, ts in pieces.items()} for j, pieces in self._held().items()}
-        state.update({j: {r: tuple(t.clone() for t in ts) for r, ts in pieces.items()} for j, pieces in self.paged.items()})
+        # (live slices: moments only, their fp32 masters are ZeRO's partitions, which ZeRO saves; paged: all)
+        state = {j: {r: tuple(t.clone() for t in ts[:2]) for r, ts in pieces.items()}
+                 for j, pieces in self._held().items()}
+        state.update({j: {r: tuple(t.clone() for t in ts) for r, ts in pieces.items()}
+                      for j, pieces in self.paged.items()})
         return {"lisa_zero": VERSION, "stage": self.session.stage, "names": list(opt._names),
                 "global_step": opt._global_step, "slot_of": dict(self.slot_of), "steps": list(opt._steps),
                 "user_frozen": sorted(opt._slots.user_frozen), "generator": opt._generator.get_state(),
@@ -269,7 +273,8 @@ class ZeroClient:
             raise ValueError(f"checkpoint of ZeRO stage {sd['stage']} over other parameters: resume the same model "
                              f"at the same stage (this is stage {self.session.stage})")
         if dict(sd["slot_of"]) != self.slot_of:  # (engine.load_checkpoint aligns it first: before_load)
-            raise ValueError(f"checkpoint trained blocks {sorted(sd['slot_of'])}, this optimizer {sorted(self.slot_of)}: "
+            raise ValueError(f"checkpoint trained blocks {sorted(sd['slot_of'])}, this optimizer "
+                             f"{sorted(self.slot_of)}: "
                              "load it with engine.load_checkpoint")
         opt._global_step, opt._steps = int(sd["global_step"]), list(sd["steps"])
         opt._slots.user_frozen = set(sd["user_frozen"])

@@ -53,7 +53,8 @@ def scenario_deepspeed_refused(rank, world):
     """ZeRO 0 with bf16 (DeepSpeed's wrapper replaces the optimizer's params), and what FusedLISA does not
     support under ZeRO 1-3 (lean moments, optimizer offload, a bf16 model with DeepSpeed's bf16 off): refused."""
     out = {}
-    offload = {"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}}, "zero_force_ds_cpu_optimizer": False}
+    offload = {"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}},
+               "zero_force_ds_cpu_optimizer": False}  # (else DeepSpeed refuses a client optimizer with offload first)
     for name, stage, cfg, dtype, kw in [
             ("zero0_bf16", 0, {"bf16": {"enabled": True}}, torch.float32, {}),
             ("zero2_8bit", 2, {}, torch.float32, {"moments": "8bit"}),

@@ -213,7 +213,8 @@ def main(out_dir):
     only = os.environ.get("ZERO_FUSED_ONLY")  # (a scenario name, to run one by hand)
     for name, stage, dtype, policy in [("zero1", 1, torch.float32, "host"), ("zero2", 2, torch.float32, "host"),
                                        ("zero3", 3, torch.float32, "host"), ("zero2_drop", 2, torch.float32, "drop"),
-                                       ("zero1_bf16", 1, torch.bfloat16, "host"), ("zero2_bf16", 2, torch.bfloat16, "host"),
+                                       ("zero1_bf16", 1, torch.bfloat16, "host"),
+                                       ("zero2_bf16", 2, torch.bfloat16, "host"),
                                        ("zero3_bf16", 3, torch.bfloat16, "host")]:
         if only and name != only:
             continue

@@ -78,14 +78,16 @@ def watch_masters(opt):
     return ok
 
 
-def build(stage, rank, world, dtype, inactive_moments="host"):
+def build(stage, rank, world, dtype, inactive_moments="host", uniform=False):
+    """uniform: FusedLISA's own uniform draw with seed=rank (every rank must take rank 0's generator)."""
     import deepspeed
 
     model = MLPStack(WIDTH, N_LAYERS, seed=rank).to(dtype)  # the engine broadcasts rank 0's weights
-    sampler = Schedule()
+    sampler = "uniform" if uniform else Schedule()
     opt = FusedLISA(model, lr=LR, weight_decay=WD, n_active_layers=2, switch_every=SWITCH_EVERY, sampler=sampler,
-                    inactive_moments=inactive_moments, layers="blocks")
-    sampler.opt = opt
+                    inactive_moments=inactive_moments, layers="blocks", seed=rank if uniform else 0)
+    if not uniform:
+        sampler.opt = opt
     config = {"train_micro_batch_size_per_gpu": BATCH // world, "gradient_accumulation_steps": 1,
               "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True,
               "gradient_clipping": 0.0, "steps_per_print": 10 ** 9}
@@ -117,8 +119,8 @@ def train(engine, opt, data, rank, world, dtype, save=None):
     return seq, losses
 
 
-def scenario(stage, rank, world, dtype, out_dir, name, inactive_moments="host"):
-    model, opt, engine = build(stage, rank, world, dtype, inactive_moments)
+def scenario(stage, rank, world, dtype, out_dir, name, inactive_moments="host", uniform=False):
+    model, opt, engine = build(stage, rank, world, dtype, inactive_moments, uniform)
     zero_id = id(engine.optimizer)
     masters = watch_masters(opt)
     before = full_params(model)
@@ -130,7 +132,7 @@ def scenario(stage, rank, world, dtype, out_dir, name, inactive_moments="host"):
            "partition_elements": sum(f.numel() for f in opt._zero.session.flats()), "moved": list(opt._zero.moved),
            "backend": opt.backend, "masters_lost": masters}
     engine.destroy()
-    model, opt, engine = build(stage, rank, world, dtype, inactive_moments)
+    model, opt, engine = build(stage, rank, world, dtype, inactive_moments, uniform)
     engine.load_checkpoint(f"{out_dir}/{name}", tag="mid")
     res["resumed_active"], res["resumed_step"] = opt.active_layers, opt._global_step
     rseq, _ = train(engine, opt, data[SAVE_AT:], rank, world, dtype)
@@ -211,7 +213,7 @@ def main(out_dir):
     rank, world = dist.get_rank(), dist.get_world_size()
     results = {}
     only = os.environ.get("ZERO_FUSED_ONLY")  # (a scenario name, to run one by hand)
-    for name, stage, dtype, policy in [("zero1", 1, torch.float32, "host"), ("zero2", 2, torch.float32, "host"),
+    for name, stage, dtype, policy in [("zero2_uniform", 2, torch.float32, "device"),("zero1", 1, torch.float32, "host"), ("zero2", 2, torch.float32, "host"),
                                        ("zero3", 3, torch.float32, "host"), ("zero2_drop", 2, torch.float32, "drop"),
                                        ("zero1_bf16", 1, torch.bfloat16, "host"),
                                        ("zero2_bf16", 2, torch.bfloat16, "host"),
@@ -219,7 +221,7 @@ def main(out_dir):
         if only and name != only:
             continue
         try:
-            results[name] = scenario(stage, rank, world, dtype, out_dir, name, policy)
+            results[name] = scenario(stage, rank, world, dtype, out_dir, name, policy, uniform=name.endswith("uniform"))
         except Exception:  # (recorded: the test shows it; the other stages still run)
             results[name] = {"error": traceback.format_exc()}
             print(f"rank {rank} {name}:\n{results[name]['error']}", flush=True)

@@ -136,8 +136,15 @@ def run(method, args, rank, world):
         losses.append(loss.item())
     with torch.no_grad():
         eval_loss = sum(engine(input_ids=x, labels=x).loss.item() for x in held_out) / len(held_out)
+    def median(xs):
+        return sorted(xs)[len(xs) // 2] if xs else None
+
+    k = args.switch_every  # (steps k, 2k, ...: the switching steps of badam and fused_lisa, after step 1)
+    switching = [t for i, t in enumerate(times) if i and (i + 1) % k == 0]
+    plain = [t for i, t in enumerate(times) if i and (i + 1) % k]
     stats = {"method": method, "rank": rank, "zero_fp32_bytes": zero_fp32_bytes(engine), **client_bytes(),
-             "step_s_median": sorted(times[1:])[len(times[1:]) // 2], "step_s_mean": sum(times[1:]) / len(times[1:]),
+             "step_s_median": median(times[1:]), "step_s_mean": sum(times[1:]) / len(times[1:]),
+             "switch_step_s_median": median(switching), "plain_step_s_median": median(plain),
              "first_loss": losses[0], "last_loss": losses[-1], "eval_loss": eval_loss}
     engine.destroy()
     return stats
@@ -160,13 +167,15 @@ def main(argv=None):
     if rank == 0:
         print(f"ZeRO-{args.stage}, {world} ranks, tiny Llama {args.layers}x{args.hidden} bf16, {args.steps} steps; "
               f"per-rank bytes (rank 0 / rank 1)")
-        print(f"{'method':<11} {'zero fp32':>12} {'client dev':>12} {'client host':>12} {'step ms':>8} {'eval loss':>9}")
+        print(f"{'method':<11} {'zero fp32':>12} {'client dev':>12} {'client host':>12} {'step ms':>8} "
+              f"{'switch ms':>9} {'plain ms':>8} {'eval loss':>9}")
         for ranks in rows:
             r0 = ranks[0]
             cells = [" / ".join(str(r.get(k, 0)) for r in ranks) for k in ("zero_fp32_bytes", "client_device_bytes",
                                                                              "client_host_bytes")]
             print(f"{r0['method']:<11} {cells[0]:>12} {cells[1]:>12} {cells[2]:>12} "
-                  f"{1e3 * r0['step_s_median']:>8.1f} {r0['eval_loss']:>9.4f}")
+                  f"{1e3 * r0['step_s_median']:>8.1f} {1e3 * r0['switch_step_s_median']:>9.1f} "
+                  f"{1e3 * r0['plain_step_s_median']:>8.1f} {r0['eval_loss']:>9.4f}")
         if args.out:
             import deepspeed as ds
             import transformers

@@ -78,18 +78,25 @@ def watch_masters(opt):
     return ok
 
 
-def build(stage, rank, world, dtype, inactive_moments="host", uniform=False):
-    """uniform: FusedLISA's own uniform draw with seed=rank (every rank must take rank 0's generator)."""
+# name -> (FusedLISA keywords, zero_optimization keys) of the scenarios that change one thing
+VARIANTS = {"zero2_groups": ({"param_groups": [{"params": ["*.bias"], "weight_decay": 0.0}]}, {}),
+            "zero3_subgroups": ({}, {"sub_group_size": 500})}
+
+
+def build(stage, rank, world, dtype, inactive_moments="host", uniform=False, variant=None):
+    """uniform: FusedLISA's own uniform draw with seed=rank (every rank must take rank 0's generator);
+    variant: a VARIANTS key."""
+    kw, zero_cfg = VARIANTS.get(variant, ({}, {}))
     import deepspeed
 
     model = MLPStack(WIDTH, N_LAYERS, seed=rank).to(dtype)  # the engine broadcasts rank 0's weights
     sampler = "uniform" if uniform else Schedule()
     opt = FusedLISA(model, lr=LR, weight_decay=WD, n_active_layers=2, switch_every=SWITCH_EVERY, sampler=sampler,
-                    inactive_moments=inactive_moments, layers="blocks", seed=rank if uniform else 0)
+                    inactive_moments=inactive_moments, layers="blocks", seed=rank if uniform else 0, **kw)
     if not uniform:
         sampler.opt = opt
     config = {"train_micro_batch_size_per_gpu": BATCH // world, "gradient_accumulation_steps": 1,
-              "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True,
+              "zero_optimization": {"stage": stage, **zero_cfg}, "zero_allow_untested_optimizer": True,
               "gradient_clipping": 0.0, "steps_per_print": 10 ** 9}
     if dtype == torch.bfloat16:
         config["bf16"] = {"enabled": True}
@@ -120,7 +127,7 @@ def train(engine, opt, data, rank, world, dtype, save=None):
 
 
 def scenario(stage, rank, world, dtype, out_dir, name, inactive_moments="host", uniform=False):
-    model, opt, engine = build(stage, rank, world, dtype, inactive_moments, uniform)
+    model, opt, engine = build(stage, rank, world, dtype, inactive_moments, uniform, name)
     zero_id = id(engine.optimizer)
     masters = watch_masters(opt)
     before = full_params(model)
@@ -130,9 +137,9 @@ def scenario(stage, rank, world, dtype, out_dir, name, inactive_moments="host", 
            "same_zero_object": id(engine.optimizer) == zero_id, "stage": opt._zero.session.stage,
            "steps": dict(zip(opt._names, opt._steps)), "memory": opt.memory_stats(),
            "partition_elements": sum(f.numel() for f in opt._zero.session.flats()), "moved": list(opt._zero.moved),
-           "backend": opt.backend, "masters_lost": masters}
+           "backend": opt.backend, "masters_lost": masters, "zero_groups": len(opt._zero.session.flats())}
     engine.destroy()
-    model, opt, engine = build(stage, rank, world, dtype, inactive_moments, uniform)
+    model, opt, engine = build(stage, rank, world, dtype, inactive_moments, uniform, name)
     engine.load_checkpoint(f"{out_dir}/{name}", tag="mid")
     res["resumed_active"], res["resumed_step"] = opt.active_layers, opt._global_step
     rseq, _ = train(engine, opt, data[SAVE_AT:], rank, world, dtype)
@@ -213,7 +220,9 @@ def main(out_dir):
     rank, world = dist.get_rank(), dist.get_world_size()
     results = {}
     only = os.environ.get("ZERO_FUSED_ONLY")  # (a scenario name, to run one by hand)
-    for name, stage, dtype, policy in [("zero2_uniform", 2, torch.float32, "device"),("zero1", 1, torch.float32, "host"), ("zero2", 2, torch.float32, "host"),
+    for name, stage, dtype, policy in [("zero2_uniform", 2, torch.float32, "device"),
+                                       ("zero2_groups", 2, torch.float32, "host"),
+                                       ("zero3_subgroups", 3, torch.float32, "host"),("zero1", 1, torch.float32, "host"), ("zero2", 2, torch.float32, "host"),
                                        ("zero3", 3, torch.float32, "host"), ("zero2_drop", 2, torch.float32, "drop"),
                                        ("zero1_bf16", 1, torch.bfloat16, "host"),
                                        ("zero2_bf16", 2, torch.bfloat16, "host"),

@@ -36,14 +36,19 @@ def results(tmp_path_factory):
     return run_two_processes("_zero_fused.py", tmp_path_factory.mktemp("zero_fused"), 900, {"OMP_NUM_THREADS": "1"})
 
 
-def reference(seq, drop=False, dtype=torch.float32):
+def reference(seq, drop=False, dtype=torch.float32, bias_group=False):
     """torch AdamW (foreach=False), one process, whole batches, the blocks of `seq[step]` trainable at each
     step (plus everything outside the stack). drop: a block's state is reset when it re-enters. bf16: AdamW
     on fp32 masters (from the bf16 weights, as ZeRO's), forward/backward in a bf16 copy rounded from them."""
     model = MLPStack(Z.WIDTH, Z.N_LAYERS, seed=0).to(dtype)
     master = MLPStack(Z.WIDTH, Z.N_LAYERS, seed=0)
     master.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
-    opt = torch.optim.AdamW(master.parameters(), lr=Z.LR, weight_decay=Z.WD, foreach=False)
+    params = list(master.parameters())
+    if bias_group:  # (FusedLISA's param_groups=[{"params": ["*.bias"], "weight_decay": 0.0}])
+        biases = [p for n, p in master.named_parameters() if n.endswith(".bias")]
+        params = [{"params": [p for p in params if all(p is not q for q in biases)]},
+                  {"params": biases, "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(params, lr=Z.LR, weight_decay=Z.WD, foreach=False)
     prev = ()
     for step, (x, y) in enumerate(Z.batches()):
         for m in (model, master):
@@ -97,6 +102,18 @@ def test_fused_lisa_trains_under_zero_like_adamw(results, name, stage):
         torch.testing.assert_close(r0["params"][n], p, rtol=1e-5, atol=1e-6, msg=n)
 
 
+@pytest.mark.parametrize("name, stage, zero_groups", [("zero2_groups", 2, 2), ("zero3_subgroups", 3, 3)])
+def test_two_param_groups_and_zero3_sub_groups(results, name, stage, zero_groups):
+    """ZeRO-2 with a second FusedLISA group (biases, weight_decay 0): two ZeRO groups, so ZeRO calls step()
+    per group; ZeRO-3 with sub_group_size=500: the trained set in 3 sub-groups. Both equal torch
+    AdamW with the same groups and freezing (tolerance as above)."""
+    r0, r1 = results[name]
+    check_trained(r0, r1, stage)
+    assert r0["zero_groups"] == zero_groups, r0["zero_groups"]
+    for n, p in reference(r0["seq"], bias_group=name == "zero2_groups").items():
+        torch.testing.assert_close(r0["params"][n], p, rtol=1e-5, atol=1e-6, msg=n)
+
+
 def test_uniform_draw_with_a_seed_per_rank_takes_rank_0s_blocks(results):
     """FusedLISA's own uniform sampler, seed=rank on each rank, inactive_moments="device": both ranks train
     rank 0's draws (the generator is rank 0's), the run spans switches, and equals torch AdamW with that
@@ -123,8 +140,8 @@ def test_fused_lisa_trains_under_zero_with_deepspeed_bf16(results, name, stage):
         assert deviation <= 0.03 * update + 2 ** -12, (n, deviation, update)
 
 
-@pytest.mark.parametrize("name", ["zero1", "zero2", "zero3", "zero2_drop", "zero2_uniform", "zero1_bf16", "zero2_bf16",
-                                  "zero3_bf16"])
+@pytest.mark.parametrize("name", ["zero1", "zero2", "zero3", "zero2_drop", "zero2_uniform", "zero2_groups",
+                                  "zero3_subgroups", "zero1_bf16", "zero2_bf16", "zero3_bf16"])
 def test_mid_interval_checkpoint_resumes_bitwise_in_a_fresh_engine(results, name):
     r0, r1 = results[name]
     for r in (r0, r1):

@@ -211,6 +211,10 @@ class FusedLISA(torch.optim.Optimizer):
         model; nothing changes before a raise."""
         if not hasattr(self, "_params"):
             return super().add_param_group(param_group)  # torch.optim.Optimizer.__init__ adding our groups
+        if self._zero is not None:
+            raise RuntimeError("FusedLISA.add_param_group under DeepSpeed ZeRO 1-3: ZeRO's groups follow the client's "
+                               "groups of deepspeed.initialize; build FusedLISA with every group (param_groups=[...]) "
+                               "before deepspeed.initialize")
         self._check_binding()
         rebuild.add_param_group(self, param_group)
 
@@ -240,6 +244,7 @@ class FusedLISA(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         if self._zero is not None:  # DeepSpeed ZeRO 1-3: one of ZeRO's partitions (zero_client.py)
+            self._live()
             self._zero.step()
             return loss
         self._check_binding()

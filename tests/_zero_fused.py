@@ -138,6 +138,11 @@ def scenario(stage, rank, world, dtype, out_dir, name, inactive_moments="host", 
            "steps": dict(zip(opt._names, opt._steps)), "memory": opt.memory_stats(),
            "partition_elements": sum(f.numel() for f in opt._zero.session.flats()), "moved": list(opt._zero.moved),
            "backend": opt.backend, "masters_lost": masters, "zero_groups": len(opt._zero.session.flats())}
+    try:
+        opt.add_param_group({"params": [model.blocks[0][0].weight]})
+        res["add_param_group"] = "no error"
+    except RuntimeError as err:
+        res["add_param_group"] = str(err)
     engine.destroy()
     model, opt, engine = build(stage, rank, world, dtype, inactive_moments, uniform, name)
     engine.load_checkpoint(f"{out_dir}/{name}", tag="mid")

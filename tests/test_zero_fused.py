@@ -114,6 +114,12 @@ def test_two_param_groups_and_zero3_sub_groups(results, name, stage, zero_groups
         torch.testing.assert_close(r0["params"][n], p, rtol=1e-5, atol=1e-6, msg=n)
 
 
+def test_add_param_group_under_zero_is_refused(results):
+    for r in results["zero2"]:
+        assert r["add_param_group"].startswith("FusedLISA.add_param_group under DeepSpeed ZeRO 1-3"), r["add_param_group"]
+        assert "param_groups=[...]" in r["add_param_group"]
+
+
 def test_uniform_draw_with_a_seed_per_rank_takes_rank_0s_blocks(results):
     """FusedLISA's own uniform sampler, seed=rank on each rank, inactive_moments="device": both ranks train
     rank 0's draws (the generator is rank 0's), the run spans switches, and equals torch AdamW with that

@@ -23,6 +23,7 @@ moved in a re-partition. Tested with deepspeed 0.19.8 only: `check_version` refu
 from __future__ import annotations
 
 import inspect
+import re
 import weakref
 from dataclasses import dataclass
 
@@ -35,7 +36,7 @@ STAGE_CLASSES = {"DeepSpeedZeroOptimizer": None, "DeepSpeedZeroOptimizer_Stage3"
 def _version_tuple(text: str) -> tuple[int, ...]:
     parts = []
     for piece in text.split("+")[0].split(".")[:3]:
-        digits = "".join(ch for ch in piece if ch.isdigit()) or "0"
+        digits = re.match(r"\d*", piece).group() or "0"  # (leading digits: "8rc1" is 8, not 81)
         parts.append(int(digits))
     return tuple(parts + [0] * (3 - len(parts)))
 

@@ -13,7 +13,7 @@ def test_tested_range_passes(version):
     check_version(version)
 
 
-@pytest.mark.parametrize("version", ["0.19.7", "0.20.0", "0.18.4", "1.0.0"])
+@pytest.mark.parametrize("version", ["0.19.7", "0.20.0", "0.20.0rc1", "0.18.4", "1.0.0", "0.1.98"])
 def test_outside_the_range_is_refused_naming_both(version):
     with pytest.raises(RuntimeError) as err:
         check_version(version)

@@ -173,7 +173,7 @@ def scenario_trainer(rank, world, out_dir, stage=3):
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     from helpers import lm_batch, tiny_llama
-    from lisa_fused.hf import FusedLISAFactory, unwrap_optimizer
+    from lisa_fused.hf import FusedLISAFactory, LISACallback, unwrap_optimizer
 
     transformers.logging.set_verbosity_error()
     data = [{"input_ids": x, "labels": x} for x in torch.cat([lm_batch(s, batch=4) for s in range(8)])]
@@ -201,13 +201,15 @@ def scenario_trainer(rank, world, out_dir, stage=3):
         args.hf_deepspeed_config._dtype = torch.bfloat16
         model = tiny_llama(4, seed=rank, dtype=torch.bfloat16)
         lisa = {"n_active_layers": 2, "switch_every": SWITCH_EVERY, "sampler": sampler}
-        trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[Record()],
+        trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[Record(), LISACallback()],
                           optimizer_cls_and_kwargs=(FusedLISAFactory, lisa))
         trainer.train(resume_from_checkpoint=resume)
         opt = unwrap_optimizer(trainer.optimizer)
         out = {"params": full_params(trainer.model_wrapped.module), "active": opt.active_layers, "seq": seq,
                "global_step": opt._global_step, "stage": opt._zero.session.stage,
-               "losses": [e["loss"] for e in trainer.state.log_history if "loss" in e]}
+               "losses": [e["loss"] for e in trainer.state.log_history if "loss" in e],
+               "logged_active": [tuple(e["lisa_active_layers"]) for e in trainer.state.log_history
+                                 if "lisa_active_layers" in e]}
         trainer.model_wrapped.destroy()
         AcceleratorState._reset_state(True)
         return out

@@ -176,7 +176,8 @@ def test_each_rank_holds_moments_of_its_partition_only(results, name):
 
 def test_trainer_zero3_bf16_gradient_checkpointing_trains_and_resumes(results):
     """TrainingArguments(deepspeed=ZeRO-3 + bf16, gradient_checkpointing=True, reentrant) with
-    optimizer_cls_and_kwargs=(FusedLISAFactory, ...) (LlamaFactory PR #3103's combination): the drawn
+    optimizer_cls_and_kwargs=(FusedLISAFactory, ...) (LlamaFactory PR #3103's combination) and LISACallback
+    (which logs the active layers after each step's switch): the drawn
     layers, the embedding, the final norm and the head train, the never-drawn layer 3 stays bitwise, ranks
     agree, and resume_from_checkpoint at step 3 (mid-interval) continues bitwise to step 8. (The loss is
     not checked: 8 steps on random tokens.)"""
@@ -187,6 +188,8 @@ def test_trainer_zero3_bf16_gradient_checkpointing_trains_and_resumes(results):
             assert r[run]["stage"] == 3 and r[run]["global_step"] == Z.STEPS
         assert r["full"]["seq"] == [a for a in Z.LLAMA_SCHEDULE for _ in range(Z.SWITCH_EVERY)], r["full"]["seq"]
         assert r["resumed"]["seq"] == r["full"]["seq"][Z.SAVE_AT:]
+        logged = r["full"]["logged_active"][:Z.STEPS]  # (per step; then the end-of-training log)
+        assert logged == r["full"]["seq"][1:] + [r["full"]["active"]], r["full"]["logged_active"]
     ever = {b for a in Z.LLAMA_SCHEDULE for b in a}
     for n, p in r0["full"]["params"].items():
         assert torch.equal(p, r1["full"]["params"][n]), n

@@ -165,7 +165,7 @@ class LlamaSchedule(Schedule):
 
 
 def scenario_trainer(rank, world, out_dir, stage=3):
-    """TrainingArguments(deepspeed=ZeRO-3 + bf16, gradient_checkpointing=True) with FusedLISAFactory through
+    """TrainingArguments(deepspeed=ZeRO-`stage` + bf16, gradient_checkpointing=True) with FusedLISAFactory through
     optimizer_cls_and_kwargs (LlamaFactory PR #3103's combination); a DeepSpeed checkpoint at step 3,
     resumed by a fresh Trainer (resume_from_checkpoint) to step 8."""
     import transformers
@@ -242,12 +242,16 @@ def main(out_dir):
             results[name] = {"error": traceback.format_exc()}
             print(f"rank {rank} {name}:\n{results[name]['error']}", flush=True)
         dist.barrier()
-    if not only or only == "trainer_zero3":
+    for stage in (2, 3):
+        name = f"trainer_zero{stage}"
+        if only and only != name:
+            continue
         try:
-            results["trainer_zero3"] = scenario_trainer(rank, world, out_dir)
+            results[name] = scenario_trainer(rank, world, out_dir, stage)
         except Exception:
-            results["trainer_zero3"] = {"error": traceback.format_exc()}
-            print(f"rank {rank} trainer_zero3:\n{results['trainer_zero3']['error']}", flush=True)
+            results[name] = {"error": traceback.format_exc()}
+            print(f"rank {rank} {name}:\n{results[name]['error']}", flush=True)
+        dist.barrier()
     torch.save(results, f"{out_dir}/rank{rank}.pt")
     dist.destroy_process_group()
 

@@ -174,18 +174,19 @@ def test_each_rank_holds_moments_of_its_partition_only(results, name):
     assert r0["memory"]["host_bytes"] + r1["memory"]["host_bytes"] == 8 * block1
 
 
-def test_trainer_zero3_bf16_gradient_checkpointing_trains_and_resumes(results):
-    """TrainingArguments(deepspeed=ZeRO-3 + bf16, gradient_checkpointing=True, reentrant) with
+@pytest.mark.parametrize("stage", [2, 3])
+def test_trainer_zero_bf16_gradient_checkpointing_trains_and_resumes(results, stage):
+    """TrainingArguments(deepspeed=ZeRO-2/3 + bf16, gradient_checkpointing=True, reentrant) with
     optimizer_cls_and_kwargs=(FusedLISAFactory, ...) (LlamaFactory PR #3103's combination) and LISACallback
     (which logs the active layers after each step's switch): the drawn
     layers, the embedding, the final norm and the head train, the never-drawn layer 3 stays bitwise, ranks
     agree, and resume_from_checkpoint at step 3 (mid-interval) continues bitwise to step 8. (The loss is
     not checked: 8 steps on random tokens.)"""
-    r0, r1 = results["trainer_zero3"]
+    r0, r1 = results[f"trainer_zero{stage}"]
     for r in (r0, r1):
         assert "error" not in r, r.get("error")
         for run in ("full", "resumed"):
-            assert r[run]["stage"] == 3 and r[run]["global_step"] == Z.STEPS
+            assert r[run]["stage"] == stage and r[run]["global_step"] == Z.STEPS
         assert r["full"]["seq"] == [a for a in Z.LLAMA_SCHEDULE for _ in range(Z.SWITCH_EVERY)], r["full"]["seq"]
         assert r["resumed"]["seq"] == r["full"]["seq"][Z.SAVE_AT:]
         logged = r["full"]["logged_active"][:Z.STEPS]  # (per step; then the end-of-training log)

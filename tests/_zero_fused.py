@@ -95,7 +95,8 @@ def build(stage, rank, world, dtype, inactive_moments="host", uniform=False, var
                     inactive_moments=inactive_moments, layers="blocks", seed=rank if uniform else 0, **kw)
     if not uniform:
         sampler.opt = opt
-    config = {"train_micro_batch_size_per_gpu": BATCH // world, "gradient_accumulation_steps": 1,
+    accum = 2 if variant == "zero2_accum" else 1
+    config = {"train_micro_batch_size_per_gpu": BATCH // world // accum, "gradient_accumulation_steps": accum,
               "zero_optimization": {"stage": stage, **zero_cfg}, "zero_allow_untested_optimizer": True,
               "gradient_clipping": 0.0, "steps_per_print": 10 ** 9}
     if dtype == torch.bfloat16:
@@ -112,14 +113,17 @@ def full_params(model):
 
 
 def train(engine, opt, data, rank, world, dtype, save=None):
+    """One optimizer step per batch: this rank's share, in engine.gradient_accumulation_steps() micro-batches."""
     seq, losses = [], []
+    accum = engine.gradient_accumulation_steps()
     for step, (x, y) in data:
         seq.append(opt.active_layers)
-        n = x.shape[0] // world
-        loss = torch.nn.functional.mse_loss(engine(x[rank * n:(rank + 1) * n].to(dtype)).float(),
-                                            y[rank * n:(rank + 1) * n])
-        engine.backward(loss)
-        engine.step()
+        n = x.shape[0] // world // accum
+        for k in range(accum):
+            part = slice((rank * accum + k) * n, (rank * accum + k + 1) * n)
+            loss = torch.nn.functional.mse_loss(engine(x[part].to(dtype)).float(), y[part])
+            engine.backward(loss)
+            engine.step()  # (DeepSpeed steps the optimizer at the accumulation boundary only)
         losses.append(loss.item())
         if save is not None and step + 1 == SAVE_AT:
             engine.save_checkpoint(save, tag="mid")
@@ -229,6 +233,7 @@ def main(out_dir):
     only = os.environ.get("ZERO_FUSED_ONLY")  # (a scenario name, to run one by hand)
     for name, stage, dtype, policy in [("zero2_uniform", 2, torch.float32, "device"),
                                        ("zero2_groups", 2, torch.float32, "host"),
+                                       ("zero2_accum", 2, torch.float32, "host"),
                                        ("zero3_subgroups", 3, torch.float32, "host"),("zero1", 1, torch.float32, "host"), ("zero2", 2, torch.float32, "host"),
                                        ("zero3", 3, torch.float32, "host"), ("zero2_drop", 2, torch.float32, "drop"),
                                        ("zero1_bf16", 1, torch.bfloat16, "host"),

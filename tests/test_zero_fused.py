@@ -102,11 +102,13 @@ def test_fused_lisa_trains_under_zero_like_adamw(results, name, stage):
         torch.testing.assert_close(r0["params"][n], p, rtol=1e-5, atol=1e-6, msg=n)
 
 
-@pytest.mark.parametrize("name, stage, zero_groups", [("zero2_groups", 2, 2), ("zero3_subgroups", 3, 3)])
-def test_two_param_groups_and_zero3_sub_groups(results, name, stage, zero_groups):
+@pytest.mark.parametrize("name, stage, zero_groups", [("zero2_groups", 2, 2), ("zero3_subgroups", 3, 3),
+                                                      ("zero2_accum", 2, 1)])
+def test_two_param_groups_zero3_sub_groups_and_accumulation(results, name, stage, zero_groups):
     """ZeRO-2 with a second FusedLISA group (biases, weight_decay 0): two ZeRO groups, so ZeRO calls step()
-    per group; ZeRO-3 with sub_group_size=500: the trained set in 3 sub-groups. Both equal torch
-    AdamW with the same groups and freezing (tolerance as above)."""
+    per group; ZeRO-3 with sub_group_size=500: the trained set in 3 sub-groups; ZeRO-2 with
+    gradient_accumulation_steps=2 (two micro-batches per optimizer step, the switch counted per optimizer
+    step). Each equals torch AdamW with the same groups and freezing (tolerance as above)."""
     r0, r1 = results[name]
     check_trained(r0, r1, stage)
     assert r0["zero_groups"] == zero_groups, r0["zero_groups"]
@@ -147,7 +149,7 @@ def test_fused_lisa_trains_under_zero_with_deepspeed_bf16(results, name, stage):
 
 
 @pytest.mark.parametrize("name", ["zero1", "zero2", "zero3", "zero2_drop", "zero2_uniform", "zero2_groups",
-                                  "zero3_subgroups", "zero1_bf16", "zero2_bf16", "zero3_bf16"])
+                                  "zero3_subgroups", "zero2_accum", "zero1_bf16", "zero2_bf16", "zero3_bf16"])
 def test_mid_interval_checkpoint_resumes_bitwise_in_a_fresh_engine(results, name):
     r0, r1 = results[name]
     for r in (r0, r1):

@@ -43,8 +43,12 @@ def _refusals(opt, session) -> list[str]:
         if g.get("moments", "fp32") != "fp32" or g.get("master_weights", "fp32") != "fp32":
             out.append(f"param_groups[{k}] moments={g.get('moments')!r} master_weights={g.get('master_weights')!r} "
                        "(under ZeRO the masters are ZeRO's fp32 partitions: use moments='fp32', master_weights='fp32')")
-    if getattr(opt._sampler, "name", None) == "grad_norm":
-        out.append("sampler='grad_norm' (use 'uniform', 'weighted' or 'loss_feedback')")
+    name = getattr(opt._sampler, "name", None)
+    if name == "grad_norm":  # (its per-block sums come from FusedLISA's own launch, not ZeRO's slices)
+        out.append("sampler='grad_norm' (use 'uniform', 'loss_feedback' or a callable)")
+    if name in ("weight_norm", "outlier") and session.stage == 3:  # (they read the params: ZeRO-3 partitions them)
+        out.append(f"sampler={name!r} at stage 3, where each rank holds a partition of every param (use 'uniform', "
+                   "'loss_feedback' or a callable, or ZeRO 1/2)")
     if opt._global_step or any(opt._steps):
         out.append(f"a FusedLISA that already took {opt._global_step} steps (build it fresh before "
                    "deepspeed.initialize)")
@@ -68,13 +72,8 @@ def enter(opt, session: ZeroSession) -> None:
         raise RuntimeError(f"FusedLISA under DeepSpeed ZeRO stage {session.stage} does not support "
                            f"{'; '.join(refused)}")
     opt._sync_generator_from_rank0()
-    mine = torch.tensor(list(opt.active_layers), dtype=torch.int64)
-    first = mine.clone()
-    torch.distributed.broadcast(first, src=0)
-    if not torch.equal(first, mine):
-        raise RuntimeError(f"FusedLISA: rank {torch.distributed.get_rank()} drew blocks {mine.tolist()}, rank 0 "
-                           f"{first.tolist()}: build FusedLISA after torch.distributed is initialized "
-                           "(deepspeed.init_distributed()), or with the same seed on every rank")
+    ZeroClient._agreed(opt.active_layers, "build FusedLISA after torch.distributed is initialized "
+                       "(deepspeed.init_distributed()), or with the same seed on every rank")
     opt._store.release()  # (FusedLISA's own paged state: unused under ZeRO)
     opt._packed_state.bufs = []  # (its packed moments too: ZeroClient keeps the state, per ZeRO partition)
     opt._zero = ZeroClient(opt, session)
@@ -138,7 +137,21 @@ class ZeroClient:
         opt = self.opt
         opt._global_step += 1
         if opt._global_step % opt.switch_every == 0:
-            self.switch(opt._draw())
+            self.switch(self._agreed(opt._draw()))
+
+    @staticmethod
+    def _agreed(new, fix: str = "a callable sampler must not depend on the rank") -> tuple[int, ...]:
+        """`new` if every rank drew it (two all_reduces of the sorted indices: min and max), else RuntimeError
+        on every rank: ranks training different blocks would deadlock or corrupt ZeRO's collectives."""
+        dist = torch.distributed
+        mine = torch.tensor(sorted(new), dtype=torch.int64)
+        low, high = mine.clone(), mine.clone()
+        dist.all_reduce(low, op=dist.ReduceOp.MIN)
+        dist.all_reduce(high, op=dist.ReduceOp.MAX)
+        if not (torch.equal(low, mine) and torch.equal(high, mine)):
+            raise RuntimeError(f"FusedLISA under ZeRO: rank {dist.get_rank()} drew blocks {mine.tolist()}, other ranks "
+                               f"drew others; every rank must train the same blocks: {fix}")
+        return tuple(new)
 
     # ------------------------------------------------------------------ the switch
     def order(self) -> list[list[torch.nn.Parameter]]:

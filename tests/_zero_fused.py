@@ -224,6 +224,30 @@ def scenario_trainer(rank, world, out_dir, stage=3):
     return {"full": full, "resumed": resumed, "before": before}
 
 
+def scenario_refused(rank, world):
+    """What FusedLISA refuses under ZeRO that test_integration_engines does not cover: {name: message}."""
+    import deepspeed
+
+    out = {}
+    def by_rank(n_blocks, n_active, generator):  # (a callable sampler that wrongly depends on the rank)
+        return [rank, rank + 1]
+
+    for name, stage, kw in [("zero3_weight_norm", 3, {"sampler": "weight_norm"}),
+                            ("zero2_grad_norm", 2, {"sampler": "grad_norm"}),
+                            ("zero2_rank_dependent_draw", 2, {"sampler": by_rank})]:
+        model = MLPStack(WIDTH, N_LAYERS, seed=0)
+        opt = FusedLISA(model, n_active_layers=2, switch_every=SWITCH_EVERY, layers="blocks", **kw)
+        config = {"train_micro_batch_size_per_gpu": BATCH // world, "zero_optimization": {"stage": stage},
+                  "zero_allow_untested_optimizer": True, "steps_per_print": 10 ** 9}
+        try:
+            deepspeed.initialize(model=model, optimizer=opt, config=config)
+            out[name] = "no error"
+        except RuntimeError as err:
+            out[name] = str(err)
+        opt.release()
+    return out
+
+
 def main(out_dir):
     import deepspeed
 
@@ -246,6 +270,9 @@ def main(out_dir):
         except Exception:  # (recorded: the test shows it; the other stages still run)
             results[name] = {"error": traceback.format_exc()}
             print(f"rank {rank} {name}:\n{results[name]['error']}", flush=True)
+        dist.barrier()
+    if not only or only == "refused":
+        results["refused"] = scenario_refused(rank, world)
         dist.barrier()
     for stage in (2, 3):
         name = f"trainer_zero{stage}"

@@ -116,6 +116,22 @@ def test_two_param_groups_zero3_sub_groups_and_accumulation(results, name, stage
         torch.testing.assert_close(r0["params"][n], p, rtol=1e-5, atol=1e-6, msg=n)
 
 
+@pytest.mark.parametrize("name, says", [
+    ("zero3_weight_norm", "sampler='weight_norm' at stage 3, where each rank holds a partition of every param"),
+    ("zero2_grad_norm", "sampler='grad_norm' (use 'uniform', 'loss_feedback' or a callable)")])
+def test_samplers_that_need_what_zero_partitions_are_refused(results, name, says):
+    for r in results["refused"]:
+        assert r[name].startswith("FusedLISA under DeepSpeed ZeRO stage") and says in r[name], r[name]
+
+
+def test_ranks_that_drew_different_blocks_are_refused_on_every_rank(results):
+    """A rank-dependent draw at construction: every rank raises at deepspeed.initialize (no hang)."""
+    for rank, r in enumerate(results["refused"]):
+        text = r["zero2_rank_dependent_draw"]
+        assert text.startswith(f"FusedLISA under ZeRO: rank {rank} drew blocks [{rank}, {rank + 1}]"), text
+        assert "build FusedLISA after torch.distributed is initialized" in text
+
+
 def test_add_param_group_under_zero_is_refused(results):
     for r in results["zero2"]:
         assert r["add_param_group"].startswith("FusedLISA.add_param_group under DeepSpeed ZeRO 1-3"), r["add_param_group"]

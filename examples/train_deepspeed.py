@@ -1,16 +1,18 @@
-"""Fine-tune a tiny Llama with FusedLISA under DeepSpeed ZeRO stage 0, directly or through the Trainer.
+"""Fine-tune a tiny Llama with FusedLISA under DeepSpeed ZeRO stage 0-3, directly or through the Trainer.
 
-    torchrun --nproc_per_node=2 examples/train_deepspeed.py                    # deepspeed.initialize
+    torchrun --nproc_per_node=2 examples/train_deepspeed.py                    # deepspeed.initialize, ZeRO 0
     torchrun --nproc_per_node=2 examples/train_deepspeed.py --engine trainer   # TrainingArguments(deepspeed=...)
     torchrun --nproc_per_node=2 examples/train_deepspeed.py --dtype bf16       # bf16 model, fp32 masters in FusedLISA
-    torchrun --nproc_per_node=2 examples/train_deepspeed.py --zero-stage 2     # refused: prints why
+    torchrun --nproc_per_node=2 examples/train_deepspeed.py --zero-stage 3     # ZeRO 1, 2 or 3
 
 ZeRO stage 0 keeps FusedLISA as the engine's optimizer: DeepSpeed all-reduces the gradients of the
-blocks trainable at each backward and calls FusedLISA.step(). Stages 1-3, and DeepSpeed's own fp16/bf16
-wrappers, replace the optimizer's parameters with flat fp32 copies of the parameters trainable at
-initialize; FusedLISA refuses them there, naming the stage (docs/integration.md). For bf16, give
-FusedLISA a bf16 model and leave DeepSpeed's bf16 off. On CPU DeepSpeed uses its CPU accelerator over
-gloo (and JIT-builds a small shared-memory op once, ~1 min, cached in ~/.cache/torch_extensions).
+blocks trainable at each backward and calls FusedLISA.step(). Under ZeRO 1-3 FusedLISA is ZeRO's client:
+ZeRO's partitions are rebuilt for the trainable set at every switch and FusedLISA steps ZeRO's fp32
+partition slices (docs/integration.md, DeepSpeed); this script runs ZeRO 1-3 with an fp32 model (a bf16
+model there needs DeepSpeed's bf16: {enabled: true}: tests/test_zero_fused.py). ZeRO 0 with DeepSpeed's
+fp16/bf16 is refused (give FusedLISA a bf16 model and leave DeepSpeed's bf16 off). On CPU DeepSpeed uses
+its CPU accelerator over gloo (and JIT-builds a small shared-memory op once, ~1 min, cached in
+~/.cache/torch_extensions).
 """
 from __future__ import annotations
 
@@ -62,7 +64,7 @@ def run_engine(args, rank, world):
     opt = FusedLISA(model, lr=args.lr, weight_decay=0.01, n_active_layers=args.n_active,
                     switch_every=args.switch_every, seed=args.seed + rank)
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config(args))  # broadcasts rank 0's weights
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    before = full_params(model)
     data = text_windows(args.seq, args.seed).to(engine.device)
     seen, losses = set(), []
     for step in range(args.steps):
@@ -74,6 +76,14 @@ def run_engine(args, rank, world):
         engine.step()
         losses.append(loss.item())
     return model, opt, before, seen, losses
+
+
+def full_params(model):
+    """{name: the whole param} (ZeRO-3 holds each rank's partition only: gathered)."""
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters([p for p in model.parameters() if hasattr(p, "ds_id")]):
+        return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
 def run_trainer(args, rank, world, out):
@@ -122,14 +132,15 @@ def main(argv=None):
         if rank == 0:
             print(f"refused: {err}")
         return {"refused": str(err)}
-    changed = {n: not torch.equal(p.detach(), before[n]) for n, p in model.named_parameters()}
+    after = full_params(model)
+    changed = {n: not torch.equal(p, before[n]) for n, p in after.items()}
     if rank == 0:  # (rank 0's `before` is what the engine broadcast; the other ranks started elsewhere)
         print(f"{args.engine}, ZeRO stage {args.zero_stage}: {opt!r}")
         print(f"losses {[round(x, 3) for x in losses[:2]]} ... {[round(x, 3) for x in losses[-2:]]}")
         print(f"{sum(changed.values())} of {len(changed)} params changed; blocks trained: {sorted(seen)}; "
               f"optimizer device bytes: {opt.memory_stats()['device_bytes']}")
     return {"changed": changed, "ever_active": seen, "losses": losses, "global_step": opt._global_step,
-            "params": {n: p.detach().clone() for n, p in model.named_parameters()}}
+            "params": after}
 
 
 if __name__ == "__main__":

@@ -12,9 +12,11 @@ All of them touch the optimizer through `param_groups` or `state`, so that is wh
     updated in place), keeping its active blocks, schedule and sampler state.
   - DeepSpeed (0.19: runtime/engine.py `_configure_optimizer`) wraps a client optimizer for ZeRO 1-3
     and for fp16/bf16; every wrapper assigns its own flat fp32 tensors of the params trainable at
-    `deepspeed.initialize` (stage_1_and_2.py, stage3.py, bf16_optimizer.py, fp16/*.py), which LISA's
-    later blocks can never join: refused there, naming the stage (`refusal`). ZeRO stage 0 in fp32 uses
-    the client optimizer as it is, and works.
+    `deepspeed.initialize` (stage_1_and_2.py, stage3.py, bf16_optimizer.py, fp16/*.py). ZeRO 1-3: FusedLISA
+    becomes ZeRO's client there (zero.ZeroSession.attach, zero_client.enter), which rebuilds ZeRO for each
+    interval's trainable set; the other wrappers (ZeRO 0 fp16/bf16, BF16_Optimizer), which LISA's later
+    blocks could never join, are refused there, naming the wrapper. ZeRO stage 0 in fp32 uses the client
+    optimizer as it is, and works.
 * `StateView` is `opt.state`, as torch's: an entry per param that has state, empty before the first step.
   torch.distributed.checkpoint's `_init_optim_state` runs `step()` with zero gradients and lr 0 when
   `optim.state` is empty (to create torch optimizers' state lazily); `dcp_init_step()` recognizes that
@@ -107,6 +109,8 @@ def follow_params(opt, index: int, frame, final: bool = False) -> None:
     param any more, FusedLISA rebinds to the new ones (rebuild.rebind). Anything else (DeepSpeed's flat
     partitions, other tensors) raises RuntimeError naming who did it and what works.
     """
+    if getattr(opt, "_zero", None) is not None:
+        return  # (under ZeRO 1-3 the groups are ZeRO's to fill: its steps, rebuilds and checkpoints)
     olds = _old_groups(opt)
     new, old = list(opt.param_groups[index]["params"]), olds[index]
     if len(new) == len(old) and all(a is b for a, b in zip(new, old)):
@@ -133,6 +137,12 @@ def follow_params(opt, index: int, frame, final: bool = False) -> None:
     owner = frame.f_locals.get("self") if frame is not None else None
     describe = _DEEPSPEED_WRAPPERS.get(type(owner).__name__) if owner is not None else None
     if describe is not None and type(owner).__module__.startswith("deepspeed"):
+        from . import zero, zero_client
+
+        session = zero.ZeroSession.attach(frame)  # (None: no ZeRO 1-3 construction; raises for untested ones)
+        if session is not None:
+            zero_client.enter(opt, session)
+            return
         raise RuntimeError(
             f"FusedLISA cannot run under {describe(owner)}: {type(owner).__name__} replaces the optimizer's "
             f"{len(old)} parameters with {len(new)} fp32 tensor(s) of its own (flat partitions or copies) of the parameters "

@@ -61,4 +61,5 @@ def describe(opt) -> str:
             f"inactive_moments={opt.inactive_moments!r}, moments={opt.moments!r}, "
             f"master_weights={opt.master_weights!r}, param_groups={len(opt.param_groups)}, "
             f"state_formats={formats} (params per moments/master_weights), stack={opt.model_layout.stack_path!r}, "
-            f"active_layers={opt.active_layers}" + (", released" if opt._binding is None else "") + ")")
+            f"active_layers={opt.active_layers}" + (", released" if opt._binding is None else "")
+            + (f", DeepSpeed ZeRO stage {opt._zero.session.stage} client" if getattr(opt, "_zero", None) else "") + ")")

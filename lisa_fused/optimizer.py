@@ -87,6 +87,7 @@ class FusedLISA(torch.optim.Optimizer):
         self.seed, self.moments, self.master_weights = seed, moments, defaults["master_weights"]
         self._sr_seed = int(seed) % (1 << 32)  # stochastic-rounding key (contract.py: [0, 2**32))
         self._binding = None
+        self._zero = None  # under DeepSpeed ZeRO 1-3: the zero_client.ZeroClient that steps ZeRO's partitions
         self._generator = torch.Generator().manual_seed(seed)
         self._sync_generator_from_rank0()
         named, members = self._plan(layout, param_groups)
@@ -158,14 +159,21 @@ class FusedLISA(torch.optim.Optimizer):
     def memory_stats(self) -> dict[str, int]:
         """Bytes the optimizer holds, as ints (only what it adds to the model: params and grads stay the
         model's): device_bytes, host_bytes and the packed state by kind (master/moment/scale/
-        compensation_bytes); introspect.memory_stats says what each key counts."""
+        compensation_bytes); introspect.memory_stats says what each key counts. Under DeepSpeed ZeRO: this
+        rank's moments of its partition slices (live and paged; the fp32 masters are ZeRO's)."""
+        if self._zero is not None:
+            return self._zero.memory_stats()
         return introspect.memory_stats(self)
 
     @property
     def state(self) -> "engines.StateView":
         """As torch's `opt.state`: trained param -> its state as in `state_dict()["state"]` (CPU copies,
         built on access), for each param that has state (stepped at least once; under "drop" an inactive
-        block keeps none); empty before the first step. Read-only: load state with load_state_dict()."""
+        block keeps none); empty before the first step. Read-only: load state with load_state_dict().
+        Under DeepSpeed ZeRO: an empty defaultdict, as ZeRO expects of its client (the state is per
+        partition slice: state_dict())."""
+        if self._zero is not None:
+            return self._zero.state
         return engines.StateView(self)
 
     @state.setter
@@ -203,6 +211,10 @@ class FusedLISA(torch.optim.Optimizer):
         model; nothing changes before a raise."""
         if not hasattr(self, "_params"):
             return super().add_param_group(param_group)  # torch.optim.Optimizer.__init__ adding our groups
+        if self._zero is not None:
+            raise RuntimeError("FusedLISA.add_param_group under DeepSpeed ZeRO 1-3: ZeRO's groups follow the client's "
+                               "groups of deepspeed.initialize; build FusedLISA with every group (param_groups=[...]) "
+                               "before deepspeed.initialize")
         self._check_binding()
         rebuild.add_param_group(self, param_group)
 
@@ -231,6 +243,10 @@ class FusedLISA(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self._zero is not None:  # DeepSpeed ZeRO 1-3: one of ZeRO's partitions (zero_client.py)
+            self._live()
+            self._zero.step()
+            return loss
         self._check_binding()
         hp = groups.check_unchanged(self.param_groups, self._layout_keys)  # (the hyperparameters, read once)
         self._slots.check_flags()
@@ -281,7 +297,11 @@ class FusedLISA(torch.optim.Optimizer):
 
     def state_dict(self):
         """torch's optimizer format plus a "lisa" section (checkpoint.py); under torch.distributed, or when
-        torch.distributed.checkpoint's helpers ask, the layout that DCP keeps whole (dcp.py)."""
+        torch.distributed.checkpoint's helpers ask, the layout that DCP keeps whole (dcp.py). Under DeepSpeed
+        ZeRO: this rank's pieces per (param, element range) and the schedule (zero_client.py), saved in
+        ZeRO's files."""
+        if self._zero is not None:
+            return self._zero.state_dict()
         self._check_binding()
         sd = checkpoint.state_dict(self)
         return dcp.to_dcp_layout(self, sd)  # (the plain layout unless under torch.distributed / DCP)
@@ -289,6 +309,8 @@ class FusedLISA(torch.optim.Optimizer):
     def load_state_dict(self, state_dict):
         """Exact resume, also across param dtypes (checkpoint.py), from either layout (dcp.py). Raises
         ValueError naming the mismatch (model, policy, shapes) before anything changes."""
+        if self._zero is not None:
+            return self._zero.load_state_dict(state_dict)
         self._check_binding()
         checkpoint.load_state_dict(self, dcp.from_dcp_layout(self, state_dict) if dcp.is_dcp_layout(state_dict)
                                    else state_dict)

@@ -52,12 +52,18 @@ def scenario_deepspeed_zero0(rank, world, dtype=torch.float32):
 
 
 def scenario_deepspeed_refused(rank, world):
-    """ZeRO 1, 2, 3 and ZeRO 0 with bf16: DeepSpeed's wrappers replace the optimizer's params; refused."""
+    """ZeRO 0 with bf16 (DeepSpeed's wrapper replaces the optimizer's params), and what FusedLISA does not
+    support under ZeRO 1-3 (lean moments, optimizer offload, a bf16 model with DeepSpeed's bf16 off): refused."""
     out = {}
-    for name, stage, cfg in [("zero1", 1, {}), ("zero2", 2, {}), ("zero3", 3, {}),
-                             ("zero0_bf16", 0, {"bf16": {"enabled": True}})]:
-        model = W.MLPStack(W.WIDTH, W.N_LAYERS, seed=0)
-        opt = W.make_opt(model, rank)
+    offload = {"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}},
+               "zero_force_ds_cpu_optimizer": False}  # (else DeepSpeed refuses a client optimizer with offload first)
+    for name, stage, cfg, dtype, kw in [
+            ("zero0_bf16", 0, {"bf16": {"enabled": True}}, torch.float32, {}),
+            ("zero2_8bit", 2, {}, torch.float32, {"moments": "8bit"}),
+            ("zero3_offload", 3, offload, torch.float32, {}),
+            ("zero2_bf16_model", 2, {}, torch.bfloat16, {})]:
+        model = W.MLPStack(W.WIDTH, W.N_LAYERS, seed=0).to(dtype)
+        opt = W.make_opt(model, rank, **kw)
         try:
             _deepspeed(model, opt, stage, **cfg)
             out[name] = "no error"

@@ -207,7 +207,7 @@ def scenario_example_fsdp2(rank, world):
 def scenario_example_deepspeed(rank, world):
     return {"engine": _example("train_deepspeed.py", EXAMPLE_ARGS),
             "trainer": _example("train_deepspeed.py", EXAMPLE_ARGS + ["--engine", "trainer"]),
-            "zero2": _example("train_deepspeed.py", EXAMPLE_ARGS + ["--zero-stage", "2"])}
+            "zero3": _example("train_deepspeed.py", EXAMPLE_ARGS + ["--zero-stage", "3"])}
 
 
 import _engines_dcp as C  # noqa: E402  (the scenarios of the other two modules)

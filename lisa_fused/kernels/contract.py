@@ -116,9 +116,25 @@ SEG_OFFSET, SEG_NUMEL, SEG_PARAM, SEG_GRAD, SEG_LOWP = range(5)
 N_SEG_COLS = 5
 
 # Segment offsets in the packed state are multiples of this many elements: 16-byte vector loads work for
-# fp32 (4 elements) and bf16 (8), and 256 is a multiple of every quantization block (quant.BLOCK: 256
+# fp32 (4 elements) and bf16 (8), and 256 is a multiple of every quantization block (BLOCK: 256
 # for 8-bit, 128 for 4-bit), so no block of codes holds two parameters.
 ALIGN = 256
+
+# The state formats (quant.py defines their maps and (de)quantizers and re-exports these): here so the
+# checks below need no import of quant, which imports _tables, which imports this module.
+FORMATS = ("fp32", "bf16", "8bit", "4bit")
+MASTER_WEIGHTS = ("fp32", "kahan", "stochastic")
+BLOCK = {"8bit": 256, "4bit": 128}  # elements per fp32 scale
+
+
+def n_blocks(numel: int, fmt: str) -> int:
+    """Scale entries a packed buffer of `numel` elements needs in format `fmt` (0 when not quantized)."""
+    return -(-numel // BLOCK[fmt]) if fmt in BLOCK else 0
+
+
+def codes_numel(numel: int, fmt: str) -> int:
+    """uint8 entries of a quantized moment buffer: numel (8-bit) or ceil(numel / 2) (4-bit)."""
+    return numel if fmt == "8bit" else -(-numel // 2)
 
 
 @dataclass
@@ -154,12 +170,10 @@ def host_scalars(beta1: float, beta2: float, eps: float) -> tuple[float, float, 
 
 
 def _check_mode(moments: str, master_weights: str) -> None:
-    from . import quant
-
-    if moments not in quant.FORMATS:
-        raise ValueError(f"Invalid moments format {moments!r}; choose one of {quant.FORMATS}")
-    if master_weights not in quant.MASTER_WEIGHTS:
-        raise ValueError(f"Invalid master_weights {master_weights!r}; choose one of {quant.MASTER_WEIGHTS}")
+    if moments not in FORMATS:
+        raise ValueError(f"Invalid moments format {moments!r}; choose one of {FORMATS}")
+    if master_weights not in MASTER_WEIGHTS:
+        raise ValueError(f"Invalid master_weights {master_weights!r}; choose one of {MASTER_WEIGHTS}")
 
 
 def _param_dtypes(master_weights: str) -> tuple[torch.dtype, ...]:
@@ -179,8 +193,6 @@ def _check_state(n: int, dev, param_dtype, exp_avg, exp_avg_sq, segments: Segmen
                  lean: bool) -> None:
     """The packed state of `n` elements on `dev` (moments, scales, compensation), the hparams table and the
     segment bounds; `lean`: the lean formats' rules (ALIGN offsets, 32-bit element indices)."""
-    from . import quant
-
     if (hparams.device.type != "cpu" or hparams.dtype != torch.float64 or hparams.dim() != 2
             or hparams.shape[0] != len(segments) or hparams.shape[1] not in (N_COLS, N_COLS_LEAN)):
         raise ValueError(f"hparams must be a float64 CPU tensor of shape ({len(segments)}, {N_COLS} or "
@@ -201,11 +213,11 @@ def _check_state(n: int, dev, param_dtype, exp_avg, exp_avg_sq, segments: Segmen
         need("compensation", compensation, param_dtype, n)
     else:
         forbid("compensation", compensation, f"with master_weights={master_weights!r}")
-    if moments in quant.BLOCK:
+    if moments in BLOCK:
         for name, t in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
-            need(name, t, torch.uint8, quant.codes_numel(n, moments))
+            need(name, t, torch.uint8, codes_numel(n, moments))
         for name, t in (("exp_avg_scale", exp_avg_scale), ("exp_avg_sq_scale", exp_avg_sq_scale)):
-            need(name, t, torch.float32, quant.n_blocks(n, moments))
+            need(name, t, torch.float32, n_blocks(n, moments))
     else:
         dtype = torch.float32 if moments == "fp32" else torch.bfloat16
         need("exp_avg", exp_avg, dtype, n)

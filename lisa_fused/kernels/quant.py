@@ -38,10 +38,8 @@ import functools
 import torch
 
 from . import _tables
+from .contract import BLOCK, FORMATS, MASTER_WEIGHTS, codes_numel, n_blocks  # noqa: F401  (defined there)
 
-FORMATS = ("fp32", "bf16", "8bit", "4bit")
-MASTER_WEIGHTS = ("fp32", "kahan", "stochastic")
-BLOCK = {"8bit": 256, "4bit": 128}
 BITS = {"8bit": 8, "4bit": 4}
 # Format codes shared with csrc/adamw_math.h (MomentFormat / MasterMode).
 FORMAT_CODE = {"fp32": 0, "bf16": 1, "8bit": 2, "4bit": 3}
@@ -132,16 +130,6 @@ def _kernel_table(fmt: str, device: str) -> torch.Tensor:
 def _map_on(fmt: str, which: str, device: str) -> torch.Tensor:
     """The map of (fmt, which) on `device`, cached: quantize / dequantize copy it there once, not per call."""
     return _tables.to_device(_maps()[(fmt, which)], torch.device(device))
-
-
-def n_blocks(numel: int, fmt: str) -> int:
-    """Scale entries a packed buffer of `numel` elements needs in format `fmt` (0 when not quantized)."""
-    return -(-numel // BLOCK[fmt]) if fmt in BLOCK else 0
-
-
-def codes_numel(numel: int, fmt: str) -> int:
-    """uint8 entries of a quantized moment buffer: numel (8-bit) or ceil(numel / 2) (4-bit)."""
-    return numel if fmt == "8bit" else -(-numel // 2)
 
 
 def state_buffers(numel: int, moments: str, master_weights: str, param_dtype: torch.dtype,

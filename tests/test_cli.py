@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -229,6 +230,28 @@ def test_busy_rows_are_flagged():
     assert report.busy_reason({"load_avg": [1.1, 1.8], "cpu_share": 0.97, "threads": 2}, 2) == "ok"
     assert report.busy_reason({"load_avg": [1.1, 2.4], "cpu_share": 0.97, "threads": 1}, 2) == \
         "BUSY: load 2.4/2 CPUs, 1.4 beyond its own threads"
+
+
+def test_busy_reads_what_other_processes_ran_where_it_is_measured():
+    # The tiny model keeps one of two threads busy (cpu_share ~0.5) on a quiet machine: not BUSY.
+    assert report.busy_reason({"load_avg": [0.7, 1.4], "cpu_share": 0.5, "threads": 2, "others_share": 0.03}, 2) == "ok"
+    assert report.busy_reason({"load_avg": [0.7, 1.4], "cpu_share": 0.97, "threads": 2, "others_share": 0.4}, 2) == \
+        "BUSY: other processes used 40% of the 2 CPUs"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/stat is Linux's")
+def test_machine_busy_seconds_sees_another_process_spin():
+    from lisa_fused.bench.run import machine_busy_seconds
+
+    spin = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 1.5: pass"])
+    time.sleep(0.2)
+    busy0, wall0 = machine_busy_seconds(), time.perf_counter()
+    time.sleep(1.0)
+    busy1, wall1 = machine_busy_seconds(), time.perf_counter()
+    spin.wait()
+    others = (busy1 - busy0) / ((wall1 - wall0) * (os.cpu_count() or 1))
+    # One spinning process is a whole CPU: at least 1/cpus of the machine (less a tick's rounding).
+    assert others > 0.8 / (os.cpu_count() or 1), f"others {others:.2f} of {os.cpu_count()} CPUs"
 
 
 def test_help_has_text_on_every_option_and_no_doubled_defaults():

@@ -21,11 +21,14 @@ FIELDS = {
                "use the first choice for the device",
     "lisa_fused_file": "the lisa_fused/__init__.py the method's process imported (the parent's)",
     "load_avg": "1-min load average when the method's process started training / finished",
-    "cpu_share": "CPU only: process CPU time / (wall time x torch threads) while training; low means other "
-                 "processes took the CPUs",
+    "cpu_share": "CPU only: process CPU time / (wall time x torch threads) while training; low when other "
+                 "processes took the CPUs, or when the model is too small to keep every thread busy",
     "threads": "CPU only: torch threads of the method's process (its own share of the load average)",
-    "busy": "why this row's times are not trustworthy: other processes' load (the load average beyond the "
-            "method's own threads above half the CPUs) or a CPU share under 75%; else 'ok'",
+    "others_share": "share of the machine's CPU time other processes (and, on a VM, other guests: steal) used "
+                    "while the method trained (Linux /proc/stat minus the method's own CPU time); None elsewhere",
+    "busy": "why this row's times are not trustworthy: other processes used over a quarter of the machine's "
+            "CPU time while it trained (others_share; where that is unknown, a CPU share under 75% or a load "
+            "average beyond the method's own threads above half the CPUs); else 'ok'",
     "lr": "learning rate of this method",
     "trainable_params": "parameters trained at one time (LISA: gamma blocks + embeddings, head, norms)",
     "peak_mem_bytes": "peak memory above the baseline taken after model load, before the method's setup. CPU: "
@@ -115,12 +118,19 @@ COLUMNS = (
     ("eval loss", "eval_loss", "{:.4f}"),
     ("load", "busy", "{}"),
 )
-BUSY_LOAD = 0.5      # load average per CPU above which a row is flagged
-BUSY_SHARE = 0.75    # CPU share below which a row is flagged
+BUSY_OTHERS = 0.25   # share of the machine's CPU time used by other processes above which a row is flagged
+BUSY_LOAD = 0.5      # without others_share: load average per CPU above which a row is flagged
+BUSY_SHARE = 0.75    # without others_share: CPU share below which a row is flagged
 
 
 def busy_reason(row: dict, cpus: int) -> str:
-    """'ok' when the method ran on a quiet machine, else 'BUSY: ' and what made its times unreliable."""
+    """'ok' when the method ran on a quiet machine, else 'BUSY: ' and what made its times unreliable.
+    others_share (measured: what other processes ran meanwhile) decides where it is known; the load average
+    and cpu_share are the fallback: a model too small to keep every thread busy also has a low cpu_share."""
+    if row.get("others_share") is not None:
+        if row["others_share"] > BUSY_OTHERS:
+            return f"BUSY: other processes used {row['others_share']:.0%} of the {cpus} CPUs"
+        return "ok"
     why = []
     load = max(row["load_avg"])
     # The load average counts this method's own threads (and the one-minute average lags behind the

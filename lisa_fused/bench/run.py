@@ -28,6 +28,19 @@ from .data import batch_starts, eval_starts, windows
 from .memory import EXACT_MMAP_THRESHOLD, TIMED_MMAP_THRESHOLD, TensorMeter, meter_for, set_mmap_threshold
 from .models import DTYPES, build_model, model_config
 
+
+def machine_busy_seconds() -> float | None:
+    """CPU seconds all processes have spent, summed over the machine's CPUs, since boot (Linux /proc/stat:
+    user + nice + system + irq + softirq + steal; steal is the hypervisor running other guests); None where
+    /proc/stat cannot be read."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
 TAIL = 5  # the final train loss is the mean over this many last steps
 
 
@@ -162,15 +175,19 @@ class Run:
                 if tensors is not None:
                     tensor_now.append(tensors.current())
 
-            cpu0, wall0 = time.process_time(), time.perf_counter()
+            cpu0, wall0, machine0 = time.process_time(), time.perf_counter(), machine_busy_seconds()
             trace = train(setup.model, setup.optimizer, self.tokens["ft_train"], self.starts,
                           self.spec["seq_len"], self.device, desc=desc, on_step_begin=setup.on_step_begin,
                           before_step=before_step, on_step=on_step)
         finally:
             if tensors is not None:
                 tensors.stop()
-        # Share of the CPUs this process got while training: other processes' load shows as a drop.
-        trace["cpu_share"] = (time.process_time() - cpu0) / ((time.perf_counter() - wall0) * torch.get_num_threads())
+        own, wall, machine1 = time.process_time() - cpu0, time.perf_counter() - wall0, machine_busy_seconds()
+        # Share of its threads' CPU time this process used (low also when the model is too small to keep
+        # every thread busy), and the share of the machine's CPUs others used meanwhile (what BUSY reads).
+        trace["cpu_share"] = own / (wall * torch.get_num_threads())
+        trace["others_share"] = (None if machine0 is None or machine1 is None
+                                 else max(0.0, machine1 - machine0 - own) / (wall * (os.cpu_count() or 1)))
         cuda = self.device.type == "cuda"
         trace.update(opt_dev=[s + g for s, g in zip(state_dev, grads)], state_dev=state_dev, grads=grads,
                      opt_host=opt_host, mem=mem_now, peak=meter.peak(),
@@ -240,6 +257,7 @@ def run_method(spec: dict) -> dict:
         "lisa_fused_file": lisa_fused.__file__,
         "load_avg": [load_start, load_end],
         "cpu_share": trace["cpu_share"] if cpu else None,
+        "others_share": trace["others_share"],
         "threads": torch.get_num_threads() if cpu else None,
         "lr": lr,
         "trainable_params": trainable,

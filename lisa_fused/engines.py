@@ -27,6 +27,7 @@ docs/engines-findings.md has the file:line trail for each of these.
 """
 from __future__ import annotations
 
+import operator
 import sys
 import weakref
 from collections.abc import Mapping
@@ -89,7 +90,7 @@ def check_group(opt) -> None:
     rather than assigned) are handled as an assignment would be."""
     for k, (group, old) in enumerate(zip(opt.param_groups, _old_groups(opt))):
         params = group["params"]
-        if len(params) != len(old) or any(a is not b for a, b in zip(params, old)):
+        if len(params) != len(old) or not all(map(operator.is_, params, old)):  # (map: C speed, every step)
             follow_params(opt, k, None, final=True)
             return
 

@@ -274,7 +274,7 @@ def main(out_dir):
     if not only or only == "refused":
         results["refused"] = scenario_refused(rank, world)
         dist.barrier()
-    for stage in (2, 3):
+    for stage in (1, 2, 3):
         name = f"trainer_zero{stage}"
         if only and only != name:
             continue

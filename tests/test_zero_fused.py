@@ -192,9 +192,9 @@ def test_each_rank_holds_moments_of_its_partition_only(results, name):
     assert r0["memory"]["host_bytes"] + r1["memory"]["host_bytes"] == 8 * block1
 
 
-@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("stage", [1, 2, 3])
 def test_trainer_zero_bf16_gradient_checkpointing_trains_and_resumes(results, stage):
-    """TrainingArguments(deepspeed=ZeRO-2/3 + bf16, gradient_checkpointing=True, reentrant) with
+    """TrainingArguments(deepspeed=ZeRO-1/2/3 + bf16, gradient_checkpointing=True, reentrant) with
     optimizer_cls_and_kwargs=(FusedLISAFactory, ...) (LlamaFactory PR #3103's combination) and LISACallback
     (which logs the active layers after each step's switch): the drawn
     layers, the embedding, the final norm and the head train, the never-drawn layer 3 stays bitwise, ranks

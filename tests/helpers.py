@@ -132,3 +132,49 @@ def run_two_processes(worker: str, out, timeout_s: int, env_extra=None) -> dict:
     assert proc.returncode == 0, f"torchrun {worker} failed ({proc.returncode}):\n{log[-4000:]}"
     ranks = [torch.load(Path(out) / f"rank{r}.pt", weights_only=False) for r in range(2)]
     return {name: (ranks[0][name], ranks[1][name]) for name in ranks[0]}
+
+
+def watch_transfers(monkeypatch) -> tuple[list, list]:
+    """(staged, moved), filled from now on until the test ends (monkeypatch): shapes of the host tensors
+    lisa_fused's _tables.to_device sent, and every other call that moves a tensor to a device (Tensor.to /
+    .cuda with a device, torch.tensor / as_tensor with device=): the kernels' host->device tables must all
+    go through pinned staging (tests/test_cuda_launch.py, tests/test_triton_segments.py)."""
+    from lisa_fused.kernels import _tables, native, quant
+
+    inside, moved, staged = [False], [], []
+    to_device, tensor_to, tensor_cuda = _tables.to_device, torch.Tensor.to, torch.Tensor.cuda
+    tensor, as_tensor = torch.tensor, torch.as_tensor
+
+    def staging(host, device):
+        inside[0] = True
+        try:
+            staged.append(tuple(host.shape))
+            return to_device(host, device)
+        finally:
+            inside[0] = False
+
+    def to(self, *args, **kwargs):
+        if not inside[0] and ("device" in kwargs or any(isinstance(a, (torch.device, str)) for a in args)):
+            moved.append(("Tensor.to", tuple(self.shape), args, kwargs))
+        return tensor_to(self, *args, **kwargs)
+
+    def cuda(self, *args, **kwargs):
+        if not inside[0]:
+            moved.append(("Tensor.cuda", tuple(self.shape)))
+        return tensor_cuda(self, *args, **kwargs)
+
+    def make(fn, name):
+        def wrapped(*args, **kwargs):
+            if kwargs.get("device") is not None:
+                moved.append((name, kwargs["device"]))
+            return fn(*args, **kwargs)
+        return wrapped
+
+    for module in (_tables, native, quant):  # `from ._tables import to_device` binds it per module
+        if hasattr(module, "to_device"):
+            monkeypatch.setattr(module, "to_device", staging)
+    monkeypatch.setattr(torch.Tensor, "to", to)
+    monkeypatch.setattr(torch.Tensor, "cuda", cuda)
+    monkeypatch.setattr(torch, "tensor", make(tensor, "torch.tensor"))
+    monkeypatch.setattr(torch, "as_tensor", make(as_tensor, "torch.as_tensor"))
+    return staged, moved

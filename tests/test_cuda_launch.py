@@ -18,6 +18,8 @@ import torch
 from lisa_fused import kernels
 from lisa_fused.kernels import ALIGN, Segments, _tables, adamw_segments_, native, quant
 
+from helpers import watch_transfers
+
 BETAS, EPS = (0.9, 0.999), 1e-8
 
 
@@ -164,48 +166,6 @@ def hparams(n_segments: int, lean: bool) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.float64)
 
 
-@contextlib.contextmanager
-def watch_transfers(monkeypatch):
-    """Yields (staged, moved): shapes of the tensors _tables.to_device sent, and every other call that
-    moves a tensor to a device (Tensor.to / .cuda with a device, torch.tensor / as_tensor with device=)."""
-    inside, moved, staged = [False], [], []
-    to_device, tensor_to, tensor_cuda = _tables.to_device, torch.Tensor.to, torch.Tensor.cuda
-    tensor, as_tensor = torch.tensor, torch.as_tensor
-
-    def staging(host, device):
-        inside[0] = True
-        try:
-            staged.append(tuple(host.shape))
-            return to_device(host, device)
-        finally:
-            inside[0] = False
-
-    def to(self, *args, **kwargs):
-        if not inside[0] and ("device" in kwargs or any(isinstance(a, (torch.device, str)) for a in args)):
-            moved.append(("Tensor.to", tuple(self.shape), args, kwargs))
-        return tensor_to(self, *args, **kwargs)
-
-    def cuda(self, *args, **kwargs):
-        moved.append(("Tensor.cuda", tuple(self.shape)))
-        return tensor_cuda(self, *args, **kwargs)
-
-    def make(fn, name):
-        def wrapped(*args, **kwargs):
-            if kwargs.get("device") is not None:
-                moved.append((name, kwargs["device"]))
-            return fn(*args, **kwargs)
-        return wrapped
-
-    for module in (_tables, native, quant):  # `from ._tables import to_device` binds it per module
-        if hasattr(module, "to_device"):
-            monkeypatch.setattr(module, "to_device", staging)
-    monkeypatch.setattr(torch.Tensor, "to", to)
-    monkeypatch.setattr(torch.Tensor, "cuda", cuda)
-    monkeypatch.setattr(torch, "tensor", make(tensor, "torch.tensor"))
-    monkeypatch.setattr(torch, "as_tensor", make(as_tensor, "torch.as_tensor"))
-    yield staged, moved
-
-
 MODES = [("fp32", "fp32"), ("8bit", "fp32"), ("4bit", "kahan"), ("bf16", "stochastic")]
 
 
@@ -230,11 +190,11 @@ def test_cuda_launch_tables_go_through_to_device(moments, master, monkeypatch):
     params, grads, st, segs = launch_inputs(moments, master)
     lean = moments != "fp32" or master != "fp32"
     sent = []
-    with watch_transfers(monkeypatch) as (staged, moved):
-        for _ in range(2):
-            run_as_cuda(monkeypatch, params, grads, st, segs, lean, moments, master)
-            sent.append(list(staged))
-            staged.clear()
+    staged, moved = watch_transfers(monkeypatch)
+    for _ in range(2):
+        run_as_cuda(monkeypatch, params, grads, st, segs, lean, moments, master)
+        sent.append(list(staged))
+        staged.clear()
     quant._kernel_table.cache_clear()
     assert not moved, f"{moments}/{master}: tensors moved to a device outside _tables.to_device: {moved}"
     ncols = 6 if lean else 4
@@ -261,10 +221,10 @@ def test_cpu_launch_moves_no_tensor_outside_to_device(moments, master, monkeypat
 
     params, grads, st, segs = launch_inputs(moments, master)
     lean = moments != "fp32" or master != "fp32"
-    with watch_transfers(monkeypatch) as (staged, moved):
-        adamw_segments_(params, grads, st.pop("exp_avg"), st.pop("exp_avg_sq"), segs, hparams(2, lean),
-                        beta1=0.9, beta2=0.999, eps=1e-8, backend="cpu", moments=moments, master_weights=master,
-                        seed=1, **st)
+    staged, moved = watch_transfers(monkeypatch)
+    adamw_segments_(params, grads, st.pop("exp_avg"), st.pop("exp_avg_sq"), segs, hparams(2, lean),
+                    beta1=0.9, beta2=0.999, eps=1e-8, backend="cpu", moments=moments, master_weights=master,
+                    seed=1, **st)
     assert not moved, f"{moments}/{master}: {moved}"
     assert all(not torch.equal(p, torch.zeros_like(p)) for p in params), "the step changed nothing"
 

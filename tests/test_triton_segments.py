@@ -22,6 +22,7 @@ import torch
 from lisa_fused import kernels
 from lisa_fused.kernels import ALIGN, Segments, adamw_segments_, quant
 
+from helpers import watch_transfers
 from test_kernels import TEST_DEVICE, backend_param
 
 TRITON = backend_param("triton")
@@ -119,44 +120,12 @@ def test_unaligned_state_offset_takes_the_masked_path(monkeypatch):
         assert torch.equal(a.cpu(), b.cpu()), "the masked and unmasked paths differ"
 
 
-def watch_transfers(monkeypatch) -> tuple[list, list]:
-    """(moved, staged): Tensor.to / .cuda calls to a device outside _tables.to_device, and the shapes of
-    the host tensors that went through it, from now on."""
-    from lisa_fused.kernels import _tables
-
-    inside, moved, staged = [False], [], []
-    to_device, tensor_to, tensor_cuda = _tables.to_device, torch.Tensor.to, torch.Tensor.cuda
-
-    def staging(host, device):
-        inside[0] = True
-        try:
-            staged.append(tuple(host.shape))
-            return to_device(host, device)
-        finally:
-            inside[0] = False
-
-    def to(self, *args, **kwargs):
-        if not inside[0] and ("device" in kwargs or any(isinstance(a, (torch.device, str)) for a in args)):
-            moved.append((tuple(self.shape), self.dtype, args, kwargs))
-        return tensor_to(self, *args, **kwargs)
-
-    def cuda(self, *args, **kwargs):
-        if not inside[0]:
-            moved.append((tuple(self.shape), self.dtype, "cuda"))
-        return tensor_cuda(self, *args, **kwargs)
-
-    monkeypatch.setattr(_tables, "to_device", staging)
-    monkeypatch.setattr(torch.Tensor, "to", to)
-    monkeypatch.setattr(torch.Tensor, "cuda", cuda)
-    return moved, staged
-
-
 def test_launch_tables_reach_the_device_only_through_to_device(monkeypatch):
     """No Tensor.to / .cuda to a device in a launch of either kernel, outside _tables.to_device; each of
     the chunk, hparams and pointer tables goes through it once for a fresh layout (cached after)."""
     for moments, master in (("fp32", "fp32"), ("8bit", "fp32"), ("bf16", "stochastic")):
         run(moments, master, 0)  # warms the constant code tables (test_constant_tables_...)
-    moved, staged = watch_transfers(monkeypatch)
+    staged, moved = watch_transfers(monkeypatch)
     for moments, master in (("fp32", "fp32"), ("8bit", "fp32"), ("bf16", "stochastic")):
         device = torch.device(TEST_DEVICE)
         pdtype = torch.float32 if master == "fp32" else torch.bfloat16
@@ -185,7 +154,7 @@ def test_constant_tables_reach_the_device_through_to_device(moments, monkeypatch
 
     quant._kernel_table.cache_clear()
     triton_codes._code_tables.cache_clear()
-    moved, staged = watch_transfers(monkeypatch)
+    staged, moved = watch_transfers(monkeypatch)
     run(moments, "fp32", 0)
     assert not moved, f"{moments}: tensors moved to a device outside _tables.to_device: {moved}"
     constant = [(4, 256), tuple(triton_codes._code_tables_cpu(moments).shape)]

@@ -88,7 +88,8 @@ def make(method, model, args):
     """(client optimizer, after-initialize hook, {name: client-state bytes} function)."""
     if method == "adamw":
         opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-        return opt, lambda engine: None, lambda: {"client_device_bytes": tensor_bytes(dict(opt.state))}
+        return opt, lambda engine: None, lambda: {"client_device_bytes": tensor_bytes(dict(opt.state)),
+                                                  "backend": "torch AdamW"}
     if method == "badam":
         from badam import BlockOptimizer
 
@@ -100,16 +101,19 @@ def make(method, model, args):
         def after(engine):
             opt.ds_optimizer = engine.optimizer  # (BAdam's recipe: set by hand after initialize)
 
-        return opt, after, lambda: {"client_device_bytes": tensor_bytes(dict(base.state))}
+        return opt, after, lambda: {"client_device_bytes": tensor_bytes(dict(base.state)),
+                                    "backend": "torch AdamW (in BAdam)"}
     if method == "fused_lisa":
         from lisa_fused import FusedLISA
+        from lisa_fused.bench.methods import lisa_backend
 
         opt = FusedLISA(model, lr=args.lr, weight_decay=0.0, n_active_layers=1, switch_every=args.switch_every,
                         seed=0)
 
         def stats():
             s = opt.memory_stats()
-            return {"client_device_bytes": s["device_bytes"], "client_host_bytes": s["host_bytes"]}
+            return {"client_device_bytes": s["device_bytes"], "client_host_bytes": s["host_bytes"],
+                    "backend": f"FusedLISA {lisa_backend(opt)}"}  # ('X FALLBACK (why)' off the first choice)
 
         return opt, lambda engine: None, stats
     raise SystemExit(f"unknown method {method!r}")
@@ -168,14 +172,14 @@ def main(argv=None):
         print(f"ZeRO-{args.stage}, {world} ranks, tiny Llama {args.layers}x{args.hidden} bf16, {args.steps} steps; "
               f"per-rank bytes (rank 0 / rank 1)")
         print(f"{'method':<11} {'zero fp32':>12} {'client dev':>12} {'client host':>12} {'step ms':>8} "
-              f"{'switch ms':>9} {'plain ms':>8} {'eval loss':>9}")
+              f"{'switch ms':>9} {'plain ms':>8} {'eval loss':>9}  backend")
         for ranks in rows:
             r0 = ranks[0]
             cells = [" / ".join(str(r.get(k, 0)) for r in ranks) for k in ("zero_fp32_bytes", "client_device_bytes",
                                                                              "client_host_bytes")]
             print(f"{r0['method']:<11} {cells[0]:>12} {cells[1]:>12} {cells[2]:>12} "
                   f"{1e3 * r0['step_s_median']:>8.1f} {1e3 * r0['switch_step_s_median']:>9.1f} "
-                  f"{1e3 * r0['plain_step_s_median']:>8.1f} {r0['eval_loss']:>9.4f}")
+                  f"{1e3 * r0['plain_step_s_median']:>8.1f} {r0['eval_loss']:>9.4f}  {r0['backend']}")
         if args.out:
             import deepspeed as ds
             import transformers

@@ -41,6 +41,7 @@ def machine_busy_seconds() -> float | None:
     user, nice, system, _idle, _iowait, irq, softirq, steal = fields
     return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
+
 TAIL = 5  # the final train loss is the mean over this many last steps
 
 
